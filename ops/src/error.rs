@@ -1,0 +1,74 @@
+//! The `ops` crate's error type: one variant per way loading or running the model can fail.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `caravan-ops`, with enough structure to say what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {reason}")]
+    InvalidConfig { path: PathBuf, reason: String },
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("cannot shard this model over {world_size} ranks: {reason}")]
+    InvalidParallelism { world_size: usize, reason: String },
+    #[error("invalid checkpoint {path}: {reason}")]
+    InvalidCheckpoint { path: PathBuf, reason: String },
+    #[error("missing weight {name} in checkpoint {dir}")]
+    MissingWeight { name: String, dir: PathBuf },
+    #[error("weight {name} has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("weight {name} has unsupported dtype {dtype}")]
+    UnsupportedDtype { name: String, dtype: String },
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+    #[error("collective {op} failed: {reason}")]
+    Collective { op: &'static str, reason: String },
+    #[error("collective {op} timed out after {timeout_ms} ms waiting for rank {peer}")]
+    CollectiveTimeout {
+        op: &'static str,
+        peer: usize,
+        timeout_ms: u128,
+    },
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+impl Error {
+    /// A short, stable name for the kind of failure, usable as a metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "io",
+            Error::InvalidConfig { .. } => "invalid_config",
+            Error::Unsupported(_) => "unsupported",
+            Error::InvalidParallelism { .. } => "invalid_parallelism",
+            Error::InvalidCheckpoint { .. } => "invalid_checkpoint",
+            Error::MissingWeight { .. } => "missing_weight",
+            Error::ShapeMismatch { .. } => "shape_mismatch",
+            Error::UnsupportedDtype { .. } => "unsupported_dtype",
+            Error::InvalidBatch(_) => "invalid_batch",
+            Error::Collective { .. } => "collective",
+            Error::CollectiveTimeout { .. } => "collective_timeout",
+            Error::Torch(_) => "torch",
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,291 @@
+//! Memory-mapped safetensors checkpoints and per-rank weight slicing.
+//!
+//! A checkpoint is a Hugging Face folder: `model.safetensors`, or several files listed in
+//! `model.safetensors.index.json`. Files are memory-mapped and only the headers are parsed up
+//! front; a rank copies out just its own rows or columns of each weight, so no process ever
+//! holds the whole model.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs::File,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use memmap2::Mmap;
+use safetensors::{tensor::Metadata, Dtype as StDtype, SafeTensors};
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::{DType, Error, Result};
+
+/// Which part of a 2-D `[out, in]` weight a rank takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slice {
+    /// The whole tensor (norms, replicated tables).
+    Full,
+    /// Rows `range` of dim 0: column-parallel layers (q/k/v/gate/up, vocab rows).
+    Rows(Range<usize>),
+    /// Columns `range` of dim 1: row-parallel layers (o/down).
+    Columns(Range<usize>),
+}
+
+/// A weight the model needs: its checkpoint name and full (unsliced) shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+impl WeightSpec {
+    pub fn new(name: impl Into<String>, shape: &[usize]) -> Self {
+        WeightSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+        }
+    }
+}
+
+struct MappedFile {
+    mmap: Mmap,
+    /// Byte offset of the data section (after the 8-byte length and the JSON header).
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// An opened checkpoint folder: every safetensors file mapped, every header parsed.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<MappedFile>,
+    /// Tensor name to index into `files`.
+    locations: HashMap<String, usize>,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens `dir` (single file or sharded with an index) and parses every header.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let (file_names, weight_map): (Vec<String>, Option<HashMap<String, String>>) =
+            if index_path.exists() {
+                let text =
+                    std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+                let index: ShardIndex =
+                    serde_json::from_str(&text).map_err(|e| Error::InvalidCheckpoint {
+                        path: index_path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let names: BTreeSet<String> = index.weight_map.values().cloned().collect();
+                (names.into_iter().collect(), Some(index.weight_map))
+            } else if single.exists() {
+                (vec!["model.safetensors".to_string()], None)
+            } else {
+                return Err(Error::InvalidCheckpoint {
+                    path: dir.to_path_buf(),
+                    reason: "no model.safetensors or model.safetensors.index.json".into(),
+                });
+            };
+
+        let mut files = Vec::with_capacity(file_names.len());
+        let mut locations = HashMap::new();
+        for (i, name) in file_names.iter().enumerate() {
+            let path = dir.join(name);
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: the mapping is read-only; a checkpoint modified while serving is outside
+            // what any loader can defend against (the same contract as safetensors' own mmap).
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            let (header_len, metadata) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| Error::InvalidCheckpoint {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            for tensor in metadata.tensors().keys() {
+                let listed_here = weight_map
+                    .as_ref()
+                    .is_none_or(|map| map.get(tensor).is_some_and(|f| f == name));
+                if listed_here {
+                    locations.insert(tensor.clone(), i);
+                }
+            }
+            files.push(MappedFile {
+                mmap,
+                data_start: 8 + header_len,
+                metadata,
+            });
+        }
+        if let Some(map) = &weight_map {
+            if let Some(name) = map.keys().find(|n| !locations.contains_key(*n)) {
+                return Err(Error::InvalidCheckpoint {
+                    path: index_path,
+                    reason: format!(
+                        "{name} is listed in the index but missing from {}",
+                        map[name]
+                    ),
+                });
+            }
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            files,
+            locations,
+        })
+    }
+
+    /// The folder this checkpoint was opened from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Checks that every weight in `specs` exists with its expected shape and a float dtype,
+    /// without reading any data. Gives the first problem, naming the tensor.
+    pub fn check(&self, specs: &[WeightSpec]) -> Result<()> {
+        for spec in specs {
+            let (_, dtype, shape) = self.lookup(&spec.name)?;
+            if shape != spec.shape {
+                return Err(Error::ShapeMismatch {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                    got: shape,
+                });
+            }
+            st_dtype(&spec.name, dtype)?;
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, name: &str) -> Result<(&MappedFile, StDtype, Vec<usize>)> {
+        let missing = || Error::MissingWeight {
+            name: name.to_string(),
+            dir: self.dir.clone(),
+        };
+        let file = &self.files[*self.locations.get(name).ok_or_else(missing)?];
+        let info = file.metadata.info(name).ok_or_else(missing)?;
+        Ok((file, info.dtype, info.shape.clone()))
+    }
+
+    /// Reads `slice` of weight `spec` into a new CPU tensor of its stored dtype.
+    fn read(&self, spec: &WeightSpec, slice: &Slice) -> Result<Tensor> {
+        let (file, st, shape) = self.lookup(&spec.name)?;
+        if shape != spec.shape {
+            return Err(Error::ShapeMismatch {
+                name: spec.name.clone(),
+                expected: spec.shape.clone(),
+                got: shape,
+            });
+        }
+        let dtype = st_dtype(&spec.name, st)?;
+        let info = file.metadata.info(&spec.name).expect("looked up above");
+        let (begin, end) = info.data_offsets;
+        let bytes = &file.mmap[file.data_start + begin..file.data_start + end];
+        let elt = dtype.size_in_bytes();
+        let bad_slice = |what: &str| Error::InvalidCheckpoint {
+            path: self.dir.clone(),
+            reason: format!("cannot take {what} of {} with shape {shape:?}", spec.name),
+        };
+        let tensor = match slice {
+            Slice::Full => {
+                let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                Tensor::f_from_data_size(bytes, &dims, dtype.kind())?
+            }
+            Slice::Rows(rows) => {
+                if shape.len() != 2 || rows.end > shape[0] {
+                    return Err(bad_slice(&format!("rows {rows:?}")));
+                }
+                let row_bytes = shape[1] * elt;
+                let data = &bytes[rows.start * row_bytes..rows.end * row_bytes];
+                Tensor::f_from_data_size(data, &[rows.len() as i64, shape[1] as i64], dtype.kind())?
+            }
+            Slice::Columns(cols) => {
+                if shape.len() != 2 || cols.end > shape[1] {
+                    return Err(bad_slice(&format!("columns {cols:?}")));
+                }
+                let row_bytes = shape[1] * elt;
+                let mut data = Vec::with_capacity(shape[0] * cols.len() * elt);
+                for row in bytes.chunks_exact(row_bytes) {
+                    data.extend_from_slice(&row[cols.start * elt..cols.end * elt]);
+                }
+                Tensor::f_from_data_size(
+                    &data,
+                    &[shape[0] as i64, cols.len() as i64],
+                    dtype.kind(),
+                )?
+            }
+        };
+        Ok(tensor)
+    }
+}
+
+fn st_dtype(name: &str, dtype: StDtype) -> Result<DType> {
+    match dtype {
+        StDtype::F32 => Ok(DType::F32),
+        StDtype::F16 => Ok(DType::F16),
+        StDtype::BF16 => Ok(DType::BF16),
+        other => Err(Error::UnsupportedDtype {
+            name: name.to_string(),
+            dtype: format!("{other:?}"),
+        }),
+    }
+}
+
+/// Loads a rank's slices of a checkpoint into tensors of the compute dtype on one device,
+/// showing progress.
+pub struct WeightLoader<'a> {
+    checkpoint: &'a Checkpoint,
+    kind: Kind,
+    device: Device,
+    progress: ProgressBar,
+}
+
+impl<'a> WeightLoader<'a> {
+    /// `total` is the number of weights that will be loaded, for the progress bar; `show_progress`
+    /// draws it on stderr when that is a terminal (ranks other than 0 stay quiet).
+    pub fn new(
+        checkpoint: &'a Checkpoint,
+        dtype: DType,
+        device: Device,
+        total: usize,
+        show_progress: bool,
+    ) -> Self {
+        let progress = if show_progress {
+            let bar = ProgressBar::new(total as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "loading weights {bar:30} {pos}/{len} [{elapsed_precise}] {msg}",
+                )
+                .expect("static template"),
+            );
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        WeightLoader {
+            checkpoint,
+            kind: dtype.kind(),
+            device,
+            progress,
+        }
+    }
+
+    /// Loads `slice` of `spec`, converted to the compute dtype and moved to the device.
+    pub fn load(&self, spec: &WeightSpec, slice: Slice) -> Result<Tensor> {
+        self.progress.set_message(spec.name.clone());
+        let tensor = self
+            .checkpoint
+            .read(spec, &slice)?
+            .f_to_device(self.device)?
+            .f_to_kind(self.kind)?;
+        self.progress.inc(1);
+        Ok(tensor)
+    }
+
+    /// Clears the progress bar.
+    pub fn finish(&self) {
+        self.progress.finish_and_clear();
+    }
+}
