@@ -11,6 +11,11 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 command -v cargo >/dev/null || { log "cargo not found: install Rust (https://rustup.rs) first"; exit 1; }
 
+# The test suite's lint gates need rustfmt and clippy.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  command -v rustup >/dev/null && rustup component add rustfmt clippy
+fi
+
 # --- system packages (Debian) -------------------------------------------------
 need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)

@@ -96,7 +96,7 @@ impl BlockAllocator {
 
     /// Returns `table`'s blocks to the pool.
     pub fn release(&mut self, table: &mut Vec<u32>) {
-        self.free.extend(table.drain(..));
+        self.free.append(table);
     }
 
     pub fn free_blocks(&self) -> usize {

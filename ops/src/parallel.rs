@@ -69,12 +69,12 @@ impl ShardLayout {
                 "num_attention_heads {n_q} is not divisible by the tensor-parallel size {t}"
             )));
         }
-        if n_kv % t != 0 && t % n_kv != 0 {
+        if n_kv % t != 0 && !t.is_multiple_of(n_kv) {
             return Err(invalid(format!(
                 "num_key_value_heads {n_kv} and the tensor-parallel size {t} must divide one another"
             )));
         }
-        if config.intermediate_size % t != 0 {
+        if !config.intermediate_size.is_multiple_of(t) {
             return Err(invalid(format!(
                 "intermediate_size {} is not divisible by the tensor-parallel size {t}",
                 config.intermediate_size
@@ -90,7 +90,7 @@ impl ShardLayout {
             head..head + 1
         };
         let mlp = config.intermediate_size / t;
-        let vocab_divides = config.vocab_size % t == 0;
+        let vocab_divides = config.vocab_size.is_multiple_of(t);
         let vocab_rows = match vocab {
             VocabSharding::Replicated => None,
             VocabSharding::Auto if !vocab_divides || t == 1 => None,

@@ -226,6 +226,7 @@ impl ReduceType {
 }
 
 /// A connected ring of `world` ranks. Operations must be called in the same order on every rank.
+#[derive(Debug)]
 pub struct TcpRing {
     rank: usize,
     world: usize,

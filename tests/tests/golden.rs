@@ -1,0 +1,239 @@
+//! The tensor-parallel forward pass against Hugging Face transformers.
+//!
+//! For each attention shape (MHA, GQA with 2 KV heads, MQA) and TP size 1, 2 and 4 (each rank its
+//! own process, joined by the TCP ring), two prompts of different lengths run as one batch:
+//! a prefill, then 16 single-token decode steps through the paged KV cache. Decode steps are
+//! teacher-forced with transformers' greedy tokens so every logit row is comparable, and our own
+//! argmax must equal transformers' token at every step, which is exactly the condition for free-
+//! running greedy decoding to produce the same tokens (checked directly below as well).
+
+use std::collections::HashMap;
+
+use caravan_tests::{fixtures, generate, ids, max_abs_diff, read_safetensors, HostTensor};
+
+/// f32 tolerance on every logit (the bound; observed differences are ~4e-6).
+const F32_TOLERANCE: f64 = 1e-4;
+const PROMPTS: usize = 2;
+const DECODE_STEPS: usize = 16;
+
+struct Golden {
+    tensors: HashMap<String, HostTensor>,
+}
+
+impl Golden {
+    fn load(shape: &str) -> Self {
+        let path = fixtures().join(shape).join("golden.safetensors");
+        Golden {
+            tensors: read_safetensors(&path).expect("golden file"),
+        }
+    }
+
+    fn get(&self, key: &str) -> &HostTensor {
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("golden has no {key}"))
+    }
+
+    fn prompt(&self, i: usize) -> Vec<i64> {
+        self.get(&format!("p{i}.prompt")).ints.clone()
+    }
+
+    fn tokens(&self, i: usize) -> Vec<i64> {
+        self.get(&format!("p{i}.tokens")).ints.clone()
+    }
+
+    /// Arguments for a teacher-forced run of both prompts as one batch, dumping logits to `dump`.
+    fn teacher_forced_args(&self, shape: &str, tp: usize, dump: &std::path::Path) -> Vec<String> {
+        let mut args = vec![
+            "--model".into(),
+            fixtures().join(shape).display().to_string(),
+            "--tp".into(),
+            tp.to_string(),
+            "--max-new-tokens".into(),
+            (DECODE_STEPS + 1).to_string(),
+            "--dump-logits".into(),
+            dump.display().to_string(),
+        ];
+        for i in 0..PROMPTS {
+            args.extend(["--prompt-ids".into(), ids(&self.prompt(i))]);
+            args.extend([
+                "--force-tokens".into(),
+                ids(&self.tokens(i)[..DECODE_STEPS]),
+            ]);
+        }
+        args
+    }
+}
+
+/// Runs a teacher-forced batch and returns the dumped logits and tokens.
+fn run(shape: &str, tp: usize, extra: &[&str]) -> HashMap<String, HostTensor> {
+    let golden = Golden::load(shape);
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("logits.safetensors");
+    let mut args = golden.teacher_forced_args(shape, tp, &dump);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = generate(&args);
+    assert!(
+        out.status.success(),
+        "caravan-generate failed for {shape} tp={tp}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    read_safetensors(&dump).expect("dump")
+}
+
+/// Asserts that every logit is within `tolerance` of `reference(i)` and, when `exact_tokens`, that
+/// every greedy choice equals transformers'.
+fn compare(
+    shape: &str,
+    ours: &HashMap<String, HostTensor>,
+    tolerance: f64,
+    exact_tokens: bool,
+) -> f64 {
+    let golden = Golden::load(shape);
+    let mut worst: f64 = 0.0;
+    for i in 0..PROMPTS {
+        for part in ["prefill_logits", "decode_logits"] {
+            let key = format!("p{i}.{part}");
+            let diff = max_abs_diff(golden.get(&key), &ours[&key]);
+            assert!(
+                diff <= tolerance,
+                "{shape} {key}: max |diff| {diff:.3e} > {tolerance:.0e}"
+            );
+            worst = worst.max(diff);
+        }
+        if exact_tokens {
+            assert_eq!(
+                ours[&format!("p{i}.tokens")].ints,
+                golden.tokens(i),
+                "{shape} prompt {i} tokens"
+            );
+        }
+    }
+    worst
+}
+
+fn check_f32(shape: &str, tp: usize) {
+    let ours = run(shape, tp, &[]);
+    let worst = compare(shape, &ours, F32_TOLERANCE, true);
+    eprintln!("{shape} tp={tp}: max |logit diff| {worst:.2e}");
+}
+
+#[test]
+fn mha_tp1() {
+    check_f32("mha", 1);
+}
+
+#[test]
+fn mha_tp2() {
+    check_f32("mha", 2);
+}
+
+#[test]
+fn mha_tp4() {
+    check_f32("mha", 4);
+}
+
+#[test]
+fn gqa_tp1_sharded_checkpoint() {
+    check_f32("gqa", 1);
+}
+
+#[test]
+fn gqa_tp2() {
+    check_f32("gqa", 2);
+}
+
+#[test]
+fn gqa_tp4_replicates_kv_heads() {
+    check_f32("gqa", 4);
+}
+
+#[test]
+fn mqa_tp1() {
+    check_f32("mqa", 1);
+}
+
+#[test]
+fn mqa_tp2_replicates_the_kv_head() {
+    check_f32("mqa", 2);
+}
+
+#[test]
+fn mqa_tp4_replicates_the_kv_head() {
+    check_f32("mqa", 4);
+}
+
+#[test]
+fn replicated_vocab_matches_too() {
+    let ours = run("mha", 2, &["--vocab-sharding", "replicated"]);
+    compare("mha", &ours, F32_TOLERANCE, true);
+}
+
+/// bf16 compute against the f32 reference. Rounding to bf16 (8 bits of mantissa) moves logits by
+/// far more than 1e-4, so the bound is relative to transformers' own bf16 error on the same
+/// weights and tokens: ours may be at most twice that, plus 0.02.
+#[test]
+fn bf16_within_twice_transformers_bf16_error() {
+    let golden = Golden::load("gqa");
+    let ours = run("gqa", 2, &["--dtype", "bf16"]);
+    for i in 0..PROMPTS {
+        let p = golden.prompt(i).len();
+        let f32_all = golden.get(&format!("p{i}.prefill_logits"));
+        let hf_bf16 = golden.get(&format!("p{i}.bf16_logits"));
+        let vocab = f32_all.shape[1];
+        // transformers' bf16 error on the prompt rows.
+        let hf_prefill = HostTensor {
+            shape: vec![p, vocab],
+            floats: hf_bf16.floats[..p * vocab].to_vec(),
+            ints: vec![],
+        };
+        let hf_error = max_abs_diff(f32_all, &hf_prefill);
+        let bound = 2.0 * hf_error + 0.02;
+        let ours_error = max_abs_diff(f32_all, &ours[&format!("p{i}.prefill_logits")]);
+        eprintln!("bf16 prompt {i}: ours {ours_error:.3e}, transformers {hf_error:.3e}, bound {bound:.3e}");
+        assert!(
+            ours_error <= bound,
+            "prompt {i}: bf16 error {ours_error:.3e} > {bound:.3e}"
+        );
+        let decode_error = max_abs_diff(
+            golden.get(&format!("p{i}.decode_logits")),
+            &ours[&format!("p{i}.decode_logits")],
+        );
+        assert!(
+            decode_error <= bound,
+            "prompt {i}: bf16 decode error {decode_error:.3e} > {bound:.3e}"
+        );
+    }
+}
+
+/// Free-running greedy generation (no teacher forcing, no dump) prints transformers' tokens.
+#[test]
+fn free_running_greedy_equals_transformers_generate() {
+    let golden = Golden::load("gqa");
+    let mut args = vec![
+        "--model".into(),
+        fixtures().join("gqa").display().to_string(),
+        "--tp".into(),
+        "2".into(),
+        "--max-new-tokens".into(),
+        (DECODE_STEPS + 1).to_string(),
+    ];
+    for i in 0..PROMPTS {
+        args.extend(["--prompt-ids".into(), ids(&golden.prompt(i))]);
+    }
+    let out = generate(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for i in 0..PROMPTS {
+        let expected = format!("prompt {i}: generated {:?}", golden.tokens(i));
+        assert!(
+            stdout.contains(&expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("tok/s"), "no speed report in:\n{stdout}");
+}
