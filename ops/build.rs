@@ -1,5 +1,4 @@
-//! Bakes libtorch's directory into test binaries as an rpath (see `caravan-build`'s twin in
-//! each binary crate), so nothing needs `LD_LIBRARY_PATH`.
+//! Bakes libtorch's directory into test binaries as an rpath, so nothing needs `LD_LIBRARY_PATH`.
 fn main() {
     if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");

@@ -11,5 +11,7 @@ echo "[test] cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "[test] cargo clippy -D warnings" >&2
 cargo clippy --workspace --all-targets -- -D warnings
+# The GPU path (NCCL, libtorch_cuda) must keep compiling on machines without a GPU.
+cargo clippy -p caravan-worker --features cuda --all-targets -- -D warnings
 echo "[test] cargo test" >&2
 cargo test --workspace "$@"

@@ -82,3 +82,19 @@ fn missing_checkpoint_folder() {
     let err = expect_error("does-not-exist", 1, &[]);
     assert!(err.contains("does-not-exist"), "{err}");
 }
+
+#[test]
+fn gpu_request_without_a_usable_gpu_is_an_error() {
+    // CI machines have no GPU; where one is present and the build has CUDA, this test is moot.
+    if std::path::Path::new("/dev/nvidia0").exists() {
+        eprintln!("skipped: a GPU is present");
+        return;
+    }
+    let err = expect_error("mha", 1, &["--device", "cuda:0"]);
+    assert!(
+        err.contains("device cuda:0 requested but libtorch sees 0 GPU(s)"),
+        "{err}"
+    );
+    let err = expect_error("mha", 2, &["--collective", "nccl"]);
+    assert!(err.contains("NCCL"), "{err}");
+}

@@ -13,6 +13,19 @@ use caravan_ops::{
 };
 use tch::{Device, Kind, Tensor};
 
+/// Parses `cpu`, `cuda` (GPU `rank % count`, set by the caller) or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Option<Device>, String> {
+    match s {
+        "cpu" => Ok(Some(Device::Cpu)),
+        "cuda" => Ok(None),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(|n| Some(Device::Cuda(n)))
+            .ok_or_else(|| format!("unknown device {s:?} (cpu, cuda or cuda:N)")),
+    }
+}
+
 /// Tokens per KV-cache block.
 const BLOCK_SIZE: usize = 16;
 
@@ -25,6 +38,8 @@ pub struct GenerateJob {
     /// Tokens to generate per prompt: one from the prefill, the rest from decode steps.
     pub max_new_tokens: usize,
     pub dtype: DType,
+    /// Where this rank's weights and cache live.
+    pub device: Device,
     pub vocab_sharding: VocabSharding,
     /// Teacher forcing: feed these tokens (per prompt) instead of the model's own choices.
     pub force_tokens: Option<Vec<Vec<i64>>>,
@@ -74,6 +89,15 @@ pub fn preflight(job: &GenerateJob, world_size: usize) -> Result<LlamaConfig> {
     if job.prompts.is_empty() || job.prompts.iter().any(|p| p.is_empty()) {
         bail!("every prompt needs at least one token");
     }
+    if let Device::Cuda(index) = job.device {
+        let available = tch::Cuda::device_count() as usize;
+        if index >= available {
+            bail!(
+                "device cuda:{index} requested but libtorch sees {available} GPU(s) \
+                 (GPU support needs a build with --features cuda)"
+            );
+        }
+    }
     if job.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
@@ -96,7 +120,7 @@ pub fn run_rank(job: &GenerateJob, comm: Communicator) -> Result<GenerateReport>
     let checkpoint = Checkpoint::open(&job.model)?;
     let options = LoadOptions {
         dtype: job.dtype,
-        device: Device::Cpu,
+        device: job.device,
         show_progress: rank == 0,
     };
     let model = Llama::load(&checkpoint, &config, layout, Arc::new(comm), options)

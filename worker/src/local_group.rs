@@ -2,8 +2,9 @@
 //!
 //! Rendezvous needs no fixed ports: each child binds its ring listener on port 0 and prints
 //! `CARAVAN_RING_ADDR <addr>` as its first line of stdout; once every rank has reported, the parent
-//! writes the full address list to each child's stdin. After that, rank 0's stdout is passed
-//! through and the others' is drained.
+//! writes the full address list to each child's stdin, then a second line: `tcp`, or `nccl <id>`
+//! with an NCCL unique id when the group uses NCCL. After that, rank 0's stdout is passed through
+//! and the others' is drained.
 
 use std::{
     ffi::OsString,
@@ -18,9 +19,33 @@ use caravan_ops::comm::{RingListener, TcpRing};
 
 const ADDR_PREFIX: &str = "CARAVAN_RING_ADDR ";
 
+/// How the children of a local group talk to each other.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The TCP ring (CPU tensors, or GPU tensors staged through host memory).
+    Tcp,
+    /// NCCL, with the group's unique id in hex.
+    Nccl(String),
+}
+
+/// What a child learns at rendezvous.
+pub struct Rendezvous {
+    pub listener: RingListener,
+    pub peers: Vec<SocketAddr>,
+    pub backend: Backend,
+}
+
+impl Rendezvous {
+    /// Joins the TCP ring described by this rendezvous.
+    pub fn into_ring(self, rank: usize, timeout: Duration) -> Result<TcpRing> {
+        Ok(self.listener.connect(rank, &self.peers, timeout)?)
+    }
+}
+
 /// Runs `world_size` copies of this executable with `args` plus `--rank R --world-size N`,
-/// joins them into one ring, and waits for all of them. Fails if any rank fails.
-pub fn run(world_size: usize, args: &[OsString]) -> Result<()> {
+/// hands them the group's addresses and backend, and waits for all of them. Fails if any rank
+/// fails.
+pub fn run(world_size: usize, args: &[OsString], backend: &Backend) -> Result<()> {
     let exe = std::env::current_exe().context("locating this executable")?;
     let mut children: Vec<Child> = Vec::with_capacity(world_size);
     let result = (|| -> Result<()> {
@@ -52,7 +77,11 @@ pub fn run(world_size: usize, args: &[OsString]) -> Result<()> {
                 .ok_or_else(|| anyhow!("rank {rank} exited before joining the group"))?;
             addrs.push(addr.to_string());
         }
-        let list = addrs.join(",") + "\n";
+        let backend_line = match backend {
+            Backend::Tcp => "tcp".to_string(),
+            Backend::Nccl(id) => format!("nccl {id}"),
+        };
+        let list = format!("{}\n{backend_line}\n", addrs.join(","));
         for child in &mut children {
             let mut stdin = child.stdin.take().expect("piped");
             stdin.write_all(list.as_bytes())?;
@@ -91,14 +120,9 @@ pub fn run(world_size: usize, args: &[OsString]) -> Result<()> {
     result
 }
 
-/// The child's half of the rendezvous: binds on `host`, reports the address on stdout, reads the
-/// group's addresses from stdin and joins the ring.
-pub fn join_from_stdio(
-    rank: usize,
-    world_size: usize,
-    host: &str,
-    timeout: Duration,
-) -> Result<TcpRing> {
+/// The child's half of the rendezvous: binds on `host`, reports the address on stdout, and reads
+/// the group's addresses and backend from stdin.
+pub fn join_from_stdio(host: &str, world_size: usize) -> Result<Rendezvous> {
     let listener =
         RingListener::bind((host, 0)).with_context(|| format!("binding ring on {host}"))?;
     let addr = listener.local_addr()?;
@@ -106,8 +130,9 @@ pub fn join_from_stdio(
     writeln!(stdout, "{ADDR_PREFIX}{addr}")?;
     stdout.flush()?;
     drop(stdout);
+    let mut stdin = std::io::stdin().lock();
     let mut line = String::new();
-    std::io::stdin().read_line(&mut line)?;
+    stdin.read_line(&mut line)?;
     let peers = line
         .trim()
         .split(',')
@@ -122,6 +147,17 @@ pub fn join_from_stdio(
             peers.len()
         );
     }
-    tracing::info!(rank, %addr, "joining TCP ring");
-    Ok(listener.connect(rank, &peers, timeout)?)
+    line.clear();
+    stdin.read_line(&mut line)?;
+    let backend = match line.trim().split_once(' ') {
+        Some(("nccl", id)) => Backend::Nccl(id.to_string()),
+        None if line.trim() == "tcp" => Backend::Tcp,
+        _ => bail!("bad backend line from the launcher: {line:?}"),
+    };
+    tracing::info!(%addr, ?peers, "rendezvous complete");
+    Ok(Rendezvous {
+        listener,
+        peers,
+        backend,
+    })
 }

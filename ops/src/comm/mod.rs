@@ -2,8 +2,10 @@
 //!
 //! One enum, as in mistral.rs: `Single` (world size 1, every collective a no-op, so the
 //! single-process path runs the same code), `TcpRing` (processes on CPUs, here or across hosts)
-//! and, with the `cuda` feature, `Nccl`. Layers call the tensor-level methods and never know which.
+//! and, with the `cuda` feature, `Nccl` (GPU ranks). Layers call the tensor-level methods and never know which.
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp_ring;
 
 use tch::{Device, Kind, Tensor};
@@ -18,6 +20,9 @@ pub enum Communicator {
     Single,
     /// Processes joined by TCP in a ring.
     TcpRing(TcpRing),
+    /// GPU ranks joined by NCCL.
+    #[cfg(feature = "cuda")]
+    Nccl(nccl::Nccl),
 }
 
 impl Communicator {
@@ -25,6 +30,8 @@ impl Communicator {
         match self {
             Communicator::Single => 0,
             Communicator::TcpRing(ring) => ring.rank(),
+            #[cfg(feature = "cuda")]
+            Communicator::Nccl(nccl) => nccl.rank(),
         }
     }
 
@@ -32,6 +39,8 @@ impl Communicator {
         match self {
             Communicator::Single => 1,
             Communicator::TcpRing(ring) => ring.world_size(),
+            #[cfg(feature = "cuda")]
+            Communicator::Nccl(nccl) => nccl.world_size(),
         }
     }
 
@@ -44,6 +53,12 @@ impl Communicator {
                 let mut host = HostBuffer::from_tensor(&tensor)?;
                 ring.all_reduce_sum(host.bytes_mut(), ty)?;
                 host.into_device(tensor.device())
+            }
+            #[cfg(feature = "cuda")]
+            Communicator::Nccl(nccl) => {
+                let tensor = tensor.f_contiguous()?;
+                nccl.all_reduce_sum(&tensor)?;
+                Ok(tensor)
             }
         }
     }
@@ -62,6 +77,15 @@ impl Communicator {
                 ring.all_gather(local.bytes_mut(), gathered.bytes_mut())?;
                 gathered.into_device(tensor.device())
             }
+            #[cfg(feature = "cuda")]
+            Communicator::Nccl(nccl) => {
+                let local = tensor.f_contiguous()?;
+                let mut shape = vec![nccl.world_size() as i64];
+                shape.extend(tensor.size());
+                let out = Tensor::f_empty(shape.as_slice(), (tensor.kind(), tensor.device()))?;
+                nccl.all_gather(&local, &out)?;
+                Ok(out)
+            }
         }
     }
 
@@ -74,6 +98,12 @@ impl Communicator {
                 ring.broadcast(host.bytes_mut(), root)?;
                 host.into_device(tensor.device())
             }
+            #[cfg(feature = "cuda")]
+            Communicator::Nccl(nccl) => {
+                let tensor = tensor.f_contiguous()?;
+                nccl.broadcast(&tensor, root)?;
+                Ok(tensor)
+            }
         }
     }
 
@@ -82,6 +112,11 @@ impl Communicator {
         match self {
             Communicator::Single => Ok(()),
             Communicator::TcpRing(ring) => ring.barrier(),
+            #[cfg(feature = "cuda")]
+            Communicator::Nccl(nccl) => {
+                let flag = Tensor::f_zeros([1], (Kind::Float, nccl.device()))?;
+                nccl.all_reduce_sum(&flag)
+            }
         }
     }
 }

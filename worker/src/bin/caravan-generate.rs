@@ -1,15 +1,17 @@
 //! `caravan-generate`: greedy generation from token ids, on one process or a tensor-parallel
-//! group of local processes joined by a TCP ring. Prints the tokens and tokens/s.
+//! group of local processes joined by a TCP ring (or NCCL on GPUs). Prints the tokens and tokens/s.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use caravan_ops::{Communicator, DType, VocabSharding};
 use caravan_worker::{
     generate::{self, GenerateJob},
-    local_group, telemetry,
+    local_group::{self, Backend},
+    telemetry,
 };
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use tch::Device;
 
 /// Greedy-generate from token ids with a Llama 2 checkpoint, sharded over `--tp` local processes.
 #[derive(Parser, Debug)]
@@ -18,18 +20,24 @@ struct Args {
     /// Hugging Face checkpoint folder (config.json and safetensors).
     #[arg(long, env = "CARAVAN_MODEL")]
     model: PathBuf,
-    /// Tensor-parallel size: number of worker processes, joined by a TCP ring.
+    /// Tensor-parallel size: number of worker processes.
     #[arg(long, alias = "tensor-parallel-size", default_value_t = 1)]
     tp: usize,
     /// Prompt token ids, comma separated (BOS included). Repeat for a batch of prompts.
     #[arg(long = "prompt-ids", required = true, value_parser = parse_ids)]
     prompts: Vec<Vec<i64>>,
-    /// Tokens to generate per prompt.
+    /// Tokens to generate per prompt (end-of-sequence does not stop generation).
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
     /// Compute dtype (weights are converted on load).
     #[arg(long, default_value = "f32")]
     dtype: DType,
+    /// cpu, cuda (rank r on GPU r % count) or cuda:N (every rank on GPU N).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Collective backend between ranks (default: nccl on GPUs when built with it, else tcp).
+    #[arg(long, value_enum)]
+    collective: Option<Collective>,
     /// Placement of the embedding and LM head: auto, replicated or parallel.
     #[arg(long, default_value = "auto")]
     vocab_sharding: VocabSharding,
@@ -56,6 +64,14 @@ struct Args {
     world_size: Option<usize>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Collective {
+    /// TCP ring (any device; GPU tensors are staged through host memory).
+    Tcp,
+    /// NCCL (GPUs; needs a build with `--features cuda`).
+    Nccl,
+}
+
 fn parse_ids(s: &str) -> Result<Vec<i64>, String> {
     s.split(',')
         .map(|t| {
@@ -79,26 +95,47 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
+    let rank = args.rank.unwrap_or(0);
+    let device = match generate::parse_device(&args.device).map_err(anyhow::Error::msg)? {
+        Some(device) => device,
+        None => Device::Cuda(rank % (tch::Cuda::device_count().max(1) as usize)),
+    };
+    let collective = match args.collective {
+        Some(c) => c,
+        None if device.is_cuda() && cfg!(feature = "cuda") => Collective::Nccl,
+        None => Collective::Tcp,
+    };
+    if collective == Collective::Nccl && !cfg!(feature = "cuda") {
+        bail!("--collective nccl needs a build with --features cuda");
+    }
     let job = GenerateJob {
         model: args.model.clone(),
         prompts: args.prompts.clone(),
         max_new_tokens: args.max_new_tokens,
         dtype: args.dtype,
+        device,
         vocab_sharding: args.vocab_sharding,
         force_tokens: (!args.force_tokens.is_empty()).then(|| args.force_tokens.clone()),
         dump_logits: args.dump_logits.clone(),
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args.threads.unwrap_or((cores / args.tp.max(1)).max(1));
+    let timeout = Duration::from_secs_f64(args.collective_timeout);
     match (args.rank, args.world_size) {
         (Some(rank), Some(world_size)) => {
-            let rank_prefix = |e: anyhow::Error| e.context(format!("rank {rank}"));
+            let in_rank = |e: anyhow::Error| e.context(format!("rank {rank}"));
             tch::set_num_threads(threads as i32);
-            let timeout = Duration::from_secs_f64(args.collective_timeout);
-            let ring = local_group::join_from_stdio(rank, world_size, &args.ring_host, timeout)
-                .map_err(rank_prefix)?;
-            let report =
-                generate::run_rank(&job, Communicator::TcpRing(ring)).map_err(rank_prefix)?;
+            let rendezvous =
+                local_group::join_from_stdio(&args.ring_host, world_size).map_err(in_rank)?;
+            let comm = match &rendezvous.backend {
+                Backend::Tcp => {
+                    Communicator::TcpRing(rendezvous.into_ring(rank, timeout).map_err(in_rank)?)
+                }
+                Backend::Nccl(id) => {
+                    nccl_communicator(rank, world_size, id, device, timeout).map_err(in_rank)?
+                }
+            };
+            let report = generate::run_rank(&job, comm).map_err(in_rank)?;
             if rank == 0 {
                 print!("{}", report.render());
             }
@@ -107,8 +144,12 @@ fn run(args: Args) -> Result<()> {
         _ if args.tp > 1 => {
             // Fail fast, once, on what every rank would fail on.
             generate::preflight(&job, args.tp)?;
+            let backend = match collective {
+                Collective::Tcp => Backend::Tcp,
+                Collective::Nccl => Backend::Nccl(new_nccl_id()?),
+            };
             let forwarded: Vec<_> = std::env::args_os().skip(1).collect();
-            local_group::run(args.tp, &forwarded)
+            local_group::run(args.tp, &forwarded, &backend)
         }
         _ => {
             tch::set_num_threads(threads as i32);
@@ -117,4 +158,34 @@ fn run(args: Args) -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn new_nccl_id() -> Result<String> {
+    Ok(caravan_ops::comm::nccl::NcclId::new()?.to_hex())
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_communicator(
+    rank: usize,
+    world_size: usize,
+    id: &str,
+    device: Device,
+    timeout: Duration,
+) -> Result<Communicator> {
+    use caravan_ops::comm::nccl::{Nccl, NcclId};
+    let id = NcclId::from_hex(id)?;
+    Ok(Communicator::Nccl(Nccl::new(
+        rank, world_size, &id, device, timeout,
+    )?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn new_nccl_id() -> Result<String> {
+    bail!("NCCL needs a build with --features cuda")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_communicator(_: usize, _: usize, _: &str, _: Device, _: Duration) -> Result<Communicator> {
+    bail!("NCCL needs a build with --features cuda")
 }
