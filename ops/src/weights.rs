@@ -289,3 +289,126 @@ impl<'a> WeightLoader<'a> {
         self.progress.finish_and_clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    /// Writes `tensors` (name, dtype, shape, bytes) as `dir/file`.
+    fn write(dir: &Path, file: &str, tensors: &[(&str, StDtype, Vec<usize>, Vec<u8>)]) {
+        let views: Vec<_> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(file)).unwrap();
+    }
+
+    /// A 3x4 matrix with element (r, c) = 10r + c.
+    fn matrix_f32() -> Vec<u8> {
+        (0..12)
+            .flat_map(|i| ((i / 4 * 10 + i % 4) as f32).to_le_bytes())
+            .collect()
+    }
+
+    fn matrix_bf16() -> Vec<u8> {
+        (0..12)
+            .flat_map(|i| half::bf16::from_f32((i / 4 * 10 + i % 4) as f32).to_le_bytes())
+            .collect()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn slices_rows_and_columns_from_f32_and_bf16_and_converts_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "model.safetensors",
+            &[
+                ("a", StDtype::F32, vec![3, 4], matrix_f32()),
+                ("b", StDtype::BF16, vec![3, 4], matrix_bf16()),
+            ],
+        );
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        for (name, dtype) in [("a", DType::F32), ("b", DType::BF16)] {
+            let spec = WeightSpec::new(name, &[3, 4]);
+            let loader = WeightLoader::new(&ckpt, dtype, Device::Cpu, 3, false);
+            let rows = loader.load(&spec, Slice::Rows(1..3)).unwrap();
+            assert_eq!(rows.size(), [2, 4]);
+            assert_eq!(values(&rows), [10., 11., 12., 13., 20., 21., 22., 23.]);
+            let cols = loader.load(&spec, Slice::Columns(2..4)).unwrap();
+            assert_eq!(cols.size(), [3, 2]);
+            assert_eq!(values(&cols), [2., 3., 12., 13., 22., 23.]);
+            assert_eq!(cols.kind(), dtype.kind());
+        }
+        // bf16 stored, f32 compute.
+        let loader = WeightLoader::new(&ckpt, DType::F32, Device::Cpu, 1, false);
+        let full = loader
+            .load(&WeightSpec::new("b", &[3, 4]), Slice::Full)
+            .unwrap();
+        assert_eq!(full.kind(), Kind::Float);
+        assert_eq!(values(&full)[5], 11.0);
+    }
+
+    #[test]
+    fn errors_name_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "model.safetensors",
+            &[("a", StDtype::F32, vec![3, 4], matrix_f32())],
+        );
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let err = ckpt.check(&[WeightSpec::new("a", &[4, 3])]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "weight a has shape [3, 4], expected [4, 3]"
+        );
+        let err = ckpt.check(&[WeightSpec::new("zzz", &[1])]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("missing weight zzz in checkpoint"),
+            "{err}"
+        );
+        let loader = WeightLoader::new(&ckpt, DType::F32, Device::Cpu, 1, false);
+        let err = loader
+            .load(&WeightSpec::new("a", &[3, 4]), Slice::Rows(2..5))
+            .unwrap_err();
+        assert!(err.to_string().contains("rows 2..5 of a"), "{err}");
+        let empty = tempfile::tempdir().unwrap();
+        let err = Checkpoint::open(empty.path()).err().unwrap();
+        assert!(err.to_string().contains("no model.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn sharded_checkpoints_follow_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "part-1.safetensors",
+            &[("a", StDtype::F32, vec![3, 4], matrix_f32())],
+        );
+        write(
+            dir.path(),
+            "part-2.safetensors",
+            &[("b", StDtype::BF16, vec![3, 4], matrix_bf16())],
+        );
+        let index = r#"{"metadata": {}, "weight_map": {"a": "part-1.safetensors", "b": "part-2.safetensors"}}"#;
+        std::fs::write(dir.path().join("model.safetensors.index.json"), index).unwrap();
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        ckpt.check(&[WeightSpec::new("a", &[3, 4]), WeightSpec::new("b", &[3, 4])])
+            .unwrap();
+        // An index naming a tensor its file lacks is caught at open.
+        let bad = r#"{"weight_map": {"a": "part-2.safetensors"}}"#;
+        std::fs::write(dir.path().join("model.safetensors.index.json"), bad).unwrap();
+        let err = Checkpoint::open(dir.path()).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("a is listed in the index but missing"),
+            "{err}"
+        );
+    }
+}
