@@ -1,10 +1,13 @@
 //! A Caravan tensor-parallel rank: one shard of every layer and of the KV cache, joined to its
 //! peers by a collective.
 //!
-//! [`generate`] runs a rank of a fixed generation job (the seed of the serving path and of the
-//! benchmarks); [`local_group`] starts a whole group as processes on this machine and hands them
-//! the TCP ring's addresses; [`telemetry`] sets up logging.
+//! The served path: [`service`] (gRPC, `caravan.v1.Worker`) forwards to [`engine`] (the one thread
+//! that owns the model, the cache and [`sampling`] state). The offline path: [`generate`] runs a
+//! rank of a fixed generation job and [`local_group`] starts a group as local processes.
 
+pub mod engine;
 pub mod generate;
 pub mod local_group;
+pub mod sampling;
+pub mod service;
 pub mod telemetry;

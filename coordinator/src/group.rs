@@ -1,0 +1,228 @@
+//! A tensor-parallel group of workers as the coordinator sees it: one gRPC client per rank, the
+//! bring-up (load shards, warm up), and the lockstep step fan-out.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use caravan_proto::{self as pb, worker_client::WorkerClient};
+use futures::future::join_all;
+use tonic::transport::Channel;
+
+use crate::registry::RegisteredWorker;
+
+/// How to load the group's shards.
+#[derive(Debug, Clone)]
+pub struct ShardPlan {
+    pub model_path: String,
+    pub dtype: String,
+    pub vocab_sharding: String,
+    pub kv_cache_blocks: u32,
+    pub block_size: u32,
+    pub collective_timeout: Duration,
+    pub threads_per_worker: u32,
+}
+
+/// Whether the group can serve, and why not.
+#[derive(Debug, Default)]
+pub struct GroupHealth {
+    ready: AtomicBool,
+    reason: Mutex<String>,
+}
+
+impl GroupHealth {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn reason(&self) -> String {
+        self.reason.lock().expect("health lock").clone()
+    }
+
+    pub fn set_ready(&self) {
+        self.reason.lock().expect("health lock").clear();
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Marks the group unusable (keeps the first reason).
+    pub fn fail(&self, reason: impl Into<String>) {
+        let mut r = self.reason.lock().expect("health lock");
+        if self.ready.swap(false, Ordering::AcqRel) || r.is_empty() {
+            *r = reason.into();
+            tracing::error!(reason = %r, "worker group is not ready");
+        }
+    }
+}
+
+/// The ranks of one group, rank order.
+pub struct WorkerGroup {
+    ranks: Vec<WorkerClient<Channel>>,
+    workers: Vec<RegisteredWorker>,
+    step_timeout: Duration,
+    next_step: u64,
+}
+
+impl WorkerGroup {
+    /// Connects to `workers` (rank = position), loads every shard concurrently and runs a warm-up
+    /// step. Returns only when the group can serve.
+    pub async fn form(workers: Vec<RegisteredWorker>, plan: &ShardPlan) -> Result<Self> {
+        let world = workers.len();
+        let mut ranks = Vec::with_capacity(world);
+        for w in &workers {
+            let channel = tonic::transport::Endpoint::from_shared(w.worker_addr.clone())?
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .with_context(|| format!("connecting to worker {} at {}", w.id, w.worker_addr))?;
+            ranks.push(
+                WorkerClient::new(channel)
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20),
+            );
+        }
+        let peers: Vec<String> = workers.iter().map(|w| w.ring_addr.clone()).collect();
+        tracing::info!(world, ?peers, "forming worker group");
+        let loads = ranks.iter().enumerate().map(|(rank, client)| {
+            let mut client = client.clone();
+            let request = pb::LoadShardRequest {
+                model_path: plan.model_path.clone(),
+                rank: rank as u32,
+                world_size: world as u32,
+                ring_peers: peers.clone(),
+                nccl_id: String::new(),
+                dtype: plan.dtype.clone(),
+                vocab_sharding: plan.vocab_sharding.clone(),
+                kv_cache_blocks: plan.kv_cache_blocks,
+                block_size: plan.block_size,
+                collective_timeout_ms: plan.collective_timeout.as_millis() as u32,
+                threads: plan.threads_per_worker,
+            };
+            async move { client.load_shard(request).await }
+        });
+        for (rank, result) in join_all(loads).await.into_iter().enumerate() {
+            let response = result.map_err(|s| anyhow::anyhow!("rank {rank}: {}", s.message()))?;
+            let r = response.get_ref();
+            tracing::info!(rank, load_ms = r.load_ms, bytes_per_token = r.cache_bytes_per_token, "shard loaded");
+        }
+        let mut group = WorkerGroup {
+            ranks,
+            workers,
+            step_timeout: plan.collective_timeout + Duration::from_secs(30),
+            next_step: 0,
+        };
+        group.warm_up().await.context("warm-up step")?;
+        Ok(group)
+    }
+
+    /// One real step through every rank (embedding, all layers, collectives, sampling).
+    async fn warm_up(&mut self) -> Result<()> {
+        let seq = pb::SequenceStep {
+            sequence_id: u64::MAX,
+            tokens: vec![1],
+            start_position: 0,
+            block_table: vec![0],
+            sampling: Some(pb::SamplingParams::default()),
+            sample: true,
+        };
+        let tokens = self.step(vec![seq]).await?;
+        if tokens.len() != 1 {
+            bail!("warm-up returned {} tokens", tokens.len());
+        }
+        self.release(vec![u64::MAX]).await;
+        Ok(())
+    }
+
+    pub fn workers(&self) -> &[RegisteredWorker] {
+        &self.workers
+    }
+
+    /// Runs one step on every rank in lockstep; fails if any rank fails or the ranks disagree.
+    pub async fn step(&mut self, sequences: Vec<pb::SequenceStep>) -> Result<Vec<pb::SampledToken>> {
+        let request = pb::StepRequest {
+            step_id: self.next_step,
+            sequences,
+        };
+        self.next_step += 1;
+        let timeout = self.step_timeout;
+        let calls = self.ranks.iter().map(|client| {
+            let mut client = client.clone();
+            let request = request.clone();
+            async move { tokio::time::timeout(timeout, client.step(request)).await }
+        });
+        let mut answers = Vec::with_capacity(self.ranks.len());
+        for (rank, result) in join_all(calls).await.into_iter().enumerate() {
+            match result {
+                Err(_) => bail!("rank {rank} did not answer the step within {timeout:?}"),
+                Ok(Err(status)) => bail!("rank {rank}: {}", status.message()),
+                Ok(Ok(response)) => answers.push(response.into_inner()),
+            }
+        }
+        let first = answers.swap_remove(0);
+        for (i, other) in answers.iter().enumerate() {
+            let ids = |r: &pb::StepResponse| r.tokens.iter().map(|t| t.token_id).collect::<Vec<_>>();
+            if ids(other) != ids(&first) {
+                bail!("ranks 0 and {} sampled different tokens: the group is out of step", i + 1);
+            }
+        }
+        Ok(first.tokens)
+    }
+
+    /// Tells every rank to drop the sampling state of `ids` (best effort: it is only memory).
+    pub async fn release(&self, ids: Vec<u64>) {
+        let calls = self.ranks.iter().map(|client| {
+            let mut client = client.clone();
+            let request = pb::ReleaseRequest {
+                sequence_ids: ids.clone(),
+            };
+            async move { client.release(request).await }
+        });
+        for result in join_all(calls).await {
+            if let Err(e) = result {
+                tracing::warn!(error = %e.message(), "release failed");
+            }
+        }
+    }
+
+    /// A handle that checks the ranks' health without borrowing the group.
+    pub fn health_probe(&self) -> HealthProbe {
+        HealthProbe {
+            ranks: self.ranks.clone(),
+        }
+    }
+}
+
+/// Asks every rank of a group whether it is ready.
+#[derive(Clone)]
+pub struct HealthProbe {
+    ranks: Vec<WorkerClient<Channel>>,
+}
+
+impl HealthProbe {
+    /// The first problem found, if any.
+    pub async fn check(&self) -> Option<String> {
+        let calls = self.ranks.iter().map(|client| {
+            let mut client = client.clone();
+            async move { tokio::time::timeout(Duration::from_secs(2), client.health(pb::HealthRequest {})).await }
+        });
+        for (rank, result) in join_all(calls).await.into_iter().enumerate() {
+            match result {
+                Err(_) => return Some(format!("rank {rank} did not answer a health check")),
+                Ok(Err(s)) => return Some(format!("rank {rank} unreachable: {}", s.message())),
+                Ok(Ok(r)) if !r.get_ref().ready => {
+                    return Some(format!("rank {rank} not ready: {}", r.get_ref().detail))
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+        None
+    }
+}
+
+/// Shared handle used by the health monitor.
+pub type SharedHealth = Arc<GroupHealth>;

@@ -1,0 +1,193 @@
+"""Fixtures for the end-to-end API tests: the serving checkpoint and a running caravan-coordinator.
+
+The checkpoint (fixtures/serving) and its transformers reference (reference.json) are built on first
+use by python/build_tokenizer.py and python/make_serving_fixture.py; both are idempotent, so later
+runs only check their stamps. The coordinator binary is not built here: build it first
+(`cargo build -p caravan-coordinator`), or point CARAVAN_BIN_DIR at the folder holding it.
+A missing binary or a failed fixture build fails the suite; nothing is skipped.
+"""
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "fixtures"
+TOKENIZER_DIR = FIXTURES / "serving-tokenizer"
+CHECKPOINT_DIR = FIXTURES / "serving"
+READY_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 10
+READY_RE = re.compile(r"^ready: serving (?P<model>\S+) on (?P<url>http://127\.0\.0\.1:(?P<port>\d+))\s*$")
+TP_SIZES = [2, 4]
+
+
+def _python() -> str:
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def _run_script(args):
+    proc = subprocess.run([_python(), *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}",
+                    pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def checkpoint() -> Path:
+    """fixtures/serving: the random-weight Llama 2 checkpoint with tokenizer and reference.json."""
+    _run_script(["python/build_tokenizer.py", "--out", TOKENIZER_DIR])
+    _run_script(["python/make_serving_fixture.py", "--tokenizer", TOKENIZER_DIR, "--out", CHECKPOINT_DIR])
+    for name in ("config.json", "tokenizer.json", "reference.json"):
+        if not (CHECKPOINT_DIR / name).is_file():
+            pytest.fail(f"{CHECKPOINT_DIR / name} missing after building the fixture", pytrace=False)
+    return CHECKPOINT_DIR
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoint) -> dict:
+    with open(checkpoint / "reference.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def coordinator_bin() -> Path:
+    bin_dir = Path(os.environ.get("CARAVAN_BIN_DIR", REPO / "target" / "debug"))
+    path = bin_dir / "caravan-coordinator"
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        pytest.fail(f"{path} not found or not executable: build it with `cargo build -p caravan-coordinator` "
+                    "or set CARAVAN_BIN_DIR", pytrace=False)
+    return path
+
+
+@dataclass
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    model: str
+    tp: int
+    process: subprocess.Popen
+    stderr_path: str
+    stdout_lines: list = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def stderr_tail(self, chars: int = 6000) -> str:
+        with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
+            return f.read()[-chars:]
+
+
+def _pump_stdout(stream, lines: list, q: "queue.Queue"):
+    # Keeps draining after the ready line so the coordinator never blocks on a full pipe.
+    for line in stream:
+        lines.append(line)
+        q.put(line)
+    q.put(None)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _kill_group(pgid: int):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> list:
+    """SIGTERM the coordinator, then make sure it and its workers are gone; returns what went wrong.
+
+    The coordinator runs in its own session, so its process group id is its pid and the workers it
+    spawns are in that group (unless they leave it). Anything still alive after the grace period is
+    SIGKILLed, and reported.
+    """
+    problems = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            problems.append(f"coordinator did not exit within {STOP_TIMEOUT_S}s of SIGTERM; killed")
+            _kill_group(proc.pid)
+            proc.wait()
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _group_alive(proc.pid):
+        if time.monotonic() > deadline:
+            problems.append(f"worker processes outlived the coordinator by {STOP_TIMEOUT_S}s; killed")
+            _kill_group(proc.pid)
+            break
+        time.sleep(0.05)  # waiting for processes that are not our children to exit
+    return problems
+
+
+@pytest.fixture(scope="module", params=TP_SIZES, ids=[f"tp{n}" for n in TP_SIZES])
+def server(request, checkpoint, coordinator_bin):
+    tp = request.param
+    stderr_file = tempfile.NamedTemporaryFile(prefix=f"caravan-coordinator-tp{tp}-", suffix=".log",
+                                              delete=False)
+    cmd = [str(coordinator_bin), "--model", str(checkpoint), "--tp", str(tp), "--local-workers",
+           "--host", "127.0.0.1", "--port", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=stderr_file, text=True, encoding="utf-8", errors="replace",
+                            start_new_session=True)
+    stderr_file.close()
+    lines: list = []
+    q: "queue.Queue" = queue.Queue()
+    threading.Thread(target=_pump_stdout, args=(proc.stdout, lines, q), daemon=True).start()
+
+    def stderr_tail():
+        with open(stderr_file.name, encoding="utf-8", errors="replace") as f:
+            return f.read()[-6000:]
+
+    def fail(why):
+        _stop(proc)
+        pytest.fail(f"`{' '.join(cmd)}` {why}\nstdout: {''.join(lines)[-2000:]}\n"
+                    f"stderr ({stderr_file.name}):\n{stderr_tail()}", pytrace=False)
+
+    match = None
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while match is None:
+        try:
+            # Wake up at least every second to notice an exit even if a worker holds stdout open.
+            line = q.get(timeout=1.0)
+        except queue.Empty:
+            line = ""
+        if line is None or proc.poll() is not None:
+            fail(f"exited (status {proc.wait()}) before printing its ready line")
+        if time.monotonic() > deadline:
+            fail(f"printed no ready line within {READY_TIMEOUT_S}s")
+        match = READY_RE.match(line)
+        if match is None and line.startswith("ready:"):
+            fail(f"printed a malformed ready line {line!r}; expected `ready: serving <model> on http://127.0.0.1:<port>`")
+
+    srv = Server(url=match["url"], model=match["model"], tp=tp, process=proc,
+                 stderr_path=stderr_file.name, stdout_lines=lines)
+    try:
+        assert srv.model == checkpoint.name, f"ready line names model {srv.model!r}, expected {checkpoint.name!r}"
+        yield srv
+    finally:
+        exited_early = proc.poll()
+        problems = _stop(proc)
+        if exited_early is not None:
+            problems.insert(0, f"coordinator exited during the tests (status {exited_early})")
+        if problems:
+            pytest.fail("; ".join(problems) + f"\nstderr ({stderr_file.name}):\n{stderr_tail()}", pytrace=False)
+        os.unlink(stderr_file.name)

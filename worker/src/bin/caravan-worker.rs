@@ -1,0 +1,180 @@
+//! `caravan-worker`: one tensor-parallel rank. Serves `caravan.v1.Worker` over gRPC, registers
+//! with the coordinator, and loads whatever shard the coordinator assigns it.
+
+use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use caravan_ops::comm::RingListener;
+use caravan_proto::{self as pb, coordinator_client::CoordinatorClient, worker_server::WorkerServer};
+use caravan_worker::{
+    engine::{Engine, SharedStatus},
+    generate::parse_device,
+    service::{WorkerIdentity, WorkerService},
+    telemetry,
+};
+use clap::Parser;
+use tch::Device;
+use tokio::io::AsyncReadExt;
+
+/// A Caravan worker: one rank of a tensor-parallel group.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// The coordinator's gRPC address, e.g. http://10.0.0.1:50051.
+    #[arg(long, env = "CARAVAN_COORDINATOR")]
+    coordinator: String,
+    /// Address for this worker's gRPC service (port 0 picks a free one).
+    #[arg(long, env = "CARAVAN_LISTEN", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Address for the TCP ring between ranks (the interface peers reach this host by;
+    /// default: the --listen address's IP, port chosen freely).
+    #[arg(long, env = "CARAVAN_RING_ADDR")]
+    ring_addr: Option<SocketAddr>,
+    /// cpu or cuda:N.
+    #[arg(long, env = "CARAVAN_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Exit when standard input closes (set by a coordinator that spawned this worker, so that
+    /// workers never outlive it).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
+}
+
+fn main() -> ExitCode {
+    telemetry::init("warn");
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let device = match parse_device(&args.device).map_err(anyhow::Error::msg)? {
+        Some(d) => d,
+        None => Device::Cuda(0),
+    };
+    let ring_addr = args.ring_addr.unwrap_or(SocketAddr::new(args.listen.ip(), 0));
+    let ring = RingListener::bind(ring_addr).with_context(|| format!("binding the ring on {ring_addr}"))?;
+    let ring_addr = ring.local_addr()?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding gRPC on {}", args.listen))?;
+    let grpc_addr = listener.local_addr()?;
+
+    let status = SharedStatus::default();
+    let (commands, receiver) = std::sync::mpsc::channel();
+    let engine = Engine::new(device, ring, status.clone());
+    std::thread::Builder::new()
+        .name("caravan-model".into())
+        .spawn(move || engine.run(receiver))?;
+    let identity = WorkerIdentity {
+        host: hostname(),
+        device: args.device.clone(),
+        memory_bytes: available_memory(),
+        ring_addr: ring_addr.to_string(),
+    };
+    let service = WorkerService::new(commands, status, identity.clone());
+    let server = tonic::transport::Server::builder()
+        .add_service(WorkerServer::new(service))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    let server = tokio::spawn(server);
+    tracing::info!(%grpc_addr, %ring_addr, "worker listening");
+
+    let mut client = connect(&args.coordinator).await?;
+    let registered = client
+        .register(pb::RegisterRequest {
+            protocol_version: caravan_proto::PROTOCOL_VERSION.into(),
+            worker_addr: format!("http://{grpc_addr}"),
+            host: identity.host.clone(),
+            device: identity.device.clone(),
+            memory_bytes: identity.memory_bytes,
+            ring_addr: identity.ring_addr.clone(),
+        })
+        .await
+        .context("registering with the coordinator")?
+        .into_inner();
+    tracing::info!(worker_id = %registered.worker_id, "registered");
+    let worker_id = Arc::new(registered.worker_id);
+    let interval = Duration::from_millis(registered.heartbeat_interval_ms.max(100) as u64);
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            let request = pb::HeartbeatRequest {
+                worker_id: worker_id.to_string(),
+            };
+            match client.heartbeat(request).await {
+                Ok(r) if !r.get_ref().known => {
+                    tracing::warn!("coordinator no longer knows this worker");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            }
+        }
+    });
+
+    if args.exit_with_parent {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        tokio::select! {
+            _ = async { while !matches!(stdin.read(&mut buf).await, Ok(0) | Err(_)) {} } => {
+                tracing::info!("parent gone; exiting");
+            }
+            result = server => { result??; }
+        }
+    } else {
+        server.await??;
+    }
+    heartbeat.abort();
+    Ok(())
+}
+
+async fn connect(url: &str) -> Result<CoordinatorClient<tonic::transport::Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("bad coordinator address {url:?}"))?
+        .connect_timeout(Duration::from_secs(5));
+    // The coordinator may still be starting: retry for a while.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(CoordinatorClient::new(channel)),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "coordinator not reachable yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("connecting to the coordinator at {url}")),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// MemAvailable from /proc/meminfo, in bytes (0 when unknown).
+fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

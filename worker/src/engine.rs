@@ -1,0 +1,253 @@
+//! The thread that owns a worker's model shard, KV cache and per-sequence sampling state.
+//!
+//! tch tensors are `Send` but not `Sync`, and a rank's collectives must run in order, so exactly
+//! one thread touches the model. gRPC handlers send it [`Command`]s and await the answer on a
+//! oneshot channel (the pattern of text-generation-inference's queue).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use caravan_ops::{
+    comm::RingListener, Checkpoint, Communicator, DType, KvCache, Llama, LlamaConfig, LoadOptions,
+    LogitsSelection, SequenceStep, ShardLayout, VocabSharding,
+};
+use caravan_proto as pb;
+use tch::Device;
+use tokio::sync::oneshot;
+use tonic::Status;
+
+use crate::sampling::{SamplingParams, SequenceSampler};
+
+/// Work for the model thread.
+pub enum Command {
+    Load(pb::LoadShardRequest, oneshot::Sender<Result<pb::LoadShardResponse, Status>>),
+    Step(pb::StepRequest, oneshot::Sender<Result<pb::StepResponse, Status>>),
+    Release(Vec<u64>),
+}
+
+/// State shared with the gRPC handlers (read-only for them).
+#[derive(Debug, Clone, Default)]
+pub struct EngineStatus {
+    pub rank: Option<u32>,
+    pub ready: bool,
+    pub detail: String,
+}
+
+/// Shared view of the engine's health.
+pub type SharedStatus = Arc<Mutex<EngineStatus>>;
+
+struct Loaded {
+    model: Llama,
+    cache: KvCache,
+    samplers: HashMap<u64, SequenceSampler>,
+    next_step: u64,
+}
+
+/// The model thread's state.
+pub struct Engine {
+    device: Device,
+    listener: Option<RingListener>,
+    loaded: Option<Loaded>,
+    status: SharedStatus,
+}
+
+impl Engine {
+    pub fn new(device: Device, listener: RingListener, status: SharedStatus) -> Self {
+        Engine {
+            device,
+            listener: Some(listener),
+            loaded: None,
+            status,
+        }
+    }
+
+    /// Serves commands until every sender is gone.
+    pub fn run(mut self, commands: std::sync::mpsc::Receiver<Command>) {
+        while let Ok(command) = commands.recv() {
+            match command {
+                Command::Load(req, reply) => {
+                    let result = self.load(req);
+                    let _ = reply.send(result);
+                }
+                Command::Step(req, reply) => {
+                    let result = self.step(req);
+                    if let Err(e) = &result {
+                        if e.code() != tonic::Code::InvalidArgument {
+                            // A failed collective leaves the group unusable.
+                            self.set_status(false, e.message().to_string());
+                        }
+                    }
+                    let _ = reply.send(result);
+                }
+                Command::Release(ids) => {
+                    if let Some(loaded) = &mut self.loaded {
+                        for id in ids {
+                            loaded.samplers.remove(&id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_status(&self, ready: bool, detail: String) {
+        let mut s = self.status.lock().expect("status lock");
+        s.ready = ready;
+        s.detail = detail;
+    }
+
+    fn load(&mut self, req: pb::LoadShardRequest) -> Result<pb::LoadShardResponse, Status> {
+        let started = Instant::now();
+        if self.loaded.is_some() {
+            return Err(Status::failed_precondition("a shard is already loaded"));
+        }
+        let invalid = |e: String| Status::invalid_argument(e);
+        let dtype: DType = req.dtype.parse().map_err(invalid)?;
+        let vocab: VocabSharding = req.vocab_sharding.parse().map_err(invalid)?;
+        let (rank, world) = (req.rank as usize, req.world_size as usize);
+        if req.block_size == 0 || req.kv_cache_blocks == 0 {
+            return Err(invalid("block_size and kv_cache_blocks must be positive".into()));
+        }
+        let path = std::path::Path::new(&req.model_path);
+        let config = LlamaConfig::from_path(path).map_err(|e| invalid(e.to_string()))?;
+        let layout =
+            ShardLayout::new(&config, rank, world, vocab).map_err(|e| invalid(e.to_string()))?;
+        let checkpoint = Checkpoint::open(path).map_err(|e| invalid(e.to_string()))?;
+        if req.threads > 0 {
+            tch::set_num_threads(req.threads as i32);
+        }
+        let timeout = std::time::Duration::from_millis(req.collective_timeout_ms.max(1) as u64);
+        let comm = if world == 1 {
+            Communicator::Single
+        } else if !req.nccl_id.is_empty() {
+            return Err(Status::unimplemented("NCCL groups are formed by caravan-generate only for now"));
+        } else {
+            let peers = req
+                .ring_peers
+                .iter()
+                .map(|p| p.parse())
+                .collect::<Result<Vec<std::net::SocketAddr>, _>>()
+                .map_err(|e| invalid(format!("bad ring peer address: {e}")))?;
+            if peers.len() != world {
+                return Err(invalid(format!("{} ring peers for world size {world}", peers.len())));
+            }
+            let listener = self
+                .listener
+                .take()
+                .ok_or_else(|| Status::failed_precondition("ring listener already used"))?;
+            Communicator::TcpRing(
+                listener
+                    .connect(rank, &peers, timeout)
+                    .map_err(|e| Status::unavailable(e.to_string()))?,
+            )
+        };
+        let options = LoadOptions {
+            dtype,
+            device: self.device,
+            show_progress: false,
+        };
+        let model = Llama::load(&checkpoint, &config, layout, Arc::new(comm), options)
+            .map_err(|e| Status::internal(format!("loading shard: {e}")))?;
+        let cache = model
+            .new_cache(req.kv_cache_blocks as usize, req.block_size as usize)
+            .map_err(|e| Status::resource_exhausted(format!("allocating KV cache: {e}")))?;
+        let response = pb::LoadShardResponse {
+            kv_cache_blocks: req.kv_cache_blocks,
+            cache_bytes_per_token: model.cache_bytes_per_token() as u64,
+            load_ms: started.elapsed().as_millis() as u64,
+        };
+        self.loaded = Some(Loaded {
+            model,
+            cache,
+            samplers: HashMap::new(),
+            next_step: 0,
+        });
+        {
+            let mut s = self.status.lock().expect("status lock");
+            s.rank = Some(req.rank);
+            s.ready = true;
+            s.detail.clear();
+        }
+        tracing::info!(rank, world, load_ms = response.load_ms, "shard loaded");
+        Ok(response)
+    }
+
+    fn step(&mut self, req: pb::StepRequest) -> Result<pb::StepResponse, Status> {
+        let started = Instant::now();
+        let loaded = self
+            .loaded
+            .as_mut()
+            .ok_or_else(|| Status::failed_precondition("no shard loaded"))?;
+        if req.step_id != loaded.next_step {
+            return Err(Status::invalid_argument(format!(
+                "step {} out of order (expected {})",
+                req.step_id, loaded.next_step
+            )));
+        }
+        loaded.next_step += 1;
+        let batch: Vec<SequenceStep> = req
+            .sequences
+            .iter()
+            .map(|s| SequenceStep {
+                tokens: s.tokens.clone(),
+                start_position: s.start_position as usize,
+                block_table: s.block_table.clone(),
+            })
+            .collect();
+        let logits = loaded
+            .model
+            .forward(&batch, LogitsSelection::LastTokens, &mut loaded.cache)
+            .map_err(|e| match e {
+                caravan_ops::Error::InvalidBatch(m) => Status::invalid_argument(m),
+                other => Status::internal(other.to_string()),
+            })?;
+        let vocab = loaded.model.config().vocab_size;
+        let logits: Vec<f32> = Vec::<f32>::try_from(logits.flatten(0, -1))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut tokens = Vec::new();
+        for (i, seq) in req.sequences.iter().enumerate() {
+            if !seq.sample {
+                continue;
+            }
+            let params = to_params(seq.sampling.as_ref());
+            let sampler = loaded
+                .samplers
+                .entry(seq.sequence_id)
+                .or_insert_with(|| SequenceSampler::new(params.seed));
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let sampled = sampler.sample(row, &params);
+            tokens.push(pb::SampledToken {
+                sequence_id: seq.sequence_id,
+                token_id: sampled.token,
+                logprob: sampled.logprob,
+                top_logprobs: sampled
+                    .top_logprobs
+                    .into_iter()
+                    .map(|(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
+                    .collect(),
+            });
+        }
+        Ok(pb::StepResponse {
+            tokens,
+            compute_us: started.elapsed().as_micros() as u64,
+        })
+    }
+}
+
+fn to_params(p: Option<&pb::SamplingParams>) -> SamplingParams {
+    match p {
+        None => SamplingParams::default(),
+        Some(p) => SamplingParams {
+            temperature: p.temperature,
+            top_p: if p.top_p <= 0.0 { 1.0 } else { p.top_p },
+            top_k: p.top_k as usize,
+            seed: p.seed,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            top_logprobs: p.top_logprobs as usize,
+        },
+    }
+}
