@@ -240,7 +240,7 @@ impl ResponseMeta {
         }
     }
 
-    /// The `logprobs` field for `tokens` (`text_offset` counted from `offset`).
+    /// The `logprobs` field for `tokens` (`text_offset` in characters, counted from `offset`).
     fn logprobs_json(&self, tokens: &[TokenOut], offset: usize) -> Value {
         if self.logprobs.is_none() {
             return Value::Null;
@@ -251,7 +251,7 @@ impl ResponseMeta {
                 let mut at = offset;
                 for t in tokens {
                     text_offset.push(at);
-                    at += t.piece.len();
+                    at += t.piece.chars().count();
                 }
                 json!({
                     "tokens": tokens.iter().map(|t| t.piece.clone()).collect::<Vec<_>>(),
@@ -390,7 +390,7 @@ fn sse_stream(
                         continue;
                     }
                     let chunk = s.meta.chunk(&text, std::slice::from_ref(&token), s.offset, None, s.first);
-                    s.offset += token.piece.len();
+                    s.offset += token.piece.chars().count();
                     s.first = false;
                     chunk
                 }
