@@ -71,6 +71,8 @@ pub struct GenerationRequest {
     pub max_tokens: usize,
     pub sampling: pb::SamplingParams,
     pub stop: Vec<String>,
+    /// Generate past end-of-sequence until `max_tokens` or a stop string.
+    pub ignore_eos: bool,
     pub events: mpsc::UnboundedSender<Event>,
 }
 
@@ -291,9 +293,9 @@ impl Engine {
     /// Applies one sampled token to running request `index`; returns `Some` when it finished.
     fn accept(&mut self, index: usize, token: pb::SampledToken) -> Option<FinishReason> {
         let tokenizer = self.tokenizer.clone();
-        let eos = self.model.eos_token_ids.contains(&token.token_id);
         let max_context = self.model.max_context;
         let r = &mut self.running[index];
+        let eos = !r.request.ignore_eos && self.model.eos_token_ids.contains(&token.token_id);
         r.generated.push(token.token_id);
         let piece = if eos {
             String::new()

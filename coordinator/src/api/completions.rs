@@ -189,6 +189,7 @@ async fn run(state: SharedState, p: Prepared) -> Response {
         max_tokens: p.max_tokens,
         sampling: p.sampling.params,
         stop: p.sampling.stop.clone(),
+        ignore_eos: p.sampling.ignore_eos,
         events,
     };
     match engine.submit(request) {

@@ -36,6 +36,8 @@ pub struct SamplingFields {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub n: Option<u32>,
+    /// Extension (vLLM): keep generating past end-of-sequence (for benchmarks).
+    pub ignore_eos: Option<bool>,
 }
 
 /// `POST /v1/completions`.
@@ -76,6 +78,7 @@ pub const MAX_LOGPROBS: u32 = 5;
 pub struct ValidSampling {
     pub params: caravan_proto::SamplingParams,
     pub stop: Vec<String>,
+    pub ignore_eos: bool,
 }
 
 impl SamplingFields {
@@ -133,6 +136,7 @@ impl SamplingFields {
                 top_logprobs,
             },
             stop,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
         })
     }
 }
