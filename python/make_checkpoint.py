@@ -6,11 +6,15 @@ Presets:
   bench-150m  hidden 1024, 8 layers, 16 heads, 4 KV heads, MLP 2816   (~150M, the benchmark shape)
   7b          hidden 4096, 32 layers, 32 heads, MLP 11008             (Llama-2-7B's shape)
 
+With --tokenizer DIR (a folder from python/build_tokenizer.py), the tokenizer files are copied in,
+which makes the folder servable by caravan-coordinator.
+
 Idempotent: a folder whose config already matches is left alone.
 """
 import argparse
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -34,7 +38,10 @@ def main():
     ap.add_argument("--preset", choices=PRESETS, default="tiny")
     ap.add_argument("--dtype", choices=DTYPES, default="float32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", help="folder with tokenizer.json to copy into the checkpoint")
     args = ap.parse_args()
+    if args.tokenizer:
+        copy_tokenizer(args.tokenizer, args.out)
 
     shape = PRESETS[args.preset]
     wanted = dict(shape, vocab_size=32000, seed=args.seed, dtype=args.dtype)
@@ -52,6 +59,18 @@ def main():
     model.save_pretrained(args.out, safe_serialization=True, max_shard_size="2GB")
     with open(stamp, "w") as f:
         json.dump(wanted, f)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer(src, out):
+    os.makedirs(out, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src, name)
+        if not os.path.isfile(path):
+            sys.exit(f"error: {path} not found (build it with python/build_tokenizer.py --out {src})")
+        shutil.copyfile(path, os.path.join(out, name))
 
 
 if __name__ == "__main__":

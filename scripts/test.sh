@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: set-up, formatting and lint gates, unit tests and the
-# end-to-end tests (real worker processes over the TCP ring, golden outputs from transformers).
+# end-to-end tests (real coordinator and worker processes, gRPC, the TCP ring, the openai client;
+# golden outputs from transformers).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -15,3 +16,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p caravan-worker --features cuda --all-targets -- -D warnings
 echo "[test] cargo test" >&2
 cargo test --workspace "$@"
+echo "[test] Python: the tokenizer build, and the HTTP API through the openai client" >&2
+cargo build --workspace --bins
+CARAVAN_TOKENIZER_DIR="$root/models/llama2-tokenizer" \
+  .venv/bin/python -m pytest -q python/test_tokenizer.py tests/python

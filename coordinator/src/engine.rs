@@ -212,7 +212,9 @@ impl Engine {
 
     fn admit(&mut self) {
         while self.running.len() < self.config.max_batch_size {
-            let Some(front) = self.waiting.front() else { break };
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
             let need = front.prompt.len() + front.max_tokens;
             if self.blocks.blocks_for(need) > self.blocks.total_blocks() {
                 let r = self.waiting.pop_front().expect("front exists");
@@ -222,7 +224,9 @@ impl Engine {
                 )));
                 continue;
             }
-            let Some(blocks) = self.blocks.allocate(need) else { break };
+            let Some(blocks) = self.blocks.allocate(need) else {
+                break;
+            };
             let request = self.waiting.pop_front().expect("front exists");
             self.next_id += 1;
             self.running.push(Running {
@@ -273,12 +277,16 @@ impl Engine {
                 continue;
             };
             let r = &mut self.running[index];
-            r.cached += if r.cached == 0 { r.request.prompt.len() } else { 1 };
+            r.cached += if r.cached == 0 {
+                r.request.prompt.len()
+            } else {
+                1
+            };
             if let Some(done) = self.accept(index, token) {
                 finished.push((index, done));
             }
         }
-        finished.sort_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         let mut released = Vec::new();
         for (index, _) in finished {
             let r = self.running.swap_remove(index);
@@ -331,7 +339,10 @@ impl Engine {
         };
         let text = r.text[r.emitted.min(safe)..safe].to_string();
         r.emitted = r.emitted.max(safe);
-        let _ = r.request.events.send(Event::Token { text, token: token_out });
+        let _ = r.request.events.send(Event::Token {
+            text,
+            token: token_out,
+        });
         if let Some(reason) = reason {
             let rest = r.text.get(r.emitted..).unwrap_or("").to_string();
             r.emitted = r.text.len();
@@ -352,7 +363,10 @@ fn find_stop(text: &str, stops: &[String], emitted: usize) -> Option<usize> {
         .iter()
         .filter_map(|s| {
             let from = emitted.saturating_sub(s.len());
-            let from = (0..=from).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+            let from = (0..=from)
+                .rev()
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(0);
             text[from..].find(s.as_str()).map(|i| from + i)
         })
         .min()
@@ -387,7 +401,11 @@ mod tests {
         let stops = vec!["END".to_string(), "\n\n".to_string()];
         assert_eq!(find_stop("abc EN", &stops, 0), None);
         assert_eq!(find_stop("abc END x", &stops, 0), Some(4));
-        assert_eq!(find_stop("abc END x", &stops, 6), Some(4), "straddles the emitted mark");
+        assert_eq!(
+            find_stop("abc END x", &stops, 6),
+            Some(4),
+            "straddles the emitted mark"
+        );
         assert_eq!(held_back("abc EN", &stops), 2);
         assert_eq!(held_back("abc E", &stops), 1);
         assert_eq!(held_back("abc\n", &stops), 1);

@@ -108,7 +108,12 @@ impl WorkerGroup {
         for (rank, result) in join_all(loads).await.into_iter().enumerate() {
             let response = result.map_err(|s| anyhow::anyhow!("rank {rank}: {}", s.message()))?;
             let r = response.get_ref();
-            tracing::info!(rank, load_ms = r.load_ms, bytes_per_token = r.cache_bytes_per_token, "shard loaded");
+            tracing::info!(
+                rank,
+                load_ms = r.load_ms,
+                bytes_per_token = r.cache_bytes_per_token,
+                "shard loaded"
+            );
         }
         let mut group = WorkerGroup {
             ranks,
@@ -143,7 +148,10 @@ impl WorkerGroup {
     }
 
     /// Runs one step on every rank in lockstep; fails if any rank fails or the ranks disagree.
-    pub async fn step(&mut self, sequences: Vec<pb::SequenceStep>) -> Result<Vec<pb::SampledToken>> {
+    pub async fn step(
+        &mut self,
+        sequences: Vec<pb::SequenceStep>,
+    ) -> Result<Vec<pb::SampledToken>> {
         let request = pb::StepRequest {
             step_id: self.next_step,
             sequences,
@@ -165,9 +173,13 @@ impl WorkerGroup {
         }
         let first = answers.swap_remove(0);
         for (i, other) in answers.iter().enumerate() {
-            let ids = |r: &pb::StepResponse| r.tokens.iter().map(|t| t.token_id).collect::<Vec<_>>();
+            let ids =
+                |r: &pb::StepResponse| r.tokens.iter().map(|t| t.token_id).collect::<Vec<_>>();
             if ids(other) != ids(&first) {
-                bail!("ranks 0 and {} sampled different tokens: the group is out of step", i + 1);
+                bail!(
+                    "ranks 0 and {} sampled different tokens: the group is out of step",
+                    i + 1
+                );
             }
         }
         Ok(first.tokens)
@@ -208,7 +220,10 @@ impl HealthProbe {
     pub async fn check(&self) -> Option<String> {
         let calls = self.ranks.iter().map(|client| {
             let mut client = client.clone();
-            async move { tokio::time::timeout(Duration::from_secs(2), client.health(pb::HealthRequest {})).await }
+            async move {
+                tokio::time::timeout(Duration::from_secs(2), client.health(pb::HealthRequest {}))
+                    .await
+            }
         });
         for (rank, result) in join_all(calls).await.into_iter().enumerate() {
             match result {

@@ -23,7 +23,14 @@ impl LocalWorkers {
         let mut lifelines = Vec::with_capacity(n);
         for i in 0..n {
             let mut child = Command::new(&worker)
-                .args(["--coordinator", coordinator_url, "--listen", "127.0.0.1:0", "--device", device])
+                .args([
+                    "--coordinator",
+                    coordinator_url,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--device",
+                    device,
+                ])
                 .arg("--exit-with-parent")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
@@ -45,7 +52,10 @@ impl LocalWorkers {
         let waits = self.children.iter_mut().enumerate().map(|(i, c)| {
             Box::pin(async move {
                 let status = c.wait().await;
-                format!("local worker {i} exited ({})", status.map_or_else(|e| e.to_string(), |s| s.to_string()))
+                format!(
+                    "local worker {i} exited ({})",
+                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
+                )
             })
         });
         futures::future::select_all(waits).await.0

@@ -28,7 +28,8 @@ struct RawConfig {
 impl ModelInfo {
     pub fn load(dir: &Path, name: String) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         let raw: RawConfig =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         let eos_token_ids = match raw.eos_token_id {

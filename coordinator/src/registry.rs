@@ -52,7 +52,10 @@ impl Registry {
     /// When each worker last sent a heartbeat (or registered).
     pub fn last_seen(&self) -> HashMap<String, Instant> {
         let workers = self.workers.lock().expect("registry lock");
-        workers.iter().map(|w| (w.id.clone(), w.last_seen)).collect()
+        workers
+            .iter()
+            .map(|w| (w.id.clone(), w.last_seen))
+            .collect()
     }
 }
 
@@ -82,7 +85,9 @@ impl Coordinator for CoordinatorService {
             )));
         }
         if req.worker_addr.is_empty() || req.ring_addr.is_empty() {
-            return Err(Status::invalid_argument("worker_addr and ring_addr are required"));
+            return Err(Status::invalid_argument(
+                "worker_addr and ring_addr are required",
+            ));
         }
         let id = {
             let mut next = self.registry.next_id.lock().expect("id lock");
@@ -90,15 +95,19 @@ impl Coordinator for CoordinatorService {
             format!("worker-{}", *next)
         };
         tracing::info!(%id, addr = %req.worker_addr, ring = %req.ring_addr, host = %req.host, "worker registered");
-        self.registry.workers.lock().expect("registry lock").push(RegisteredWorker {
-            id: id.clone(),
-            worker_addr: req.worker_addr,
-            ring_addr: req.ring_addr,
-            host: req.host,
-            device: req.device,
-            memory_bytes: req.memory_bytes,
-            last_seen: Instant::now(),
-        });
+        self.registry
+            .workers
+            .lock()
+            .expect("registry lock")
+            .push(RegisteredWorker {
+                id: id.clone(),
+                worker_addr: req.worker_addr,
+                ring_addr: req.ring_addr,
+                host: req.host,
+                device: req.device,
+                memory_bytes: req.memory_bytes,
+                last_seen: Instant::now(),
+            });
         self.registry.changed.notify_waiters();
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id,

@@ -33,7 +33,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CARAVAN_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
     /// Tensor-parallel size: how many workers form the group.
-    #[arg(long = "tensor-parallel-size", alias = "tp", env = "CARAVAN_TP", default_value_t = 1)]
+    #[arg(
+        long = "tensor-parallel-size",
+        alias = "tp",
+        env = "CARAVAN_TP",
+        default_value_t = 1
+    )]
     pub tp: usize,
     /// HTTP address to listen on (use 0.0.0.0 to serve other hosts).
     #[arg(long, env = "CARAVAN_HOST", default_value = "127.0.0.1")]
@@ -85,7 +90,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let model_dir = std::fs::canonicalize(&args.model)
         .with_context(|| format!("model folder {}", args.model.display()))?;
     let name = args.served_model_name.clone().unwrap_or_else(|| {
-        model_dir.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
+        model_dir
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });
     let model = ModelInfo::load(&model_dir, name)?;
     let tokenizer = Arc::new(Tokenizer::load(&model_dir)?);
@@ -125,13 +132,19 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let grpc_addr = grpc.local_addr()?;
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(CoordinatorServer::new(CoordinatorService::new(registry.clone())))
+            .add_service(CoordinatorServer::new(CoordinatorService::new(
+                registry.clone(),
+            )))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)),
     );
     tracing::info!(%http_addr, %grpc_addr, tp = args.tp, "coordinator listening");
 
     let mut local = if args.local_workers {
-        Some(LocalWorkers::spawn(args.tp, &format!("http://{grpc_addr}"), &args.device)?)
+        Some(LocalWorkers::spawn(
+            args.tp,
+            &format!("http://{grpc_addr}"),
+            &args.device,
+        )?)
     } else {
         eprintln!("waiting for {} workers to register at {grpc_addr}", args.tp);
         None
@@ -193,7 +206,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                 }
                 let seen = registry.last_seen();
                 for id in &worker_ids {
-                    if seen.get(id).is_some_and(|t| t.elapsed() > HEARTBEAT_INTERVAL * 6) {
+                    if seen
+                        .get(id)
+                        .is_some_and(|t| t.elapsed() > HEARTBEAT_INTERVAL * 6)
+                    {
                         health.fail(format!("{id} stopped sending heartbeats"));
                     }
                 }
@@ -222,10 +238,11 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -68,7 +68,8 @@ impl Detokenizer {
         self.ids.push(id);
         let before = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset]);
         let after = tokenizer.decode(&self.ids[self.prefix_offset..]);
-        if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.starts_with(&before) {
+        if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.starts_with(&before)
+        {
             let delta = after[before.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
@@ -144,7 +145,8 @@ mod tests {
     fn chat_template_matches_llama2_format() {
         let p = llama2_chat_prompt(&[msg("system", "Be brief."), msg("user", " Hi! ")]).unwrap();
         assert_eq!(p, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi! [/INST]");
-        let p = llama2_chat_prompt(&[msg("user", "a"), msg("assistant", "b"), msg("user", "c")]).unwrap();
+        let p = llama2_chat_prompt(&[msg("user", "a"), msg("assistant", "b"), msg("user", "c")])
+            .unwrap();
         assert_eq!(p, "<s>[INST] a [/INST] b </s><s>[INST] c [/INST]");
     }
 
@@ -152,9 +154,13 @@ mod tests {
     fn chat_template_rejects_bad_conversations() {
         assert!(llama2_chat_prompt(&[]).is_err());
         assert!(llama2_chat_prompt(&[msg("system", "x")]).is_err());
-        assert!(llama2_chat_prompt(&[msg("assistant", "x")]).unwrap_err().contains("alternate"));
-        assert!(llama2_chat_prompt(&[msg("user", "a"), msg("assistant", "b")])
+        assert!(llama2_chat_prompt(&[msg("assistant", "x")])
             .unwrap_err()
-            .contains("last message"));
+            .contains("alternate"));
+        assert!(
+            llama2_chat_prompt(&[msg("user", "a"), msg("assistant", "b")])
+                .unwrap_err()
+                .contains("last message")
+        );
     }
 }

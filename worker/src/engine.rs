@@ -23,8 +23,14 @@ use crate::sampling::{SamplingParams, SequenceSampler};
 
 /// Work for the model thread.
 pub enum Command {
-    Load(pb::LoadShardRequest, oneshot::Sender<Result<pb::LoadShardResponse, Status>>),
-    Step(pb::StepRequest, oneshot::Sender<Result<pb::StepResponse, Status>>),
+    Load(
+        pb::LoadShardRequest,
+        oneshot::Sender<Result<pb::LoadShardResponse, Status>>,
+    ),
+    Step(
+        pb::StepRequest,
+        oneshot::Sender<Result<pb::StepResponse, Status>>,
+    ),
     Release(Vec<u64>),
 }
 
@@ -109,7 +115,9 @@ impl Engine {
         let vocab: VocabSharding = req.vocab_sharding.parse().map_err(invalid)?;
         let (rank, world) = (req.rank as usize, req.world_size as usize);
         if req.block_size == 0 || req.kv_cache_blocks == 0 {
-            return Err(invalid("block_size and kv_cache_blocks must be positive".into()));
+            return Err(invalid(
+                "block_size and kv_cache_blocks must be positive".into(),
+            ));
         }
         let path = std::path::Path::new(&req.model_path);
         let config = LlamaConfig::from_path(path).map_err(|e| invalid(e.to_string()))?;
@@ -123,7 +131,9 @@ impl Engine {
         let comm = if world == 1 {
             Communicator::Single
         } else if !req.nccl_id.is_empty() {
-            return Err(Status::unimplemented("NCCL groups are formed by caravan-generate only for now"));
+            return Err(Status::unimplemented(
+                "NCCL groups are formed by caravan-generate only for now",
+            ));
         } else {
             let peers = req
                 .ring_peers
@@ -132,7 +142,10 @@ impl Engine {
                 .collect::<Result<Vec<std::net::SocketAddr>, _>>()
                 .map_err(|e| invalid(format!("bad ring peer address: {e}")))?;
             if peers.len() != world {
-                return Err(invalid(format!("{} ring peers for world size {world}", peers.len())));
+                return Err(invalid(format!(
+                    "{} ring peers for world size {world}",
+                    peers.len()
+                )));
             }
             let listener = self
                 .listener

@@ -152,7 +152,9 @@ fn top_n(logprobs: &[f32], n: usize) -> Vec<(i64, f32)> {
     }
     let mut idx: Vec<usize> = (0..logprobs.len()).collect();
     let n = n.min(idx.len());
-    idx.select_nth_unstable_by(n - 1, |&a, &b| logprobs[b].total_cmp(&logprobs[a]).then(a.cmp(&b)));
+    idx.select_nth_unstable_by(n - 1, |&a, &b| {
+        logprobs[b].total_cmp(&logprobs[a]).then(a.cmp(&b))
+    });
     idx.truncate(n);
     idx.sort_by(|&a, &b| logprobs[b].total_cmp(&logprobs[a]).then(a.cmp(&b)));
     idx.into_iter().map(|i| (i as i64, logprobs[i])).collect()
@@ -196,10 +198,16 @@ mod tests {
         };
         let run = |seed| {
             let mut s = SequenceSampler::new(seed);
-            (0..50).map(|_| s.sample(&logits(), &params).token).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.sample(&logits(), &params).token)
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(42), run(42));
-        assert_ne!(run(42), run(43), "different seeds should differ over 50 draws");
+        assert_ne!(
+            run(42),
+            run(43),
+            "different seeds should differ over 50 draws"
+        );
         let greedy_k = SamplingParams {
             top_k: 1,
             ..params.clone()
@@ -229,6 +237,10 @@ mod tests {
         let mut s = SequenceSampler::new(0);
         let first = s.sample(&logits(), &params).token;
         let second = s.sample(&logits(), &params).token;
-        assert_eq!((first, second), (1, 4), "token 1 penalised after its first use");
+        assert_eq!(
+            (first, second),
+            (1, 4),
+            "token 1 penalised after its first use"
+        );
     }
 }

@@ -49,7 +49,10 @@ impl WorkerService {
 
 #[tonic::async_trait]
 impl Worker for WorkerService {
-    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
         let rank = self.status.lock().expect("status lock").rank;
         Ok(Response::new(pb::InfoResponse {
             protocol_version: caravan_proto::PROTOCOL_VERSION.into(),
@@ -69,7 +72,10 @@ impl Worker for WorkerService {
         self.call(|tx| Command::Load(req, tx)).await
     }
 
-    async fn step(&self, request: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
+    async fn step(
+        &self,
+        request: Request<pb::StepRequest>,
+    ) -> Result<Response<pb::StepResponse>, Status> {
         let req = request.into_inner();
         self.call(|tx| Command::Step(req, tx)).await
     }
@@ -84,7 +90,10 @@ impl Worker for WorkerService {
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 
-    async fn health(&self, _: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
         let s = self.status.lock().expect("status lock").clone();
         Ok(Response::new(pb::HealthResponse {
             ready: s.ready,

@@ -51,7 +51,10 @@ async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
 fn include_usage(bytes: &[u8]) -> bool {
     serde_json::from_slice::<Value>(bytes)
         .ok()
-        .and_then(|v| v.pointer("/stream_options/include_usage").and_then(Value::as_bool))
+        .and_then(|v| {
+            v.pointer("/stream_options/include_usage")
+                .and_then(Value::as_bool)
+        })
         .unwrap_or(false)
 }
 
@@ -63,7 +66,12 @@ fn check_model(state: &SharedState, model: &str) -> Result<(), ApiError> {
 }
 
 /// Checks the token budget: `prompt + max_tokens` must fit the context.
-fn budget(state: &SharedState, prompt: usize, max_tokens: Option<u32>, default: usize) -> Result<usize, ApiError> {
+fn budget(
+    state: &SharedState,
+    prompt: usize,
+    max_tokens: Option<u32>,
+    default: usize,
+) -> Result<usize, ApiError> {
     let context = state.model.max_context;
     if prompt == 0 {
         return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
@@ -74,7 +82,12 @@ fn budget(state: &SharedState, prompt: usize, max_tokens: Option<u32>, default: 
         )));
     }
     let max_tokens = match max_tokens {
-        Some(0) => return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1")),
+        Some(0) => {
+            return Err(ApiError::invalid_param(
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ))
+        }
         Some(n) => n as usize,
         None => default.min(context - prompt),
     };
@@ -132,7 +145,10 @@ async fn prepare_completion(state: &SharedState, body: Body) -> Result<Prepared,
     };
     let logprobs = req.logprobs;
     if logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
-        return Err(ApiError::invalid_param("logprobs", format!("logprobs must be at most {MAX_LOGPROBS}")));
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            format!("logprobs must be at most {MAX_LOGPROBS}"),
+        ));
     }
     // OpenAI's default for completions.
     let max_tokens = budget(state, prompt.len(), req.max_tokens, 16)?;
@@ -152,17 +168,26 @@ async fn prepare_chat(state: &SharedState, body: Body) -> Result<Prepared, ApiEr
     let bytes = read_body(body).await?;
     let req: ChatRequest = parse_body(&bytes)?;
     check_model(state, &req.model)?;
-    let text = llama2_chat_prompt(&req.messages).map_err(|e| ApiError::invalid_param("messages", e))?;
+    let text =
+        llama2_chat_prompt(&req.messages).map_err(|e| ApiError::invalid_param("messages", e))?;
     let prompt = state
         .tokenizer
         .encode(&text, false)
         .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
     let top = req.top_logprobs.unwrap_or(0);
     if top > MAX_LOGPROBS {
-        return Err(ApiError::invalid_param("top_logprobs", format!("top_logprobs must be at most {MAX_LOGPROBS}")));
+        return Err(ApiError::invalid_param(
+            "top_logprobs",
+            format!("top_logprobs must be at most {MAX_LOGPROBS}"),
+        ));
     }
     let logprobs = (req.logprobs == Some(true)).then_some(top);
-    let max_tokens = budget(state, prompt.len(), req.max_completion_tokens.or(req.max_tokens), usize::MAX)?;
+    let max_tokens = budget(
+        state,
+        prompt.len(),
+        req.max_completion_tokens.or(req.max_tokens),
+        usize::MAX,
+    )?;
     let sampling = req.sampling.validate(top)?;
     Ok(Prepared {
         endpoint: Endpoint::Chat,
@@ -177,11 +202,15 @@ async fn prepare_chat(state: &SharedState, body: Body) -> Result<Prepared, ApiEr
 
 async fn run(state: SharedState, p: Prepared) -> Response {
     let Some(engine) = state.engine.get() else {
-        return ApiError::unavailable("The server is starting; the worker group is not ready yet.").into_response();
+        return ApiError::unavailable("The server is starting; the worker group is not ready yet.")
+            .into_response();
     };
     if !state.health.is_ready() {
-        return ApiError::unavailable(format!("The worker group is not ready: {}", state.health.reason()))
-            .into_response();
+        return ApiError::unavailable(format!(
+            "The worker group is not ready: {}",
+            state.health.reason()
+        ))
+        .into_response();
     }
     let (events, receiver) = mpsc::unbounded_channel();
     let request = GenerationRequest {
@@ -195,7 +224,9 @@ async fn run(state: SharedState, p: Prepared) -> Response {
     match engine.submit(request) {
         Ok(()) => {}
         Err(SubmitError::QueueFull) => return ApiError::overloaded().into_response(),
-        Err(SubmitError::Stopped) => return ApiError::unavailable("The scheduler has stopped.").into_response(),
+        Err(SubmitError::Stopped) => {
+            return ApiError::unavailable("The scheduler has stopped.").into_response()
+        }
     }
     let meta = ResponseMeta::new(&state, p.endpoint, p.logprobs, p.include_usage);
     if p.stream {
@@ -216,14 +247,23 @@ struct ResponseMeta {
 }
 
 impl ResponseMeta {
-    fn new(state: &SharedState, endpoint: Endpoint, logprobs: Option<u32>, include_usage: bool) -> Self {
+    fn new(
+        state: &SharedState,
+        endpoint: Endpoint,
+        logprobs: Option<u32>,
+        include_usage: bool,
+    ) -> Self {
         let prefix = match endpoint {
             Endpoint::Completions => "cmpl",
             Endpoint::Chat => "chatcmpl",
         };
         ResponseMeta {
             endpoint,
-            id: format!("{prefix}-{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()),
+            id: format!(
+                "{prefix}-{:016x}{:016x}",
+                rand::random::<u64>(),
+                rand::random::<u64>()
+            ),
             created: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -281,7 +321,14 @@ impl ResponseMeta {
     }
 
     /// One choice of a streamed chunk.
-    fn chunk(&self, text: &str, tokens: &[TokenOut], offset: usize, finish: Option<FinishReason>, first: bool) -> Value {
+    fn chunk(
+        &self,
+        text: &str,
+        tokens: &[TokenOut],
+        offset: usize,
+        finish: Option<FinishReason>,
+        first: bool,
+    ) -> Value {
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
                 "index": 0,
@@ -390,7 +437,9 @@ fn sse_stream(
                     if text.is_empty() && s.meta.logprobs.is_none() && !s.first {
                         continue;
                     }
-                    let chunk = s.meta.chunk(&text, std::slice::from_ref(&token), s.offset, None, s.first);
+                    let chunk =
+                        s.meta
+                            .chunk(&text, std::slice::from_ref(&token), s.offset, None, s.first);
                     s.offset += token.piece.chars().count();
                     s.first = false;
                     chunk
@@ -420,5 +469,7 @@ fn sse_stream(
             return Some((Ok(SseEvent::default().data(data.to_string())), s));
         }
     });
-    events.chain(stream::once(async { Ok(SseEvent::default().data("[DONE]")) }))
+    events.chain(stream::once(async {
+        Ok(SseEvent::default().data("[DONE]"))
+    }))
 }

@@ -16,7 +16,9 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::{engine::EngineHandle, group::SharedHealth, model_info::ModelInfo, tokenizer::Tokenizer};
+use crate::{
+    engine::EngineHandle, group::SharedHealth, model_info::ModelInfo, tokenizer::Tokenizer,
+};
 pub use error::ApiError;
 
 /// Largest accepted request body.
@@ -67,7 +69,10 @@ async fn health(State(state): State<SharedState>) -> Response {
             r if r.is_empty() => "starting: the worker group is not formed yet".to_string(),
             r => r,
         };
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "reason": reason})))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "reason": reason})),
+        )
             .into_response()
     }
 }

@@ -90,7 +90,10 @@ impl SamplingFields {
         }
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
-            return Err(ApiError::invalid_param("temperature", "temperature must be between 0 and 2"));
+            return Err(ApiError::invalid_param(
+                "temperature",
+                "temperature must be between 0 and 2",
+            ));
         }
         let top_p = self.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
@@ -99,7 +102,12 @@ impl SamplingFields {
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(k) if k > 0 => k as u32,
-            Some(_) => return Err(ApiError::invalid_param("top_k", "top_k must be positive, or -1/0 to disable")),
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    "top_k",
+                    "top_k must be positive, or -1/0 to disable",
+                ))
+            }
         };
         for (name, value) in [
             ("presence_penalty", self.presence_penalty),
@@ -107,7 +115,10 @@ impl SamplingFields {
         ] {
             if let Some(v) = value {
                 if !(-2.0..=2.0).contains(&v) {
-                    return Err(ApiError::invalid_param(name, format!("{name} must be between -2 and 2")));
+                    return Err(ApiError::invalid_param(
+                        name,
+                        format!("{name} must be between -2 and 2"),
+                    ));
                 }
             }
         }
@@ -117,9 +128,15 @@ impl SamplingFields {
             Some(Stop::Many(v)) => v.clone(),
         };
         if stop.len() > MAX_STOP_SEQUENCES {
-            return Err(ApiError::invalid_param("stop", format!("at most {MAX_STOP_SEQUENCES} stop sequences")));
+            return Err(ApiError::invalid_param(
+                "stop",
+                format!("at most {MAX_STOP_SEQUENCES} stop sequences"),
+            ));
         }
-        if stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LENGTH) {
+        if stop
+            .iter()
+            .any(|s| s.is_empty() || s.len() > MAX_STOP_LENGTH)
+        {
             return Err(ApiError::invalid_param(
                 "stop",
                 format!("stop sequences must be 1 to {MAX_STOP_LENGTH} bytes"),
@@ -144,9 +161,10 @@ impl SamplingFields {
 /// Parses a JSON body into `T`, turning serde's message into a 400.
 pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if std::str::from_utf8(bytes).is_err() {
-        return Err(ApiError::bad_request("The request body is not valid UTF-8."));
+        return Err(ApiError::bad_request(
+            "The request body is not valid UTF-8.",
+        ));
     }
-    serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::bad_request(format!("Invalid request body: {e}"))
-    })
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))
 }

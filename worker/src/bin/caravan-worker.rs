@@ -5,7 +5,9 @@ use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use caravan_ops::comm::RingListener;
-use caravan_proto::{self as pb, coordinator_client::CoordinatorClient, worker_server::WorkerServer};
+use caravan_proto::{
+    self as pb, coordinator_client::CoordinatorClient, worker_server::WorkerServer,
+};
 use caravan_worker::{
     engine::{Engine, SharedStatus},
     generate::parse_device,
@@ -67,8 +69,11 @@ async fn run(args: Args) -> Result<()> {
         Some(d) => d,
         None => Device::Cuda(0),
     };
-    let ring_addr = args.ring_addr.unwrap_or(SocketAddr::new(args.listen.ip(), 0));
-    let ring = RingListener::bind(ring_addr).with_context(|| format!("binding the ring on {ring_addr}"))?;
+    let ring_addr = args
+        .ring_addr
+        .unwrap_or(SocketAddr::new(args.listen.ip(), 0));
+    let ring = RingListener::bind(ring_addr)
+        .with_context(|| format!("binding the ring on {ring_addr}"))?;
     let ring_addr = ring.local_addr()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -155,7 +160,9 @@ async fn connect(url: &str) -> Result<CoordinatorClient<tonic::transport::Channe
                 tracing::debug!(error = %e, "coordinator not reachable yet");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => return Err(e).with_context(|| format!("connecting to the coordinator at {url}")),
+            Err(e) => {
+                return Err(e).with_context(|| format!("connecting to the coordinator at {url}"))
+            }
         }
     }
 }
