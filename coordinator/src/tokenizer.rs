@@ -143,8 +143,12 @@ mod tests {
 
     #[test]
     fn chat_template_matches_llama2_format() {
+        // As in Meta's template, strip() applies to the system block plus the user's text, so the
+        // user's leading space survives inside it.
         let p = llama2_chat_prompt(&[msg("system", "Be brief."), msg("user", " Hi! ")]).unwrap();
-        assert_eq!(p, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi! [/INST]");
+        assert_eq!(p, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n Hi! [/INST]");
+        let p = llama2_chat_prompt(&[msg("user", " Hi! ")]).unwrap();
+        assert_eq!(p, "<s>[INST] Hi! [/INST]");
         let p = llama2_chat_prompt(&[msg("user", "a"), msg("assistant", "b"), msg("user", "c")])
             .unwrap();
         assert_eq!(p, "<s>[INST] a [/INST] b </s><s>[INST] c [/INST]");
