@@ -8,7 +8,8 @@ stopping at EOS), never Caravan's own code. --out DIR receives:
 
   config.json, generation_config.json, model.safetensors   save_pretrained of LlamaForCausalLM
   tokenizer.json, tokenizer_config.json, special_tokens_map.json   copied from --tokenizer DIR
-  reference.json   per text prompt and per chat conversation:
+  reference.json   per text prompt and per chat conversation (and per prompt of "batch", 32 prompts
+                   of 3 to ~300 tokens with their own max_tokens, the first 8 sharing a long prefix):
       prompt_ids       the prompt's token ids (BOS first; for chats, apply_chat_template's ids)
       gen_ids          greedy token ids (EOS included when generation stopped on it)
       logprobs         log_softmax of the f32 logits at each step, for the chosen token
@@ -72,6 +73,23 @@ CHATS = [
 ]
 
 
+BATCH_SIZE = 32
+BATCH_SHARED = 8
+BATCH_CANDIDATES = 120
+SHARED_PREFIX = (
+    "You are a careful assistant for a caravan company. Answer in one short sentence, name the "
+    "route when you know it, and say when you are unsure. Routes: the salt road from Taoudenni to "
+    "Timbuktu, the incense road from Dhofar to Gaza, and the silk road from Chang'an to Samarkand. "
+    "Question:"
+)
+WORDS = (
+    "caravan camel desert oasis route trade salt silk spice water well dune night star guide map "
+    "market city gate road tent fire river mountain valley wind sand journey merchant goods price "
+    "the a of and to in on with from under over before after quickly slowly always never today "
+    "tomorrow yesterday north south east west big small old new red blue green golden silver"
+).split()
+
+
 def make_config():
     from transformers import LlamaConfig
 
@@ -101,7 +119,7 @@ def continuation_text(tok, prompt_ids, gen_ids) -> str:
     return full[len(prefix):]
 
 
-def greedy_reference(model, tok, prompt_ids):
+def greedy_reference(model, tok, prompt_ids, max_new_tokens=MAX_NEW_TOKENS):
     """transformers' greedy generation for one prompt, or (None, why) when it is unusable as a reference."""
     import torch
 
@@ -109,7 +127,7 @@ def greedy_reference(model, tok, prompt_ids):
     out = model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=MAX_NEW_TOKENS,
+        max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=EOS,
         pad_token_id=EOS,
@@ -157,6 +175,42 @@ def greedy_reference(model, tok, prompt_ids):
     }, None
 
 
+def batch_prompts():
+    """Candidate prompts for the batching tests, deterministic: the first BATCH_SHARED share a long
+    common prefix (several KV-cache blocks); the rest vary in length from a few tokens to a few
+    hundred, so chunked prefill, decode and preemption all meet in one batch."""
+    import random
+
+    lengths = [3, 7, 12, 20, 35, 60, 90, 140, 200, 260]
+    for k in range(BATCH_CANDIDATES):
+        rng = random.Random(k)
+        end = rng.choice([".", "?", ",", ""])
+        if k < BATCH_SHARED * 3:  # spare candidates in case some fail the checks
+            text = SHARED_PREFIX + " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))
+        else:
+            text = " ".join(rng.choice(WORDS) for _ in range(lengths[k % len(lengths)])).capitalize()
+        yield k, text + end, [4, 8, 12, 20][k % 4]
+
+
+def batch_references(model, tok):
+    shared, others = [], []
+    for k, text, max_new in batch_prompts():
+        ids = list(tok(text)["input_ids"])
+        if len(ids) + max_new > CONTEXT:
+            continue
+        ref, why = greedy_reference(model, tok, ids, max_new)
+        if ref is None:
+            continue
+        case = {"kind": "text", "prompt": text, "max_tokens": max_new, **ref}
+        if text.startswith(SHARED_PREFIX) and len(shared) < BATCH_SHARED:
+            shared.append(case)
+        elif not text.startswith(SHARED_PREFIX) and len(others) < BATCH_SIZE - BATCH_SHARED:
+            others.append(case)
+    if len(shared) < BATCH_SHARED or len(others) < BATCH_SIZE - BATCH_SHARED:
+        sys.exit(f"only {len(shared)} + {len(others)} usable batch prompts")
+    return shared + others
+
+
 def chat_prompt_ids(tok, messages):
     ids = tok.apply_chat_template(messages, add_generation_prompt=True)
     if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
@@ -200,6 +254,7 @@ def build(tokenizer_dir: str, out: str) -> dict:
     else:
         sys.exit(f"no seed in {SEEDS} gives a usable reference")
 
+    batch = batch_references(model, tok)
     model.save_pretrained(out, safe_serialization=True)
     for name in TOKENIZER_FILES:
         shutil.copy(os.path.join(tokenizer_dir, name), out)
@@ -215,6 +270,9 @@ def build(tokenizer_dir: str, out: str) -> dict:
         "min_top2_margin": min(r["min_top2_margin"] for r in results),
         "completions": [r for r in results if r["kind"] == "text"],
         "chats": [r for r in results if r["kind"] == "chat"],
+        # 32 prompts with their own max_tokens; the first 8 share SHARED_PREFIX.
+        "batch": batch,
+        "shared_prefix": SHARED_PREFIX,
     }
     with open(os.path.join(out, "reference.json"), "w", encoding="utf-8") as f:
         json.dump(reference, f, ensure_ascii=False, indent=1)

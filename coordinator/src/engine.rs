@@ -1,22 +1,36 @@
 //! The scheduler: one task that owns every in-flight request and drives the worker group step by
-//! step (iteration-level batching, as in Orca and text-generation-inference).
+//! step with continuous batching (iteration-level scheduling, as in Orca, vLLM and
+//! text-generation-inference).
 //!
-//! Each step: drop cancelled requests, admit waiting ones while KV blocks and batch slots allow
-//! (a request reserves blocks for its prompt plus `max_tokens` up front, so a running request
-//! never runs out), send one plan with every running sequence (whole prompts for new ones, the
-//! last token for the rest), then turn the sampled ids into text, apply stop conditions and
-//! stream events. A failed step fails every in-flight request explicitly and marks the group
-//! unhealthy; nothing is dropped silently.
+//! Each step has a token budget. Running sequences that decode take one token each first; then
+//! sequences still prefilling, then newly admitted ones, take chunks of their prompts from what is
+//! left (chunked prefill: a long prompt is spread over several steps instead of stalling every
+//! stream). KV blocks are taken as tokens arrive; a new sequence first reuses cached blocks of
+//! an identical prompt prefix. When blocks run out, the most recently admitted sequence is
+//! preempted: its blocks are freed and it goes back to the head of the queue, to be recomputed
+//! (its prompt and generated tokens prefilled again) when room returns. Workers keep its
+//! sampling state meanwhile, so a seeded request samples the same tokens either way.
+//!
+//! Between steps, requests whose client went away are dropped and their blocks freed. A failed
+//! step fails every in-flight request explicitly and marks the group unhealthy; nothing is
+//! dropped silently.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
 use caravan_proto as pb;
 use tokio::sync::mpsc;
 
 use crate::{
-    blocks::BlockManager,
+    blocks::{BlockManager, HashChain},
     group::{SharedHealth, WorkerGroup},
     model_info::ModelInfo,
+    stats::EngineStats,
     tokenizer::{Detokenizer, Tokenizer},
 };
 
@@ -79,14 +93,21 @@ pub struct GenerationRequest {
 /// Scheduler limits.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
+    /// Most sequences in the running batch.
     pub max_batch_size: usize,
+    /// Most tokens computed in one step (decodes plus prefill chunks).
+    pub max_batched_tokens: usize,
+    /// Most requests waiting for a batch slot; beyond it, submissions are refused.
     pub max_waiting: usize,
 }
 
 /// Submits requests to the scheduler.
 #[derive(Clone)]
 pub struct EngineHandle {
-    requests: mpsc::Sender<GenerationRequest>,
+    requests: mpsc::UnboundedSender<GenerationRequest>,
+    queued: Arc<AtomicUsize>,
+    max_waiting: usize,
+    stats: Arc<EngineStats>,
 }
 
 /// Why a request was not accepted.
@@ -98,23 +119,61 @@ pub enum SubmitError {
 
 impl EngineHandle {
     pub fn submit(&self, request: GenerationRequest) -> Result<(), SubmitError> {
-        self.requests.try_send(request).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+        let admitted = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_waiting).then_some(n + 1)
+            });
+        if admitted.is_err() {
+            EngineStats::add(&self.stats.requests_rejected_queue_full, 1);
+            return Err(SubmitError::QueueFull);
+        }
+        self.requests.send(request).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            SubmitError::Stopped
         })
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 }
 
-struct Running {
+/// A request in the scheduler: waiting, running, or preempted (waiting again).
+struct Sequence {
     id: u64,
     request: GenerationRequest,
+    /// Prompt followed by the generated tokens.
+    tokens: Vec<i64>,
+    /// Leading tokens whose keys and values are in the workers' caches.
+    computed: usize,
     blocks: Vec<u32>,
-    generated: Vec<i64>,
+    chain: HashChain,
+    /// Still counted against `max_waiting` (never admitted yet).
+    queued: bool,
     detokenizer: Detokenizer,
     text: String,
     emitted: usize,
-    /// Tokens already in the workers' caches.
-    cached: usize,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.request.prompt.len()
+    }
+
+    fn remaining(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    fn fail(&self, reason: &str) {
+        let _ = self.request.events.send(Event::Error(reason.to_string()));
+    }
+}
+
+/// One sequence's share of a step.
+struct Scheduled {
+    id: u64,
+    tokens: usize,
 }
 
 /// The scheduler's state.
@@ -125,8 +184,11 @@ pub struct Engine {
     model: ModelInfo,
     blocks: BlockManager,
     config: SchedulerConfig,
-    waiting: VecDeque<GenerationRequest>,
-    running: Vec<Running>,
+    queued: Arc<AtomicUsize>,
+    stats: Arc<EngineStats>,
+    waiting: VecDeque<Sequence>,
+    /// In admission order: preemption takes from the back.
+    running: Vec<Sequence>,
     next_id: u64,
 }
 
@@ -140,7 +202,17 @@ impl Engine {
         blocks: BlockManager,
         config: SchedulerConfig,
     ) -> EngineHandle {
-        let (tx, rx) = mpsc::channel(config.max_waiting.max(1));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(EngineStats::default());
+        EngineStats::set(&stats.kv_blocks_total, blocks.total_blocks());
+        EngineStats::set(&stats.block_size, blocks.block_size());
+        let handle = EngineHandle {
+            requests: tx,
+            queued: queued.clone(),
+            max_waiting: config.max_waiting.max(1),
+            stats: stats.clone(),
+        };
         let engine = Engine {
             group,
             health,
@@ -148,24 +220,27 @@ impl Engine {
             model,
             blocks,
             config,
+            queued,
+            stats,
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
         };
         tokio::spawn(engine.run(rx));
-        EngineHandle { requests: tx }
+        handle
     }
 
-    async fn run(mut self, mut requests: mpsc::Receiver<GenerationRequest>) {
+    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<GenerationRequest>) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
+                self.publish_stats();
                 match requests.recv().await {
-                    Some(r) => self.waiting.push_back(r),
+                    Some(r) => self.enqueue(r),
                     None => return,
                 }
             }
             while let Ok(r) = requests.try_recv() {
-                self.waiting.push_back(r);
+                self.enqueue(r);
             }
             if !self.health.is_ready() {
                 let reason = format!("the worker group is not ready: {}", self.health.reason());
@@ -173,96 +248,216 @@ impl Engine {
                 continue;
             }
             self.drop_cancelled().await;
-            self.admit();
-            if self.running.is_empty() {
+            let plan = self.schedule();
+            self.publish_stats();
+            if plan.is_empty() {
+                if self.running.is_empty() && !self.waiting.is_empty() {
+                    // Cannot happen while the pool holds a full context (checked at start-up);
+                    // never spin on it.
+                    self.fail_all("the KV cache cannot hold the waiting request");
+                }
                 continue;
             }
-            self.step().await;
+            self.step(plan).await;
         }
+    }
+
+    fn enqueue(&mut self, request: GenerationRequest) {
+        self.next_id += 1;
+        self.waiting.push_back(Sequence {
+            id: self.next_id,
+            tokens: request.prompt.clone(),
+            detokenizer: Detokenizer::new(&request.prompt),
+            request,
+            computed: 0,
+            blocks: Vec::new(),
+            chain: HashChain::default(),
+            queued: true,
+            text: String::new(),
+            emitted: 0,
+        });
+    }
+
+    fn unqueue(&self, seq: &mut Sequence) {
+        if std::mem::take(&mut seq.queued) {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        EngineStats::set(&s.waiting, self.waiting.len());
+        EngineStats::set(&s.running, self.running.len());
+        EngineStats::set(&s.kv_blocks_used, self.blocks.used_blocks());
+        EngineStats::set(&s.kv_blocks_cached, self.blocks.cached_blocks());
     }
 
     fn fail_all(&mut self, reason: &str) {
-        for r in self.running.drain(..) {
-            let _ = r.request.events.send(Event::Error(reason.to_string()));
-            self.blocks.release(r.blocks);
+        let mut all: Vec<Sequence> = self.running.drain(..).collect();
+        all.extend(self.waiting.drain(..));
+        for mut seq in all {
+            seq.fail(reason);
+            self.blocks.release(&seq.blocks);
+            self.unqueue(&mut seq);
         }
-        for r in self.waiting.drain(..) {
-            let _ = r.events.send(Event::Error(reason.to_string()));
-        }
+        self.publish_stats();
     }
 
+    /// Drops requests whose client went away, running or waiting, and frees what they held.
     async fn drop_cancelled(&mut self) {
         let mut released = Vec::new();
+        let mut cancelled = Vec::new();
         let mut i = 0;
         while i < self.running.len() {
             if self.running[i].request.events.is_closed() {
-                let r = self.running.swap_remove(i);
-                tracing::debug!(id = r.id, "request cancelled by the client");
-                released.push(r.id);
-                self.blocks.release(r.blocks);
+                cancelled.push(self.running.remove(i));
             } else {
                 i += 1;
             }
         }
-        self.waiting.retain(|r| !r.events.is_closed());
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].request.events.is_closed() {
+                cancelled.extend(self.waiting.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        for mut seq in cancelled {
+            tracing::debug!(id = seq.id, "request cancelled by the client");
+            self.blocks.release(&seq.blocks);
+            self.unqueue(&mut seq);
+            released.push(seq.id);
+        }
         if !released.is_empty() {
             self.group.release(released).await;
         }
     }
 
-    fn admit(&mut self) {
-        while self.running.len() < self.config.max_batch_size {
-            let Some(front) = self.waiting.front() else {
+    /// Chooses this step's work: decodes first, then prefill chunks, under the token budget.
+    fn schedule(&mut self) -> Vec<Scheduled> {
+        let mut budget = self.config.max_batched_tokens.max(1);
+        let mut plan: Vec<Scheduled> = Vec::new();
+        let mut preempted = false;
+        let (decoding, prefilling): (Vec<&Sequence>, Vec<&Sequence>) =
+            self.running.iter().partition(|s| s.remaining() == 1);
+        let order: Vec<u64> = decoding.iter().chain(&prefilling).map(|s| s.id).collect();
+        for id in order {
+            if budget == 0 {
                 break;
-            };
-            let need = front.prompt.len() + front.max_tokens;
-            if self.blocks.blocks_for(need) > self.blocks.total_blocks() {
-                let r = self.waiting.pop_front().expect("front exists");
-                let _ = r.events.send(Event::Error(format!(
-                    "the request needs {need} tokens of KV cache; the server holds {}",
-                    self.blocks.total_blocks() * self.blocks.block_size()
-                )));
-                continue;
             }
-            let Some(blocks) = self.blocks.allocate(need) else {
+            // Gone if an earlier sequence preempted it.
+            let Some(mut i) = self.running.iter().position(|s| s.id == id) else {
+                continue;
+            };
+            let n = self.running[i].remaining().min(budget);
+            let need = self.running[i].computed + n;
+            let placed = loop {
+                if self.blocks.grow(&mut self.running[i].blocks, need) {
+                    break true;
+                }
+                // Preempt the most recently admitted sequence not yet in this step's plan, or
+                // this one if there is none.
+                preempted = true;
+                let victim = self
+                    .running
+                    .iter()
+                    .rposition(|s| s.id != id && !plan.iter().any(|p| p.id == s.id));
+                match victim {
+                    Some(v) => {
+                        self.preempt(v);
+                        if v < i {
+                            i -= 1;
+                        }
+                    }
+                    None => {
+                        self.preempt(i);
+                        break false;
+                    }
+                }
+            };
+            if placed {
+                plan.push(Scheduled { id, tokens: n });
+                budget -= n;
+            }
+        }
+        if preempted {
+            // Blocks are short: admit nothing new this step.
+            return plan;
+        }
+        // New and preempted sequences, in queue order, while there is room.
+        while budget > 0 && self.running.len() < self.config.max_batch_size.max(1) {
+            let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
-            let request = self.waiting.pop_front().expect("front exists");
-            self.next_id += 1;
-            self.running.push(Running {
-                id: self.next_id,
-                detokenizer: Detokenizer::new(&request.prompt),
-                request,
-                blocks,
-                generated: Vec::new(),
-                text: String::new(),
-                emitted: 0,
-                cached: 0,
+            if seq.blocks.is_empty() {
+                // Reuse cached blocks of an identical prefix; at least one token is computed so
+                // the step yields logits.
+                let hit = self.blocks.lookup_prefix(&seq.tokens, seq.tokens.len() - 1);
+                EngineStats::add(&self.stats.prefix_cache_queried_tokens, seq.tokens.len());
+                EngineStats::add(&self.stats.prefix_cache_hit_tokens, hit.tokens);
+                seq.blocks = hit.blocks;
+                seq.chain = hit.chain;
+                seq.computed = hit.tokens;
+            }
+            let n = seq.remaining().min(budget);
+            if !self.blocks.grow(&mut seq.blocks, seq.computed + n) {
+                // Wait for running sequences to finish; keep nothing meanwhile.
+                self.blocks.release(&seq.blocks);
+                seq.blocks.clear();
+                seq.computed = 0;
+                seq.chain = HashChain::default();
+                self.waiting.push_front(seq);
+                break;
+            }
+            if seq.queued {
+                EngineStats::add(&self.stats.prompt_tokens, seq.request.prompt.len());
+            }
+            self.unqueue(&mut seq);
+            plan.push(Scheduled {
+                id: seq.id,
+                tokens: n,
             });
+            budget -= n;
+            self.running.push(seq);
         }
+        plan
     }
 
-    async fn step(&mut self) {
-        let plan: Vec<pb::SequenceStep> = self
-            .running
-            .iter()
-            .map(|r| {
-                let tokens = if r.cached == 0 {
-                    r.request.prompt.clone()
-                } else {
-                    vec![*r.generated.last().expect("decoding after a sampled token")]
-                };
-                pb::SequenceStep {
-                    sequence_id: r.id,
-                    tokens,
-                    start_position: r.cached as u32,
-                    block_table: r.blocks.clone(),
-                    sampling: Some(r.request.sampling),
-                    sample: true,
-                }
-            })
-            .collect();
-        let sampled = match self.group.step(plan).await {
+    /// Frees running sequence `index`'s blocks and puts it back at the head of the queue.
+    fn preempt(&mut self, index: usize) {
+        let mut seq = self.running.remove(index);
+        tracing::debug!(
+            id = seq.id,
+            tokens = seq.tokens.len(),
+            "preempted for KV-cache room"
+        );
+        EngineStats::add(&self.stats.preemptions, 1);
+        self.blocks.release(&seq.blocks);
+        seq.blocks.clear();
+        seq.computed = 0;
+        seq.chain = HashChain::default();
+        self.waiting.push_front(seq);
+    }
+
+    async fn step(&mut self, plan: Vec<Scheduled>) {
+        let mut sequences = Vec::with_capacity(plan.len());
+        for item in &plan {
+            let Some(seq) = self.running.iter().find(|s| s.id == item.id) else {
+                continue;
+            };
+            let end = seq.computed + item.tokens;
+            sequences.push(pb::SequenceStep {
+                sequence_id: seq.id,
+                tokens: seq.tokens[seq.computed..end].to_vec(),
+                start_position: seq.computed as u32,
+                block_table: seq.blocks.clone(),
+                sampling: Some(seq.request.sampling),
+                sample: end == seq.tokens.len(),
+            });
+        }
+        let step_tokens: usize = plan.iter().map(|p| p.tokens).sum();
+        let sampled = match self.group.step(sequences).await {
             Ok(tokens) => tokens,
             Err(e) => {
                 let reason = format!("step failed: {e:#}");
@@ -271,55 +466,60 @@ impl Engine {
                 return;
             }
         };
-        let mut finished = Vec::new();
-        for token in sampled {
-            let Some(index) = self.running.iter().position(|r| r.id == token.sequence_id) else {
-                continue;
-            };
-            let r = &mut self.running[index];
-            r.cached += if r.cached == 0 {
-                r.request.prompt.len()
-            } else {
-                1
-            };
-            if let Some(done) = self.accept(index, token) {
-                finished.push((index, done));
+        EngineStats::add(&self.stats.steps, 1);
+        EngineStats::add(&self.stats.step_tokens, step_tokens);
+        for item in &plan {
+            if let Some(seq) = self.running.iter_mut().find(|s| s.id == item.id) {
+                seq.computed += item.tokens;
+                self.blocks.register_full_blocks(
+                    &seq.blocks,
+                    &seq.tokens[..seq.computed],
+                    &mut seq.chain,
+                );
             }
         }
-        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-        let mut released = Vec::new();
-        for (index, _) in finished {
-            let r = self.running.swap_remove(index);
-            released.push(r.id);
-            self.blocks.release(r.blocks);
+        let mut finished = Vec::new();
+        for token in sampled {
+            let Some(index) = self.running.iter().position(|s| s.id == token.sequence_id) else {
+                continue;
+            };
+            EngineStats::add(&self.stats.generation_tokens, 1);
+            if self.accept(index, token).is_some() {
+                finished.push(self.running[index].id);
+            }
         }
-        if !released.is_empty() {
-            self.group.release(released).await;
+        if finished.is_empty() {
+            return;
         }
+        for id in &finished {
+            if let Some(index) = self.running.iter().position(|s| s.id == *id) {
+                let seq = self.running.remove(index);
+                self.blocks.release(&seq.blocks);
+            }
+        }
+        self.group.release(finished).await;
     }
 
-    /// Applies one sampled token to running request `index`; returns `Some` when it finished.
+    /// Applies one sampled token to running sequence `index`; returns `Some` when it finished.
     fn accept(&mut self, index: usize, token: pb::SampledToken) -> Option<FinishReason> {
         let tokenizer = self.tokenizer.clone();
         let max_context = self.model.max_context;
-        let r = &mut self.running[index];
-        let eos = !r.request.ignore_eos && self.model.eos_token_ids.contains(&token.token_id);
-        r.generated.push(token.token_id);
+        let seq = &mut self.running[index];
+        let eos = !seq.request.ignore_eos && self.model.eos_token_ids.contains(&token.token_id);
+        seq.tokens.push(token.token_id);
         let piece = if eos {
             String::new()
         } else {
-            r.detokenizer.push(&tokenizer, token.token_id)
+            seq.detokenizer.push(&tokenizer, token.token_id)
         };
-        r.text.push_str(&piece);
+        seq.text.push_str(&piece);
         let mut reason = None;
         if eos {
             reason = Some(FinishReason::Stop);
-        } else if let Some(at) = find_stop(&r.text, &r.request.stop, r.emitted) {
-            r.text.truncate(at);
+        } else if let Some(at) = find_stop(&seq.text, &seq.request.stop, seq.emitted) {
+            seq.text.truncate(at);
             reason = Some(FinishReason::Stop);
-        } else if r.generated.len() >= r.request.max_tokens
-            || r.request.prompt.len() + r.generated.len() >= max_context
-        {
+        } else if seq.generated() >= seq.request.max_tokens || seq.tokens.len() >= max_context {
             reason = Some(FinishReason::Length);
         }
         let token_out = TokenOut {
@@ -333,24 +533,24 @@ impl Engine {
                 .collect(),
         };
         let safe = if reason.is_some() {
-            r.text.len()
+            seq.text.len()
         } else {
-            r.text.len() - held_back(&r.text, &r.request.stop)
+            seq.text.len() - held_back(&seq.text, &seq.request.stop)
         };
-        let text = r.text[r.emitted.min(safe)..safe].to_string();
-        r.emitted = r.emitted.max(safe);
-        let _ = r.request.events.send(Event::Token {
+        let text = seq.text[seq.emitted.min(safe)..safe].to_string();
+        seq.emitted = seq.emitted.max(safe);
+        let _ = seq.request.events.send(Event::Token {
             text,
             token: token_out,
         });
         if let Some(reason) = reason {
-            let rest = r.text.get(r.emitted..).unwrap_or("").to_string();
-            r.emitted = r.text.len();
-            let _ = r.request.events.send(Event::Finished {
+            let rest = seq.text.get(seq.emitted..).unwrap_or("").to_string();
+            seq.emitted = seq.text.len();
+            let _ = seq.request.events.send(Event::Finished {
                 text: rest,
                 reason,
-                prompt_tokens: r.request.prompt.len(),
-                completion_tokens: r.generated.len(),
+                prompt_tokens: seq.request.prompt.len(),
+                completion_tokens: seq.generated(),
             });
         }
         reason

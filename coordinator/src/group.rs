@@ -22,10 +22,48 @@ pub struct ShardPlan {
     pub model_path: String,
     pub dtype: String,
     pub vocab_sharding: String,
-    pub kv_cache_blocks: u32,
+    pub kv_cache: KvCacheSize,
     pub block_size: u32,
     pub collective_timeout: Duration,
     pub threads_per_worker: u32,
+}
+
+/// How big each rank's KV cache is.
+#[derive(Debug, Clone)]
+pub enum KvCacheSize {
+    /// Exactly this many blocks.
+    Blocks(u32),
+    /// As many blocks as fit in a memory budget, at most `max_blocks`.
+    Memory {
+        /// Bytes per rank; `None`: `fraction` of the memory the worker's host had available at
+        /// registration, shared among the group's workers on that host.
+        per_rank_bytes: Option<u64>,
+        fraction: f64,
+        max_blocks: u32,
+    },
+}
+
+impl KvCacheSize {
+    /// (kv_cache_blocks, kv_cache_memory_bytes) for one rank's LoadShard.
+    fn for_worker(&self, worker: &RegisteredWorker, all: &[RegisteredWorker]) -> (u32, u64) {
+        match *self {
+            KvCacheSize::Blocks(n) => (n, 0),
+            KvCacheSize::Memory {
+                per_rank_bytes: Some(bytes),
+                max_blocks,
+                ..
+            } => (max_blocks, bytes.max(1)),
+            KvCacheSize::Memory {
+                per_rank_bytes: None,
+                fraction,
+                max_blocks,
+            } => {
+                let same_host = all.iter().filter(|w| w.host == worker.host).count().max(1);
+                let bytes = (worker.memory_bytes as f64 * fraction / same_host as f64) as u64;
+                (max_blocks, bytes.max(1))
+            }
+        }
+    }
 }
 
 /// Whether the group can serve, and why not.
@@ -63,6 +101,8 @@ impl GroupHealth {
 pub struct WorkerGroup {
     ranks: Vec<WorkerClient<Channel>>,
     workers: Vec<RegisteredWorker>,
+    kv_cache_blocks: usize,
+    cache_bytes_per_token: u64,
     step_timeout: Duration,
     next_step: u64,
 }
@@ -90,6 +130,8 @@ impl WorkerGroup {
         tracing::info!(world, ?peers, "forming worker group");
         let loads = ranks.iter().enumerate().map(|(rank, client)| {
             let mut client = client.clone();
+            let (kv_cache_blocks, kv_cache_memory_bytes) =
+                plan.kv_cache.for_worker(&workers[rank], &workers);
             let request = pb::LoadShardRequest {
                 model_path: plan.model_path.clone(),
                 rank: rank as u32,
@@ -98,26 +140,35 @@ impl WorkerGroup {
                 nccl_id: String::new(),
                 dtype: plan.dtype.clone(),
                 vocab_sharding: plan.vocab_sharding.clone(),
-                kv_cache_blocks: plan.kv_cache_blocks,
+                kv_cache_blocks,
+                kv_cache_memory_bytes,
                 block_size: plan.block_size,
                 collective_timeout_ms: plan.collective_timeout.as_millis() as u32,
                 threads: plan.threads_per_worker,
             };
             async move { client.load_shard(request).await }
         });
+        let mut kv_cache_blocks = usize::MAX;
+        let mut cache_bytes_per_token = 0;
         for (rank, result) in join_all(loads).await.into_iter().enumerate() {
             let response = result.map_err(|s| anyhow::anyhow!("rank {rank}: {}", s.message()))?;
             let r = response.get_ref();
             tracing::info!(
                 rank,
                 load_ms = r.load_ms,
+                kv_cache_blocks = r.kv_cache_blocks,
                 bytes_per_token = r.cache_bytes_per_token,
                 "shard loaded"
             );
+            // Every rank holds a shard of every block: the group has the smallest pool.
+            kv_cache_blocks = kv_cache_blocks.min(r.kv_cache_blocks as usize);
+            cache_bytes_per_token = cache_bytes_per_token.max(r.cache_bytes_per_token);
         }
         let mut group = WorkerGroup {
             ranks,
             workers,
+            kv_cache_blocks,
+            cache_bytes_per_token,
             step_timeout: plan.collective_timeout + Duration::from_secs(30),
             next_step: 0,
         };
@@ -141,6 +192,16 @@ impl WorkerGroup {
         }
         self.release(vec![u64::MAX]).await;
         Ok(())
+    }
+
+    /// KV-cache blocks every rank holds.
+    pub fn kv_cache_blocks(&self) -> usize {
+        self.kv_cache_blocks
+    }
+
+    /// Bytes one cached token costs on the largest rank.
+    pub fn cache_bytes_per_token(&self) -> u64 {
+        self.cache_bytes_per_token
     }
 
     pub fn workers(&self) -> &[RegisteredWorker] {

@@ -15,6 +15,7 @@ pub mod local_workers;
 pub mod model_info;
 pub mod registry;
 pub mod server;
+pub mod stats;
 pub mod tokenizer;
 
 pub use caravan_proto::PROTOCOL_VERSION;

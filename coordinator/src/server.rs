@@ -16,7 +16,7 @@ use crate::{
     api::{self, AppState},
     blocks::BlockManager,
     engine::{Engine, SchedulerConfig},
-    group::{GroupHealth, ShardPlan, WorkerGroup},
+    group::{GroupHealth, KvCacheSize, ShardPlan, WorkerGroup},
     local_workers::LocalWorkers,
     model_info::ModelInfo,
     registry::{CoordinatorService, Registry, HEARTBEAT_INTERVAL},
@@ -62,15 +62,39 @@ pub struct ServeArgs {
     /// Embedding and LM head placement: auto, replicated or parallel.
     #[arg(long, env = "CARAVAN_VOCAB_SHARDING", default_value = "auto")]
     pub vocab_sharding: String,
-    /// KV-cache capacity in tokens (per rank: its heads' share of every token).
-    #[arg(long, env = "CARAVAN_KV_CACHE_TOKENS", default_value_t = 16384)]
-    pub kv_cache_tokens: usize,
+    /// Longest sequence (prompt plus completion) served; default: the model's
+    /// max_position_embeddings.
+    #[arg(long, env = "CARAVAN_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// KV-cache memory per worker, e.g. 4GiB or 512MiB (default: see --kv-cache-memory-fraction).
+    #[arg(long, env = "CARAVAN_KV_CACHE_MEMORY", value_parser = parse_bytes)]
+    pub kv_cache_memory: Option<u64>,
+    /// Without --kv-cache-memory: the share of each host's available memory (at registration)
+    /// given to the KV caches of the group's workers on that host.
+    #[arg(long, env = "CARAVAN_KV_CACHE_MEMORY_FRACTION", default_value_t = 0.2)]
+    pub kv_cache_memory_fraction: f64,
+    /// Exact KV-cache size in tokens, overriding the memory-based size (e.g. a deliberately
+    /// small cache).
+    #[arg(long, env = "CARAVAN_KV_CACHE_TOKENS")]
+    pub kv_cache_tokens: Option<usize>,
     /// Tokens per KV-cache block.
     #[arg(long, env = "CARAVAN_BLOCK_SIZE", default_value_t = 16)]
     pub block_size: usize,
-    /// Most sequences in one step.
-    #[arg(long, env = "CARAVAN_MAX_BATCH_SIZE", default_value_t = 64)]
+    /// Reuse the KV-cache blocks of identical prompt prefixes (default on).
+    #[arg(long, env = "CARAVAN_NO_PREFIX_CACHING")]
+    pub no_prefix_caching: bool,
+    /// Most sequences in the running batch.
+    #[arg(
+        long,
+        alias = "max-num-seqs",
+        env = "CARAVAN_MAX_BATCH_SIZE",
+        default_value_t = 64
+    )]
     pub max_batch_size: usize,
+    /// Most tokens computed in one step: decodes plus prefill chunks (a longer prompt is split
+    /// across steps).
+    #[arg(long, env = "CARAVAN_MAX_NUM_BATCHED_TOKENS", default_value_t = 1024)]
+    pub max_num_batched_tokens: usize,
     /// Requests that may wait for a batch slot; beyond it, 429.
     #[arg(long, env = "CARAVAN_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
@@ -94,12 +118,41 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             .file_name()
             .map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });
-    let model = ModelInfo::load(&model_dir, name)?;
+    let mut model = ModelInfo::load(&model_dir, name)?;
+    if let Some(len) = args.max_model_len {
+        if len == 0 || len > model.max_context {
+            bail!(
+                "--max-model-len {len} must be between 1 and the model's context, {}",
+                model.max_context
+            );
+        }
+        model.max_context = len;
+    }
     let tokenizer = Arc::new(Tokenizer::load(&model_dir)?);
-    let block_size = args.block_size.max(1);
-    // Room for at least one full-context sequence.
-    let kv_tokens = args.kv_cache_tokens.max(model.max_context);
-    let kv_blocks = kv_tokens.div_ceil(block_size);
+    if args.block_size == 0 || args.max_batch_size == 0 {
+        bail!("--block-size and --max-batch-size must be positive");
+    }
+    if args.max_num_batched_tokens < args.max_batch_size {
+        bail!(
+            "--max-num-batched-tokens ({}) must be at least --max-batch-size ({}): every running \
+             sequence decodes one token per step",
+            args.max_num_batched_tokens,
+            args.max_batch_size
+        );
+    }
+    if !(args.kv_cache_memory_fraction > 0.0 && args.kv_cache_memory_fraction <= 1.0) {
+        bail!("--kv-cache-memory-fraction must be in (0, 1]");
+    }
+    let block_size = args.block_size;
+    let kv_cache = match args.kv_cache_tokens {
+        Some(tokens) => KvCacheSize::Blocks(tokens.div_ceil(block_size) as u32),
+        None => KvCacheSize::Memory {
+            per_rank_bytes: args.kv_cache_memory,
+            fraction: args.kv_cache_memory_fraction,
+            // More than every batch slot at full context is never used.
+            max_blocks: (args.max_batch_size * model.max_context).div_ceil(block_size) as u32,
+        },
+    };
 
     let health = Arc::new(GroupHealth::default());
     let state = Arc::new(AppState {
@@ -160,7 +213,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         model_path: model_dir.display().to_string(),
         dtype: args.dtype.clone(),
         vocab_sharding: args.vocab_sharding.clone(),
-        kv_cache_blocks: kv_blocks as u32,
+        kv_cache: kv_cache.clone(),
         block_size: block_size as u32,
         collective_timeout: Duration::from_secs(args.collective_timeout.max(1)),
         threads_per_worker: threads,
@@ -176,6 +229,19 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         }
         _ = &mut shutdown => return Ok(()),
     };
+    let kv_blocks = group.kv_cache_blocks();
+    let kv_tokens = kv_blocks * block_size;
+    if kv_tokens < model.max_context {
+        bail!(
+            "the KV cache holds {kv_tokens} tokens, less than one full-context sequence ({}): \
+             give it more memory (--kv-cache-memory) or lower --max-model-len",
+            model.max_context
+        );
+    }
+    eprintln!(
+        "KV cache: {kv_blocks} blocks of {block_size} tokens ({kv_tokens} tokens, {:.1} MiB per rank)",
+        (kv_tokens as u64 * group.cache_bytes_per_token()) as f64 / (1u64 << 20) as f64
+    );
     health.set_ready();
     let probe = group.health_probe();
     let worker_ids: Vec<String> = group.workers().iter().map(|w| w.id.clone()).collect();
@@ -184,9 +250,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         health.clone(),
         tokenizer,
         model.clone(),
-        BlockManager::new(kv_blocks, block_size),
+        BlockManager::new(kv_blocks, block_size, !args.no_prefix_caching),
         SchedulerConfig {
-            max_batch_size: args.max_batch_size.max(1),
+            max_batch_size: args.max_batch_size,
+            max_batched_tokens: args.max_num_batched_tokens,
             max_waiting: args.max_waiting.max(1),
         },
     );
@@ -233,6 +300,36 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Parses a byte size: a number with an optional unit (B, KiB, MiB, GiB, TiB, or KB/MB/GB/TB
+/// as powers of 1000).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 4GiB or 512MiB"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        other => return Err(format!("unknown size unit {other:?} in {text:?}")),
+    };
+    let bytes = number * scale;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{text:?} is not a positive size"));
+    }
+    Ok(bytes as u64)
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -250,4 +347,20 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_sizes_parse_with_units() {
+        assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1.5 GB"), Ok(1_500_000_000));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("4 parsecs").is_err());
+        assert!(parse_bytes("0").is_err());
+    }
 }

@@ -8,6 +8,7 @@ A missing binary or a failed fixture build fails the suite; nothing is skipped.
 """
 import json
 import os
+import socket
 import queue
 import re
 import signal
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -191,3 +193,79 @@ def server(request, checkpoint, coordinator_bin):
         if problems:
             pytest.fail("; ".join(problems) + f"\nstderr ({stderr_file.name}):\n{stderr_tail()}", pytrace=False)
         os.unlink(stderr_file.name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers for tests that start their own coordinators
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bin_path(name: str) -> Path:
+    path = Path(os.environ.get("CARAVAN_BIN_DIR", REPO / "target" / "debug")) / name
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        pytest.fail(f"{path} not found: build it with `cargo build --workspace --bins`", pytrace=False)
+    return path
+
+
+class Coordinator:
+    """A caravan-coordinator process in its own session, its stdout pumped into a queue."""
+
+    def __init__(self, args):
+        self.log = tempfile.NamedTemporaryFile(prefix="caravan-coordinator-", suffix=".log", delete=False)
+        self.cmd = [str(bin_path("caravan-coordinator")), *map(str, args)]
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, start_new_session=True)
+        self.log.close()
+        self.lines, self.queue = [], queue.Queue()
+        threading.Thread(target=_pump_stdout, args=(self.proc.stdout, self.lines, self.queue), daemon=True).start()
+
+    def stderr(self) -> str:
+        with open(self.log.name, encoding="utf-8", errors="replace") as f:
+            return f.read()[-6000:]
+
+    def wait_ready(self) -> str:
+        """The URL from the ready line."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                line = self.queue.get(timeout=1.0)
+            except queue.Empty:
+                line = ""
+            if line is None or self.proc.poll() is not None:
+                break
+            match = READY_RE.match(line)
+            if match:
+                return match["url"]
+        pytest.fail(f"`{' '.join(self.cmd)}` did not become ready\nstderr:\n{self.stderr()}", pytrace=False)
+
+    def stop(self):
+        problems = _stop(self.proc)
+        assert not problems, "; ".join(problems) + "\n" + self.stderr()
+        os.unlink(self.log.name)
+
+
+def children(pid: int) -> list:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(p) for p in (task / "children").read_text().split()]
+    return kids
+
+
+def wait_for_status(http: httpx.Client, path: str, status: int, deadline_s: float):
+    """Polls GET `path` until it answers `status`; returns the response (fails after the deadline)."""
+    deadline = time.monotonic() + deadline_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = http.get(path)
+            if last.status_code == status:
+                return last
+        except httpx.TransportError as e:
+            last = e
+        time.sleep(0.05)  # polling a status that changes asynchronously, with a deadline
+    pytest.fail(f"GET {path} did not answer {status} within {deadline_s}s; last: {last!r}", pytrace=False)

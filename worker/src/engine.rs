@@ -114,9 +114,9 @@ impl Engine {
         let dtype: DType = req.dtype.parse().map_err(invalid)?;
         let vocab: VocabSharding = req.vocab_sharding.parse().map_err(invalid)?;
         let (rank, world) = (req.rank as usize, req.world_size as usize);
-        if req.block_size == 0 || req.kv_cache_blocks == 0 {
+        if req.block_size == 0 || (req.kv_cache_blocks == 0 && req.kv_cache_memory_bytes == 0) {
             return Err(invalid(
-                "block_size and kv_cache_blocks must be positive".into(),
+                "block_size and kv_cache_blocks (or kv_cache_memory_bytes) must be positive".into(),
             ));
         }
         let path = std::path::Path::new(&req.model_path);
@@ -164,11 +164,28 @@ impl Engine {
         };
         let model = Llama::load(&checkpoint, &config, layout, Arc::new(comm), options)
             .map_err(|e| Status::internal(format!("loading shard: {e}")))?;
+        let bytes_per_block = model.cache_bytes_per_token() as u64 * req.block_size as u64;
+        let blocks = if req.kv_cache_memory_bytes == 0 {
+            req.kv_cache_blocks as u64
+        } else {
+            let fit = req.kv_cache_memory_bytes / bytes_per_block.max(1);
+            match req.kv_cache_blocks {
+                0 => fit,
+                cap => fit.min(cap as u64),
+            }
+        };
+        if blocks == 0 {
+            return Err(Status::resource_exhausted(format!(
+                "a KV-cache budget of {} bytes holds no block of {bytes_per_block} bytes",
+                req.kv_cache_memory_bytes
+            )));
+        }
+        let blocks = u32::try_from(blocks).unwrap_or(u32::MAX);
         let cache = model
-            .new_cache(req.kv_cache_blocks as usize, req.block_size as usize)
+            .new_cache(blocks as usize, req.block_size as usize)
             .map_err(|e| Status::resource_exhausted(format!("allocating KV cache: {e}")))?;
         let response = pb::LoadShardResponse {
-            kv_cache_blocks: req.kv_cache_blocks,
+            kv_cache_blocks: blocks,
             cache_bytes_per_token: model.cache_bytes_per_token() as u64,
             load_ms: started.elapsed().as_millis() as u64,
         };

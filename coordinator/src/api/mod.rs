@@ -1,5 +1,5 @@
 //! The OpenAI-compatible HTTP API (axum): completions and chat completions, streaming or not,
-//! models, and health.
+//! models, health, and Prometheus metrics.
 
 pub mod completions;
 pub mod error;
@@ -43,6 +43,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)
 }
@@ -75,6 +76,26 @@ async fn health(State(state): State<SharedState>) -> Response {
         )
             .into_response()
     }
+}
+
+/// Prometheus text exposition of the scheduler's counters.
+async fn metrics(State(state): State<SharedState>) -> Response {
+    let ready = u8::from(state.engine.get().is_some() && state.health.is_ready());
+    let mut body = format!(
+        "# HELP caravan_ready Whether the worker group can serve (1) or not (0).\n\
+         # TYPE caravan_ready gauge\ncaravan_ready {ready}\n"
+    );
+    if let Some(engine) = state.engine.get() {
+        body += &engine.stats().render();
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {
