@@ -128,8 +128,10 @@ impl EngineHandle {
             EngineStats::add(&self.stats.requests_rejected_queue_full, 1);
             return Err(SubmitError::QueueFull);
         }
+        EngineStats::add(&self.stats.in_flight, 1);
         self.requests.send(request).map_err(|_| {
             self.queued.fetch_sub(1, Ordering::AcqRel);
+            EngineStats::sub(&self.stats.in_flight, 1);
             SubmitError::Stopped
         })
     }
@@ -201,10 +203,10 @@ impl Engine {
         model: ModelInfo,
         blocks: BlockManager,
         config: SchedulerConfig,
+        stats: Arc<EngineStats>,
     ) -> EngineHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        let stats = Arc::new(EngineStats::default());
         EngineStats::set(&stats.kv_blocks_total, blocks.total_blocks());
         EngineStats::set(&stats.block_size, blocks.block_size());
         let handle = EngineHandle {
@@ -299,6 +301,7 @@ impl Engine {
             seq.fail(reason);
             self.blocks.release(&seq.blocks);
             self.unqueue(&mut seq);
+            EngineStats::sub(&self.stats.in_flight, 1);
         }
         self.publish_stats();
     }
@@ -327,6 +330,7 @@ impl Engine {
             tracing::debug!(id = seq.id, "request cancelled by the client");
             self.blocks.release(&seq.blocks);
             self.unqueue(&mut seq);
+            EngineStats::sub(&self.stats.in_flight, 1);
             released.push(seq.id);
         }
         if !released.is_empty() {
@@ -495,6 +499,7 @@ impl Engine {
             if let Some(index) = self.running.iter().position(|s| s.id == *id) {
                 let seq = self.running.remove(index);
                 self.blocks.release(&seq.blocks);
+                EngineStats::sub(&self.stats.in_flight, 1);
             }
         }
         self.group.release(finished).await;

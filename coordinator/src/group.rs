@@ -110,7 +110,12 @@ pub struct WorkerGroup {
 impl WorkerGroup {
     /// Connects to `workers` (rank = position), loads every shard concurrently and runs a warm-up
     /// step. Returns only when the group can serve.
-    pub async fn form(workers: Vec<RegisteredWorker>, plan: &ShardPlan) -> Result<Self> {
+    /// `epoch` numbers formations: ranks refuse ring connections from other ones.
+    pub async fn form(
+        workers: Vec<RegisteredWorker>,
+        plan: &ShardPlan,
+        epoch: u64,
+    ) -> Result<Self> {
         let world = workers.len();
         let mut ranks = Vec::with_capacity(world);
         for w in &workers {
@@ -142,6 +147,7 @@ impl WorkerGroup {
                 vocab_sharding: plan.vocab_sharding.clone(),
                 kv_cache_blocks,
                 kv_cache_memory_bytes,
+                group_epoch: epoch,
                 block_size: plan.block_size,
                 collective_timeout_ms: plan.collective_timeout.as_millis() as u32,
                 threads: plan.threads_per_worker,
@@ -277,6 +283,19 @@ pub struct HealthProbe {
 }
 
 impl HealthProbe {
+    /// Whether each rank (named by `ids`, rank order) answers at all, ready or not.
+    pub async fn liveness(&self, ids: &[String]) -> Vec<(String, bool)> {
+        let calls = self.ranks.iter().map(|client| {
+            let mut client = client.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(2), client.health(pb::HealthRequest {}))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            }
+        });
+        ids.iter().cloned().zip(join_all(calls).await).collect()
+    }
+
     /// The first problem found, if any.
     pub async fn check(&self) -> Option<String> {
         let calls = self.ranks.iter().map(|client| {

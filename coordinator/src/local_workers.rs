@@ -1,68 +1,112 @@
-//! `--local-workers`: the coordinator starts its workers as child processes on this machine.
-//! Each child gets `--exit-with-parent` and a pipe on stdin, so no worker outlives the coordinator.
+//! `--local-workers`: the coordinator starts its workers as child processes on this machine and
+//! restarts any that dies, so the group can be formed again. Each child gets `--exit-with-parent`
+//! and a pipe on stdin, so no worker outlives the coordinator.
 
-use std::process::Stdio;
+use std::{process::Stdio, time::Duration};
 
 use anyhow::{Context, Result};
-use tokio::process::{Child, Command};
+use tokio::{
+    process::{Child, ChildStdin, Command},
+    sync::watch,
+};
 
 /// Spawned worker processes; dropping this kills them.
 pub struct LocalWorkers {
     children: Vec<Child>,
     /// The write ends of the children's stdin. Held apart from `children` because
     /// `Child::wait` closes a stdin it still owns, which would tell the worker to exit.
-    _lifelines: Vec<tokio::process::ChildStdin>,
+    lifelines: Vec<Option<ChildStdin>>,
+    coordinator_url: String,
+    device: String,
 }
 
 impl LocalWorkers {
     /// Starts `n` `caravan-worker` processes registering at `coordinator_url`.
     pub fn spawn(n: usize, coordinator_url: &str, device: &str) -> Result<Self> {
-        let exe = std::env::current_exe()?;
-        let worker = exe.with_file_name("caravan-worker");
-        let mut children = Vec::with_capacity(n);
-        let mut lifelines = Vec::with_capacity(n);
+        let mut workers = LocalWorkers {
+            children: Vec::with_capacity(n),
+            lifelines: Vec::with_capacity(n),
+            coordinator_url: coordinator_url.to_string(),
+            device: device.to_string(),
+        };
         for i in 0..n {
-            let mut child = Command::new(&worker)
-                .args([
-                    "--coordinator",
-                    coordinator_url,
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--device",
-                    device,
-                ])
-                .arg("--exit-with-parent")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting local worker {i} ({})", worker.display()))?;
-            lifelines.extend(child.stdin.take());
-            children.push(child);
+            let (child, lifeline) = workers.start(i)?;
+            workers.children.push(child);
+            workers.lifelines.push(lifeline);
         }
-        Ok(LocalWorkers {
-            children,
-            _lifelines: lifelines,
-        })
+        Ok(workers)
     }
 
-    /// Resolves when any worker process exits, with a description.
-    pub async fn any_exit(&mut self) -> String {
+    fn start(&self, i: usize) -> Result<(Child, Option<ChildStdin>)> {
+        let exe = std::env::current_exe()?;
+        let worker = exe.with_file_name("caravan-worker");
+        let mut child = Command::new(&worker)
+            .args([
+                "--coordinator",
+                &self.coordinator_url,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--device", &self.device, "--exit-with-parent"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting local worker {i} ({})", worker.display()))?;
+        let lifeline = child.stdin.take();
+        Ok((child, lifeline))
+    }
+
+    /// Process ids of the running workers.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().filter_map(|c| c.id()).collect()
+    }
+
+    /// Resolves when any worker process exits: its index and a description.
+    pub async fn any_exit(&mut self) -> (usize, String) {
         let waits = self.children.iter_mut().enumerate().map(|(i, c)| {
             Box::pin(async move {
                 let status = c.wait().await;
-                format!(
-                    "local worker {i} exited ({})",
-                    status.map_or_else(|e| e.to_string(), |s| s.to_string())
-                )
+                let how = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                (i, format!("local worker {i} exited ({how})"))
             })
         });
         futures::future::select_all(waits).await.0
     }
 
+    /// Starts worker `i` again.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        let (child, lifeline) = self.start(i)?;
+        self.children[i] = child;
+        self.lifelines[i] = lifeline;
+        Ok(())
+    }
+
+    /// Restarts workers as they die until `stop` turns true, then stops them all.
+    pub async fn supervise(mut self, mut stop: watch::Receiver<bool>) {
+        loop {
+            let exited = tokio::select! {
+                exited = self.any_exit() => exited,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            let (i, reason) = exited;
+            tracing::warn!(%reason, "restarting it");
+            eprintln!("{reason}; restarting it");
+            // Do not spin on a worker that cannot start.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Err(e) = self.restart(i) {
+                tracing::error!(error = %format!("{e:#}"), "cannot restart local worker {i}");
+                let _ = stop.wait_for(|s| *s).await;
+                break;
+            }
+        }
+        self.shutdown().await;
+    }
+
     /// Stops every worker.
     pub async fn shutdown(mut self) {
+        self.lifelines.clear();
         for child in &mut self.children {
             let _ = child.start_kill();
         }

@@ -26,7 +26,11 @@ pub struct RegisteredWorker {
     pub last_seen: Instant,
 }
 
-/// Registered workers, in registration order.
+/// How long a directly registered worker may stay silent before it counts as gone.
+pub const STALE_AFTER: Duration = Duration::from_millis(3000);
+
+/// Registered workers, in registration order. Fed by direct registration (the gRPC service
+/// below, with heartbeats) or by the etcd watch (leases), and read when groups are formed.
 #[derive(Default)]
 pub struct Registry {
     workers: Mutex<Vec<RegisteredWorker>>,
@@ -34,28 +38,114 @@ pub struct Registry {
     next_id: Mutex<u64>,
 }
 
+/// What a worker says about itself when it registers.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerInfo {
+    pub worker_addr: String,
+    pub ring_addr: String,
+    pub host: String,
+    pub device: String,
+    pub memory_bytes: u64,
+}
+
 impl Registry {
-    /// Waits until at least `n` workers have registered and returns the first `n`.
-    pub async fn wait_for(&self, n: usize) -> Vec<RegisteredWorker> {
+    /// Adds a worker under `id` (or a fresh id); returns the id.
+    pub fn add(&self, info: WorkerInfo, id: Option<String>) -> String {
+        let id = id.unwrap_or_else(|| {
+            let mut next = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
+            *next += 1;
+            format!("worker-{}", *next)
+        });
+        tracing::info!(%id, addr = %info.worker_addr, ring = %info.ring_addr, host = %info.host, "worker registered");
+        let mut workers = self.lock();
+        workers.retain(|w| w.id != id);
+        workers.push(RegisteredWorker {
+            id: id.clone(),
+            worker_addr: info.worker_addr,
+            ring_addr: info.ring_addr,
+            host: info.host,
+            device: info.device,
+            memory_bytes: info.memory_bytes,
+            last_seen: Instant::now(),
+        });
+        drop(workers);
+        self.changed.notify_waiters();
+        id
+    }
+
+    /// Forgets a worker (it died, its lease expired, or it failed its group).
+    pub fn remove(&self, id: &str) -> bool {
+        let mut workers = self.lock();
+        let before = workers.len();
+        workers.retain(|w| w.id != id);
+        let removed = workers.len() != before;
+        drop(workers);
+        if removed {
+            tracing::info!(%id, "worker removed from the registry");
+            self.changed.notify_waiters();
+        }
+        removed
+    }
+
+    /// Records a sign of life; false if the worker is unknown.
+    pub fn touch(&self, id: &str) -> bool {
+        match self.lock().iter_mut().find(|w| w.id == id) {
+            Some(w) => {
+                w.last_seen = Instant::now();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Waits until at least `n` workers are registered and alive, and returns the first `n`.
+    /// Workers silent for longer than `stale_after` (when given) are removed on the way.
+    pub async fn wait_for(&self, n: usize, stale_after: Option<Duration>) -> Vec<RegisteredWorker> {
         loop {
             let notified = self.changed.notified();
+            if let Some(limit) = stale_after {
+                self.prune(limit);
+            }
             {
-                let workers = self.workers.lock().expect("registry lock");
+                let workers = self.lock();
                 if workers.len() >= n {
                     return workers[..n].to_vec();
                 }
             }
-            notified.await;
+            // Wake up on a registration, or now and then to prune silent workers.
+            let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
         }
+    }
+
+    /// Removes workers silent for longer than `limit`; returns their ids.
+    pub fn prune(&self, limit: Duration) -> Vec<String> {
+        let stale: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|w| w.last_seen.elapsed() > limit)
+            .map(|w| w.id.clone())
+            .collect();
+        for id in &stale {
+            self.remove(id);
+        }
+        stale
     }
 
     /// When each worker last sent a heartbeat (or registered).
     pub fn last_seen(&self) -> HashMap<String, Instant> {
-        let workers = self.workers.lock().expect("registry lock");
-        workers
+        self.lock()
             .iter()
             .map(|w| (w.id.clone(), w.last_seen))
             .collect()
+    }
+
+    /// Every registered worker, in registration order.
+    pub fn workers(&self) -> Vec<RegisteredWorker> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RegisteredWorker>> {
+        self.workers.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -89,26 +179,16 @@ impl Coordinator for CoordinatorService {
                 "worker_addr and ring_addr are required",
             ));
         }
-        let id = {
-            let mut next = self.registry.next_id.lock().expect("id lock");
-            *next += 1;
-            format!("worker-{}", *next)
-        };
-        tracing::info!(%id, addr = %req.worker_addr, ring = %req.ring_addr, host = %req.host, "worker registered");
-        self.registry
-            .workers
-            .lock()
-            .expect("registry lock")
-            .push(RegisteredWorker {
-                id: id.clone(),
+        let id = self.registry.add(
+            WorkerInfo {
                 worker_addr: req.worker_addr,
                 ring_addr: req.ring_addr,
                 host: req.host,
                 device: req.device,
                 memory_bytes: req.memory_bytes,
-                last_seen: Instant::now(),
-            });
-        self.registry.changed.notify_waiters();
+            },
+            None,
+        );
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id,
             heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
@@ -120,14 +200,7 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let id = request.into_inner().worker_id;
-        let mut workers = self.registry.workers.lock().expect("registry lock");
-        let known = match workers.iter_mut().find(|w| w.id == id) {
-            Some(w) => {
-                w.last_seen = Instant::now();
-                true
-            }
-            None => false,
-        };
+        let known = self.registry.touch(&id);
         Ok(Response::new(pb::HeartbeatResponse { known }))
     }
 }

@@ -4,7 +4,7 @@ use std::{
     future::IntoFuture,
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, OnceLock},
+    sync::{atomic::Ordering, Arc, RwLock},
     time::Duration,
 };
 
@@ -12,14 +12,17 @@ use anyhow::{bail, Context, Result};
 use caravan_proto::coordinator_server::CoordinatorServer;
 use clap::Args;
 
+use tokio::sync::watch;
+
 use crate::{
-    api::{self, AppState},
+    api::{self, AppState, Control},
     blocks::BlockManager,
     engine::{Engine, SchedulerConfig},
-    group::{GroupHealth, KvCacheSize, ShardPlan, WorkerGroup},
+    group::{GroupHealth, HealthProbe, KvCacheSize, ShardPlan, WorkerGroup},
     local_workers::LocalWorkers,
     model_info::ModelInfo,
-    registry::{CoordinatorService, Registry, HEARTBEAT_INTERVAL},
+    registry::{CoordinatorService, Registry, HEARTBEAT_INTERVAL, STALE_AFTER},
+    stats::EngineStats,
     tokenizer::Tokenizer,
 };
 
@@ -104,6 +107,10 @@ pub struct ServeArgs {
     /// libtorch threads per worker (0: cores / tp for local workers, libtorch's default otherwise).
     #[arg(long, env = "CARAVAN_THREADS_PER_WORKER", default_value_t = 0)]
     pub threads_per_worker: u32,
+    /// Seconds a drain (SIGTERM, `caravanctl drain`) lets requests in flight finish before
+    /// ending them with an error.
+    #[arg(long, env = "CARAVAN_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout: u64,
 }
 
 /// Runs the coordinator until SIGINT/SIGTERM.
@@ -155,11 +162,16 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
 
     let health = Arc::new(GroupHealth::default());
+    let stats = Arc::new(EngineStats::default());
+    let control = Arc::new(Control::default());
     let state = Arc::new(AppState {
         model: model.clone(),
         tokenizer: tokenizer.clone(),
         health: health.clone(),
-        engine: OnceLock::new(),
+        engine: RwLock::new(None),
+        workers: RwLock::new(Vec::new()),
+        stats: stats.clone(),
+        control: control.clone(),
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -168,9 +180,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding HTTP on {}:{}", args.host, args.port))?;
     let http_addr = http.local_addr()?;
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    // Graceful drain is the engine's job; the listener just stops with the process.
+    // The listener stops with the process; draining is done before that, below.
     let http_server = tokio::spawn(axum::serve(http, api::router(state.clone())).into_future());
 
     let registry = Arc::new(Registry::default());
@@ -192,12 +202,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     );
     tracing::info!(%http_addr, %grpc_addr, tp = args.tp, "coordinator listening");
 
-    let mut local = if args.local_workers {
-        Some(LocalWorkers::spawn(
-            args.tp,
-            &format!("http://{grpc_addr}"),
-            &args.device,
-        )?)
+    let (stop_workers, stop_workers_rx) = watch::channel(false);
+    let supervisor = if args.local_workers {
+        let workers = LocalWorkers::spawn(args.tp, &format!("http://{grpc_addr}"), &args.device)?;
+        Some(tokio::spawn(workers.supervise(stop_workers_rx)))
     } else {
         eprintln!("waiting for {} workers to register at {grpc_addr}", args.tp);
         None
@@ -213,91 +221,152 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         model_path: model_dir.display().to_string(),
         dtype: args.dtype.clone(),
         vocab_sharding: args.vocab_sharding.clone(),
-        kv_cache: kv_cache.clone(),
+        kv_cache,
         block_size: block_size as u32,
         collective_timeout: Duration::from_secs(args.collective_timeout.max(1)),
         threads_per_worker: threads,
     };
-    let bring_up = async {
-        let workers = registry.wait_for(args.tp).await;
-        WorkerGroup::form(workers, &plan).await
+    let scheduler = SchedulerConfig {
+        max_batch_size: args.max_batch_size,
+        max_batched_tokens: args.max_num_batched_tokens,
+        max_waiting: args.max_waiting.max(1),
     };
-    let group = tokio::select! {
-        group = bring_up => group.context("forming the worker group")?,
-        reason = async { match &mut local { Some(l) => l.any_exit().await, None => std::future::pending().await } } => {
-            bail!("{reason} before the group was formed");
-        }
-        _ = &mut shutdown => return Ok(()),
-    };
-    let kv_blocks = group.kv_cache_blocks();
-    let kv_tokens = kv_blocks * block_size;
-    if kv_tokens < model.max_context {
-        bail!(
-            "the KV cache holds {kv_tokens} tokens, less than one full-context sequence ({}): \
-             give it more memory (--kv-cache-memory) or lower --max-model-len",
-            model.max_context
-        );
-    }
-    eprintln!(
-        "KV cache: {kv_blocks} blocks of {block_size} tokens ({kv_tokens} tokens, {:.1} MiB per rank)",
-        (kv_tokens as u64 * group.cache_bytes_per_token()) as f64 / (1u64 << 20) as f64
-    );
-    health.set_ready();
-    let probe = group.health_probe();
-    let worker_ids: Vec<String> = group.workers().iter().map(|w| w.id.clone()).collect();
-    let engine = Engine::start(
-        group,
-        health.clone(),
-        tokenizer,
-        model.clone(),
-        BlockManager::new(kv_blocks, block_size, !args.no_prefix_caching),
-        SchedulerConfig {
-            max_batch_size: args.max_batch_size,
-            max_batched_tokens: args.max_num_batched_tokens,
-            max_waiting: args.max_waiting.max(1),
-        },
-    );
-    let _ = state.engine.set(engine);
-    println!("ready: serving {} on http://{http_addr}", model.name);
-    tracing::info!(kv_cache_tokens = kv_blocks * block_size, "ready");
 
-    // Health: poll every rank, watch heartbeats and local processes.
-    let monitor = {
-        let health = health.clone();
-        let registry = registry.clone();
-        async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                if let Some(problem) = probe.check().await {
-                    health.fail(problem);
+    let shutdown = async {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = control.drain_requested.notified() => {}
+        }
+    };
+    tokio::pin!(shutdown);
+    let mut epoch = 0u64;
+    // Form a group, serve until it fails, form it again: until shutdown.
+    'serving: loop {
+        epoch += 1;
+        let group = tokio::select! {
+            group = form_group(&registry, &plan, args.tp, epoch) => group,
+            _ = &mut shutdown => break 'serving,
+        };
+        let group = match group {
+            Ok(group) => group,
+            Err(e) => {
+                let reason = format!("forming the worker group failed: {e:#}");
+                tracing::warn!(%reason, "retrying");
+                eprintln!("{reason}; retrying");
+                health.fail(reason);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'serving,
+                    _ = &mut shutdown => break 'serving,
                 }
-                let seen = registry.last_seen();
-                for id in &worker_ids {
-                    if seen
-                        .get(id)
-                        .is_some_and(|t| t.elapsed() > HEARTBEAT_INTERVAL * 6)
-                    {
-                        health.fail(format!("{id} stopped sending heartbeats"));
+            }
+        };
+        let kv_blocks = group.kv_cache_blocks();
+        let kv_tokens = kv_blocks * block_size;
+        if kv_tokens < model.max_context {
+            bail!(
+                "the KV cache holds {kv_tokens} tokens, less than one full-context sequence ({}): \
+                 give it more memory (--kv-cache-memory) or lower --max-model-len",
+                model.max_context
+            );
+        }
+        eprintln!(
+            "KV cache: {kv_blocks} blocks of {block_size} tokens ({kv_tokens} tokens, {:.1} MiB per rank)",
+            (kv_tokens as u64 * group.cache_bytes_per_token()) as f64 / (1u64 << 20) as f64
+        );
+        let probe = group.health_probe();
+        let members: Vec<String> = group.workers().iter().map(|w| w.id.clone()).collect();
+        *state.workers.write().unwrap_or_else(|e| e.into_inner()) = group.workers().to_vec();
+        let engine = Engine::start(
+            group,
+            health.clone(),
+            tokenizer.clone(),
+            model.clone(),
+            BlockManager::new(kv_blocks, block_size, !args.no_prefix_caching),
+            scheduler.clone(),
+            stats.clone(),
+        );
+        *state.engine.write().unwrap_or_else(|e| e.into_inner()) = Some(engine);
+        health.set_ready();
+        println!("ready: serving {} on http://{http_addr}", model.name);
+        tracing::info!(epoch, kv_cache_tokens = kv_tokens, "ready");
+
+        tokio::select! {
+            problem = watch_group(&probe, &registry, &members) => {
+                health.fail(problem.clone());
+                eprintln!("worker group failed: {problem}; forming it again");
+                // The engine sees the failure, ends every request in flight with an error, and
+                // stops once its handle is gone.
+                state.engine.write().unwrap_or_else(|e| e.into_inner()).take();
+                // Workers that do not answer leave the pool; the rest join the next group.
+                for (id, alive) in probe.liveness(&members).await {
+                    if !alive {
+                        registry.remove(&id);
                     }
                 }
             }
+            _ = &mut shutdown => break 'serving,
         }
-    };
-    tokio::select! {
-        _ = monitor => {}
-        reason = async { match &mut local { Some(l) => l.any_exit().await, None => std::future::pending().await } } => {
-            health.fail(reason);
-            // Keep serving errors (503) rather than vanishing; wait for shutdown.
-            (&mut shutdown).await;
-        }
-        _ = &mut shutdown => {}
     }
+
+    // Drain: stop admitting, let requests in flight finish, then end the rest explicitly.
+    control.draining.store(true, Ordering::Release);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_timeout);
+    let in_flight = || EngineStats::get(&stats.in_flight);
+    eprintln!("draining: {} requests in flight", in_flight());
+    while in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if in_flight() > 0 {
+        health.fail(format!(
+            "shutting down: the drain timeout ({} s) passed",
+            args.drain_timeout
+        ));
+        let grace = tokio::time::Instant::now() + Duration::from_secs(2);
+        while in_flight() > 0 && tokio::time::Instant::now() < grace {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    health.fail("shut down");
+    control.drained.store(true, Ordering::Release);
     tracing::info!("shutting down");
-    if let Some(local) = local {
-        local.shutdown().await;
+    let _ = stop_workers.send(true);
+    if let Some(supervisor) = supervisor {
+        let _ = supervisor.await;
     }
     http_server.abort();
     Ok(())
+}
+
+/// Waits for `tp` live workers and forms a group of them.
+async fn form_group(
+    registry: &Registry,
+    plan: &ShardPlan,
+    tp: usize,
+    epoch: u64,
+) -> Result<WorkerGroup> {
+    let workers = registry.wait_for(tp, Some(STALE_AFTER)).await;
+    WorkerGroup::form(workers, plan, epoch).await
+}
+
+/// Resolves with a description once the group cannot serve: a rank fails its health check, a
+/// member stops sending heartbeats or leaves the registry.
+async fn watch_group(probe: &HealthProbe, registry: &Registry, members: &[String]) -> String {
+    loop {
+        tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+        if let Some(problem) = probe.check().await {
+            return problem;
+        }
+        let seen = registry.last_seen();
+        for id in members {
+            match seen.get(id) {
+                None => return format!("{id} left the registry"),
+                Some(t) if t.elapsed() > STALE_AFTER => {
+                    return format!("{id} stopped sending heartbeats")
+                }
+                Some(_) => {}
+            }
+        }
+    }
 }
 
 /// Parses a byte size: a number with an optional unit (B, KiB, MiB, GiB, TiB, or KB/MB/GB/TB

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Written by the scheduler task, read by HTTP handlers.
 #[derive(Debug, Default)]
 pub struct EngineStats {
+    /// Requests accepted and not yet ended (completed, failed or cancelled).
+    pub in_flight: AtomicU64,
     /// Requests accepted but not yet admitted to the running batch.
     pub waiting: AtomicU64,
     /// Sequences in the running batch.
@@ -41,9 +43,19 @@ impl EngineStats {
         counter.fetch_add(value as u64, Ordering::Relaxed);
     }
 
+    pub fn sub(gauge: &AtomicU64, value: usize) {
+        gauge.fetch_sub(value as u64, Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition of every value.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 14] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
+            (
+                "caravan_requests_in_flight",
+                "gauge",
+                "Requests accepted and not yet ended.",
+                &self.in_flight,
+            ),
             (
                 "caravan_requests_waiting",
                 "gauge",

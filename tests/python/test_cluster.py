@@ -3,8 +3,10 @@
 - Remote workers: a coordinator without `--local-workers` answers 503 until the workers it waits for
   register over gRPC, then serves the transformers reference outputs.
 - Worker death: SIGKILL one worker of a local TP-2 group in the middle of a streamed completion; the
-  stream must end with an explicit error, /health must turn 503, later requests get 503 JSON errors,
-  and the coordinator keeps answering.
+  stream must end with an explicit error, /health must turn 503 within 5 s, later requests get 503
+  JSON errors, and the coordinator keeps answering; then the restarted worker joins a new group
+  and serving resumes without restarting the coordinator.
+- Drain: SIGTERM during a stream lets it finish, refuses new requests with 503, then exits.
 
 Run: .venv/bin/python -m pytest tests/python  (after `cargo build --workspace --bins`)
 """
@@ -12,9 +14,11 @@ import json
 import os
 import signal
 import subprocess
+import threading
 
 import httpx
 import openai
+import pytest
 
 from conftest import READY_TIMEOUT_S, Coordinator, bin_path, children, free_port, wait_for_status
 
@@ -55,7 +59,7 @@ def test_remote_workers_register_then_serve(checkpoint, reference):
             w.wait()
 
 
-def test_worker_death_fails_requests_and_health(checkpoint):
+def test_worker_death_fails_requests_then_the_group_recovers(checkpoint, reference):
     coordinator = Coordinator(["--model", checkpoint, "--tp", 2, "--local-workers", "--port", 0])
     try:
         url = coordinator.wait_ready()
@@ -83,6 +87,68 @@ def test_worker_death_fails_requests_and_health(checkpoint):
             assert resp.status_code == 503, resp.text
             assert json.loads(resp.text)["error"]["message"], resp.text
             assert http.get("/v1/models").status_code == 200, "the coordinator stopped answering"
-        assert coordinator.proc.poll() is None, "the coordinator exited when a worker died"
+            assert coordinator.proc.poll() is None, "the coordinator exited when a worker died"
+
+            # The coordinator restarts the dead local worker, which registers; the group is formed
+            # again (new ranks, shards reloaded, warm-up) and serving resumes, same process.
+            wait_for_status(http, "/health", 200, READY_TIMEOUT_S)
+            survivors = set(workers) & set(children(coordinator.proc.pid))
+            assert survivors == {workers[0]}, "the surviving worker should have been reused"
+            ref = reference["completions"][0]
+            out = client.completions.create(model=checkpoint.name, prompt=ref["prompt"], temperature=0,
+                                            max_tokens=len(ref["gen_ids"]))
+            assert out.choices[0].text == ref["text"]
+    finally:
+        coordinator.stop()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "caravanctl"])
+def test_drain_finishes_streams_refuses_new_requests_then_exits(checkpoint, how):
+    coordinator = Coordinator(["--model", checkpoint, "--tp", 2, "--local-workers", "--port", 0,
+                               "--drain-timeout", 60])
+    try:
+        url = coordinator.wait_ready()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+        first_chunk = threading.Event()
+        outcome = {}
+
+        def stream():
+            chunks, finish = 0, None
+            try:
+                for chunk in client.completions.create(model=checkpoint.name, prompt="Once upon a time",
+                                                       max_tokens=200, temperature=0, stream=True,
+                                                       extra_body={"ignore_eos": True}):
+                    chunks += 1
+                    finish = chunk.choices[0].finish_reason or finish
+                    first_chunk.set()
+            except Exception as e:  # recorded and asserted on below
+                outcome["error"] = repr(e)
+            outcome.update(chunks=chunks, finish=finish)
+            first_chunk.set()
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        assert first_chunk.wait(TIMEOUT_S)
+        ctl = None
+        if how == "sigterm":
+            coordinator.proc.send_signal(signal.SIGTERM)
+        else:
+            ctl = subprocess.Popen([str(bin_path("caravanctl")), "--url", url, "drain", "--timeout", "60"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
+            health = wait_for_status(http, "/health", 503, HEALTH_DEADLINE_S)
+            assert health.json()["reason"] == "draining", health.text
+            if streamer.is_alive():
+                refused = http.post("/v1/completions", json={"model": checkpoint.name, "prompt": "Hi",
+                                                             "max_tokens": 2})
+                assert refused.status_code == 503 and "draining" in refused.json()["error"]["message"]
+        streamer.join(TIMEOUT_S)
+        assert outcome.get("error") is None, outcome
+        assert outcome["finish"] == "length", outcome
+        if ctl is not None:
+            out, _ = ctl.communicate(timeout=TIMEOUT_S)
+            assert ctl.returncode == 0, out
+            assert "drained" in out, out
+        assert coordinator.proc.wait(timeout=TIMEOUT_S) == 0, coordinator.stderr()
     finally:
         coordinator.stop()

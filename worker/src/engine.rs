@@ -55,7 +55,8 @@ struct Loaded {
 /// The model thread's state.
 pub struct Engine {
     device: Device,
-    listener: Option<RingListener>,
+    /// Kept for the worker's lifetime: every formation of a group joins the ring through it.
+    listener: RingListener,
     loaded: Option<Loaded>,
     status: SharedStatus,
 }
@@ -64,7 +65,7 @@ impl Engine {
     pub fn new(device: Device, listener: RingListener, status: SharedStatus) -> Self {
         Engine {
             device,
-            listener: Some(listener),
+            listener,
             loaded: None,
             status,
         }
@@ -107,9 +108,11 @@ impl Engine {
 
     fn load(&mut self, req: pb::LoadShardRequest) -> Result<pb::LoadShardResponse, Status> {
         let started = Instant::now();
-        if self.loaded.is_some() {
-            return Err(Status::failed_precondition("a shard is already loaded"));
+        if self.loaded.take().is_some() {
+            // A new formation of the group (after a failure): the old shard, cache and ring go.
+            tracing::info!("dropping the loaded shard to join a new group");
         }
+        self.set_status(false, "loading a shard".into());
         let invalid = |e: String| Status::invalid_argument(e);
         let dtype: DType = req.dtype.parse().map_err(invalid)?;
         let vocab: VocabSharding = req.vocab_sharding.parse().map_err(invalid)?;
@@ -135,25 +138,26 @@ impl Engine {
                 "NCCL groups are formed by caravan-generate only for now",
             ));
         } else {
+            // Host names are allowed (e.g. Kubernetes DNS); resolve each to its first address.
             let peers = req
                 .ring_peers
                 .iter()
-                .map(|p| p.parse())
-                .collect::<Result<Vec<std::net::SocketAddr>, _>>()
-                .map_err(|e| invalid(format!("bad ring peer address: {e}")))?;
+                .map(|p| {
+                    std::net::ToSocketAddrs::to_socket_addrs(p.as_str())
+                        .ok()
+                        .and_then(|mut a| a.next())
+                        .ok_or_else(|| invalid(format!("cannot resolve ring peer address {p:?}")))
+                })
+                .collect::<Result<Vec<std::net::SocketAddr>, _>>()?;
             if peers.len() != world {
                 return Err(invalid(format!(
                     "{} ring peers for world size {world}",
                     peers.len()
                 )));
             }
-            let listener = self
-                .listener
-                .take()
-                .ok_or_else(|| Status::failed_precondition("ring listener already used"))?;
             Communicator::TcpRing(
-                listener
-                    .connect(rank, &peers, timeout)
+                self.listener
+                    .connect(rank, &peers, timeout, req.group_epoch)
                     .map_err(|e| Status::unavailable(e.to_string()))?,
             )
         };

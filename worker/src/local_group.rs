@@ -38,7 +38,7 @@ pub struct Rendezvous {
 impl Rendezvous {
     /// Joins the TCP ring described by this rendezvous.
     pub fn into_ring(self, rank: usize, timeout: Duration) -> Result<TcpRing> {
-        Ok(self.listener.connect(rank, &self.peers, timeout)?)
+        Ok(self.listener.connect(rank, &self.peers, timeout, 0)?)
     }
 }
 

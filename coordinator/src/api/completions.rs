@@ -201,9 +201,20 @@ async fn prepare_chat(state: &SharedState, body: Body) -> Result<Prepared, ApiEr
 }
 
 async fn run(state: SharedState, p: Prepared) -> Response {
-    let Some(engine) = state.engine.get() else {
-        return ApiError::unavailable("The server is starting; the worker group is not ready yet.")
+    if state
+        .control
+        .draining
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        return ApiError::unavailable("The server is draining and accepts no new requests.")
             .into_response();
+    }
+    let Some(engine) = state.engine() else {
+        return ApiError::unavailable(format!(
+            "The worker group is not ready: {}",
+            state.not_ready_reason()
+        ))
+        .into_response();
     };
     if !state.health.is_ready() {
         return ApiError::unavailable(format!(

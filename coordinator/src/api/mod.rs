@@ -5,7 +5,10 @@ pub mod completions;
 pub mod error;
 pub mod types;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc, RwLock,
+};
 
 use axum::{
     extract::State,
@@ -16,8 +19,11 @@ use axum::{
 };
 use serde_json::json;
 
+use tokio::sync::Notify;
+
 use crate::{
-    engine::EngineHandle, group::SharedHealth, model_info::ModelInfo, tokenizer::Tokenizer,
+    engine::EngineHandle, group::SharedHealth, model_info::ModelInfo, registry::RegisteredWorker,
+    stats::EngineStats, tokenizer::Tokenizer,
 };
 pub use error::ApiError;
 
@@ -29,9 +35,51 @@ pub struct AppState {
     pub model: ModelInfo,
     pub tokenizer: Arc<Tokenizer>,
     pub health: SharedHealth,
-    /// Set once the worker group is formed and warmed up.
-    pub engine: OnceLock<EngineHandle>,
+    /// The scheduler of the current worker group; `None` while a group is being formed.
+    pub engine: RwLock<Option<EngineHandle>>,
+    /// The current group's members, rank order.
+    pub workers: RwLock<Vec<RegisteredWorker>>,
+    /// Counters that live across group formations.
+    pub stats: Arc<EngineStats>,
+    pub control: Arc<Control>,
     pub created: u64,
+}
+
+/// Operator controls: draining.
+#[derive(Debug, Default)]
+pub struct Control {
+    /// No new requests are admitted.
+    pub draining: AtomicBool,
+    /// Everything in flight has ended; the process is stopping.
+    pub drained: AtomicBool,
+    /// Signalled by `POST /admin/drain`.
+    pub drain_requested: Notify,
+}
+
+impl AppState {
+    /// The scheduler, when a group is serving.
+    pub fn engine(&self) -> Option<EngineHandle> {
+        self.engine
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.control.draining.load(Ordering::Acquire)
+            && self.engine().is_some()
+            && self.health.is_ready()
+    }
+
+    pub fn not_ready_reason(&self) -> String {
+        if self.control.draining.load(Ordering::Acquire) {
+            return "draining".into();
+        }
+        match self.health.reason() {
+            r if r.is_empty() => "starting: the worker group is not formed yet".to_string(),
+            r => r,
+        }
+    }
 }
 
 pub type SharedState = Arc<AppState>;
@@ -44,6 +92,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/admin/status", get(admin_status))
+        .route("/admin/drain", post(admin_drain))
         .fallback(not_found)
         .with_state(state)
 }
@@ -63,31 +113,74 @@ async fn models(State(state): State<SharedState>) -> Json<serde_json::Value> {
 
 /// 200 only when every worker is alive and the group can step.
 async fn health(State(state): State<SharedState>) -> Response {
-    if state.engine.get().is_some() && state.health.is_ready() {
+    if state.is_ready() {
         (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
     } else {
-        let reason = match state.health.reason() {
-            r if r.is_empty() => "starting: the worker group is not formed yet".to_string(),
-            r => r,
-        };
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "reason": reason})),
+            Json(json!({"status": "unavailable", "reason": state.not_ready_reason()})),
         )
             .into_response()
     }
 }
 
+/// What `caravanctl status` shows.
+async fn admin_status(State(state): State<SharedState>) -> Json<serde_json::Value> {
+    let workers = state
+        .workers
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .enumerate()
+        .map(|(rank, w)| {
+            json!({
+                "rank": rank,
+                "id": w.id,
+                "address": w.worker_addr,
+                "ring_address": w.ring_addr,
+                "host": w.host,
+                "device": w.device,
+            })
+        })
+        .collect::<Vec<_>>();
+    let s = &state.stats;
+    Json(json!({
+        "model": state.model.name,
+        "ready": state.is_ready(),
+        "reason": if state.is_ready() { String::new() } else { state.not_ready_reason() },
+        "draining": state.control.draining.load(Ordering::Acquire),
+        "drained": state.control.drained.load(Ordering::Acquire),
+        "in_flight": EngineStats::get(&s.in_flight),
+        "running": EngineStats::get(&s.running),
+        "waiting": EngineStats::get(&s.waiting),
+        "kv_cache_blocks_used": EngineStats::get(&s.kv_blocks_used),
+        "kv_cache_blocks_total": EngineStats::get(&s.kv_blocks_total),
+        "workers": workers,
+    }))
+}
+
+/// Starts a drain: no new requests; the process stops once those in flight end (or the drain
+/// timeout passes). Answers at once; poll `/admin/status` for `drained`.
+async fn admin_drain(State(state): State<SharedState>) -> Response {
+    state.control.drain_requested.notify_one();
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "status": "draining",
+            "in_flight": EngineStats::get(&state.stats.in_flight),
+        })),
+    )
+        .into_response()
+}
+
 /// Prometheus text exposition of the scheduler's counters.
 async fn metrics(State(state): State<SharedState>) -> Response {
-    let ready = u8::from(state.engine.get().is_some() && state.health.is_ready());
+    let ready = u8::from(state.is_ready());
     let mut body = format!(
         "# HELP caravan_ready Whether the worker group can serve (1) or not (0).\n\
          # TYPE caravan_ready gauge\ncaravan_ready {ready}\n"
     );
-    if let Some(engine) = state.engine.get() {
-        body += &engine.stats().render();
-    }
+    body += &state.stats.render();
     (
         [(
             axum::http::header::CONTENT_TYPE,

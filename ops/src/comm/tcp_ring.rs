@@ -41,8 +41,16 @@ impl RingListener {
     }
 
     /// Joins the ring: connects to rank `rank + 1` and accepts rank `rank - 1`, within `timeout`.
-    /// `timeout` also bounds every later send and receive.
-    pub fn connect(self, rank: usize, peers: &[SocketAddr], timeout: Duration) -> Result<TcpRing> {
+    /// `timeout` also bounds every later send and receive. `epoch` names this formation of the
+    /// group: the listener outlives a ring (a failed group is formed again on the same address),
+    /// and a connection left over from an earlier formation is told apart and refused.
+    pub fn connect(
+        &self,
+        rank: usize,
+        peers: &[SocketAddr],
+        timeout: Duration,
+        epoch: u64,
+    ) -> Result<TcpRing> {
         let world = peers.len();
         if world < 2 || rank >= world {
             return Err(Error::Collective {
@@ -55,14 +63,15 @@ impl RingListener {
         let prev_rank = (rank + world - 1) % world;
         let next = connect_with_retry(peers[next_rank], next_rank, deadline)?;
         configure(&next, timeout, "connect")?;
-        let mut hello = Vec::with_capacity(12);
+        let mut hello = Vec::with_capacity(HELLO_LEN);
         hello.extend_from_slice(MAGIC);
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
         hello.extend_from_slice(&(world as u32).to_le_bytes());
+        hello.extend_from_slice(&epoch.to_le_bytes());
         (&next)
             .write_all(&hello)
             .map_err(|e| io_error("connect", next_rank, timeout, e))?;
-        let prev = accept_from(&self.listener, prev_rank, world, timeout, deadline)?;
+        let prev = accept_from(&self.listener, prev_rank, world, epoch, timeout, deadline)?;
         configure(&prev, timeout, "connect")?;
         tracing::debug!(rank, world, next = %peers[next_rank], "joined TCP ring");
         Ok(TcpRing {
@@ -108,10 +117,14 @@ fn connect_with_retry(addr: SocketAddr, peer: usize, deadline: Instant) -> Resul
     }
 }
 
+/// Magic, rank, world size, epoch.
+const HELLO_LEN: usize = 20;
+
 fn accept_from(
     listener: &TcpListener,
     prev_rank: usize,
     world: usize,
+    epoch: u64,
     timeout: Duration,
     deadline: Instant,
 ) -> Result<TcpStream> {
@@ -134,15 +147,17 @@ fn accept_from(
                 stream
                     .set_read_timeout(Some(left.max(Duration::from_millis(1))))
                     .ok();
-                let mut hello = [0u8; 12];
+                let mut hello = [0u8; HELLO_LEN];
                 let ok = (&stream).read_exact(&mut hello).is_ok()
                     && &hello[..4] == MAGIC
-                    && u32::from_le_bytes(hello[4..8].try_into().unwrap()) as usize == prev_rank
-                    && u32::from_le_bytes(hello[8..12].try_into().unwrap()) as usize == world;
+                    && hello[4..8] == (prev_rank as u32).to_le_bytes()
+                    && hello[8..12] == (world as u32).to_le_bytes()
+                    && hello[12..20] == epoch.to_le_bytes();
                 if ok {
                     return Ok(stream);
                 }
-                // Not our predecessor (a stale process, a port scanner): drop it, keep waiting.
+                // Not our predecessor in this formation (a stale process or connection, a port
+                // scanner): drop it, keep waiting.
                 tracing::warn!(%from, "rejected a ring connection that is not rank {prev_rank}");
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -423,22 +438,50 @@ impl TcpRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     /// Forms a real ring of `world` ranks over loopback, one thread per rank.
     fn ring(world: usize, timeout: Duration) -> Vec<TcpRing> {
         let listeners: Vec<_> = (0..world)
-            .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
+            .map(|_| Arc::new(RingListener::bind("127.0.0.1:0").unwrap()))
             .collect();
+        form(&listeners, timeout, 0)
+    }
+
+    fn form(listeners: &[Arc<RingListener>], timeout: Duration, epoch: u64) -> Vec<TcpRing> {
         let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
         let handles: Vec<_> = listeners
-            .into_iter()
+            .iter()
             .enumerate()
             .map(|(rank, l)| {
-                let addrs = addrs.clone();
-                std::thread::spawn(move || l.connect(rank, &addrs, timeout).unwrap())
+                let (l, addrs) = (l.clone(), addrs.clone());
+                std::thread::spawn(move || l.connect(rank, &addrs, timeout, epoch).unwrap())
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_group_forms_again_on_the_same_listeners() {
+        let listeners: Vec<_> = (0..3)
+            .map(|_| Arc::new(RingListener::bind("127.0.0.1:0").unwrap()))
+            .collect();
+        let first = form(&listeners, Duration::from_secs(10), 1);
+        drop(first);
+        let second = form(&listeners, Duration::from_secs(10), 2);
+        let handles: Vec<_> = second
+            .into_iter()
+            .map(|r| {
+                std::thread::spawn(move || {
+                    let mut buf = f32_bytes(&[r.rank() as f32 + 1.0; 5]);
+                    r.all_reduce_sum(&mut buf, ReduceType::F32).unwrap();
+                    from_f32_bytes(&buf)
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), vec![6.0; 5]);
+        }
     }
 
     fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -563,7 +606,7 @@ mod tests {
         let addrs = [a.local_addr().unwrap(), b.local_addr().unwrap()];
         // Rank 1 never calls connect; its listener accepts the TCP handshake but no hello comes back.
         let err = a
-            .connect(0, &addrs, Duration::from_millis(200))
+            .connect(0, &addrs, Duration::from_millis(200), 0)
             .unwrap_err();
         assert!(matches!(err, Error::CollectiveTimeout { .. }), "{err}");
         drop(b);

@@ -1,7 +1,7 @@
 //! `caravan-worker`: one tensor-parallel rank. Serves `caravan.v1.Worker` over gRPC, registers
 //! with the coordinator, and loads whatever shard the coordinator assigns it.
 
-use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use caravan_ops::comm::RingListener;
@@ -28,10 +28,14 @@ struct Args {
     /// Address for this worker's gRPC service (port 0 picks a free one).
     #[arg(long, env = "CARAVAN_LISTEN", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// Address for the TCP ring between ranks (the interface peers reach this host by;
-    /// default: the --listen address's IP, port chosen freely).
+    /// Address for the TCP ring between ranks (default: the --listen address's IP, port chosen
+    /// freely).
     #[arg(long, env = "CARAVAN_RING_ADDR")]
     ring_addr: Option<SocketAddr>,
+    /// The IP or host name the coordinator and the other ranks reach this worker by (needed when
+    /// listening on 0.0.0.0; on Kubernetes, the pod IP). Default: the --listen IP.
+    #[arg(long, env = "CARAVAN_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
     /// cpu or cuda:N.
     #[arg(long, env = "CARAVAN_DEVICE", default_value = "cpu")]
     device: String,
@@ -79,6 +83,23 @@ async fn run(args: Args) -> Result<()> {
         .await
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
     let grpc_addr = listener.local_addr()?;
+    let advertise = match &args.advertise_host {
+        Some(host) => host.clone(),
+        None if grpc_addr.ip().is_unspecified() || ring_addr.ip().is_unspecified() => {
+            anyhow::bail!(
+                "listening on an unspecified address ({grpc_addr}, ring {ring_addr}): pass \
+                 --advertise-host with the address peers reach this worker by"
+            )
+        }
+        None => grpc_addr.ip().to_string(),
+    };
+    let advertised_grpc = format!("http://{}", join_host_port(&advertise, grpc_addr.port()));
+    let advertised_ring = join_host_port(&advertise, ring_addr.port());
+    // The addresses peers will use, said once: wrong interfaces are the classic multi-host hang.
+    eprintln!(
+        "caravan-worker: gRPC {grpc_addr}, ring {ring_addr}, advertised as {advertised_grpc} and \
+         ring {advertised_ring}"
+    );
 
     let status = SharedStatus::default();
     let (commands, receiver) = std::sync::mpsc::channel();
@@ -90,43 +111,56 @@ async fn run(args: Args) -> Result<()> {
         host: hostname(),
         device: args.device.clone(),
         memory_bytes: available_memory(),
-        ring_addr: ring_addr.to_string(),
+        ring_addr: advertised_ring.clone(),
     };
     let service = WorkerService::new(commands, status, identity.clone());
+    // The standard gRPC health protocol, for Kubernetes `grpc` probes and load balancers.
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<WorkerServer<WorkerService>>()
+        .await;
     let server = tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(WorkerServer::new(service))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     let server = tokio::spawn(server);
     tracing::info!(%grpc_addr, %ring_addr, "worker listening");
 
     let mut client = connect(&args.coordinator).await?;
+    let registration = pb::RegisterRequest {
+        protocol_version: caravan_proto::PROTOCOL_VERSION.into(),
+        worker_addr: advertised_grpc.clone(),
+        host: identity.host.clone(),
+        device: identity.device.clone(),
+        memory_bytes: identity.memory_bytes,
+        ring_addr: identity.ring_addr.clone(),
+    };
     let registered = client
-        .register(pb::RegisterRequest {
-            protocol_version: caravan_proto::PROTOCOL_VERSION.into(),
-            worker_addr: format!("http://{grpc_addr}"),
-            host: identity.host.clone(),
-            device: identity.device.clone(),
-            memory_bytes: identity.memory_bytes,
-            ring_addr: identity.ring_addr.clone(),
-        })
+        .register(registration.clone())
         .await
         .context("registering with the coordinator")?
         .into_inner();
     tracing::info!(worker_id = %registered.worker_id, "registered");
-    let worker_id = Arc::new(registered.worker_id);
+    let mut worker_id = registered.worker_id;
     let interval = Duration::from_millis(registered.heartbeat_interval_ms.max(100) as u64);
     let heartbeat = tokio::spawn(async move {
         loop {
             tokio::time::sleep(interval).await;
             let request = pb::HeartbeatRequest {
-                worker_id: worker_id.to_string(),
+                worker_id: worker_id.clone(),
             };
             match client.heartbeat(request).await {
-                Ok(r) if !r.get_ref().known => {
-                    tracing::warn!("coordinator no longer knows this worker");
-                }
+                // Removed from the pool (it failed a group, or the coordinator restarted): offer
+                // this worker again.
+                Ok(r) if !r.get_ref().known => match client.register(registration.clone()).await {
+                    Ok(r) => {
+                        worker_id = r.into_inner().worker_id;
+                        tracing::info!(%worker_id, "registered again");
+                    }
+                    Err(e) => tracing::warn!(error = %e.message(), "registering again failed"),
+                },
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                Err(e) => tracing::warn!(error = %e.message(), "heartbeat failed"),
             }
         }
     });
@@ -184,4 +218,13 @@ fn available_memory() -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// `host:port`, bracketing IPv6 literals.
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }

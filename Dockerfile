@@ -1,0 +1,112 @@
+# syntax=docker/dockerfile:1
+#
+# The Caravan image: caravan-coordinator, caravan-worker, caravanctl and caravan-generate, with
+# libtorch from the torch 2.11.0 wheel (the version tch 0.24 binds). One image serves every
+# role; the Helm chart in deploy/caravan picks the binary.
+#
+#   docker build -t caravan:dev .                                   # CPU
+#   docker build --build-arg VARIANT=cuda -t caravan:dev-cuda .     # GPU (CUDA 13, NCCL)
+#
+# VARIANT=cpu takes torch's CPU wheel from https://download.pytorch.org/whl/cpu (about 1 GB).
+# VARIANT=cuda takes PyPI's default torch wheel, built for CUDA 13, which brings the CUDA runtime
+# libraries and NCCL as nvidia-* wheels (about 5 GB), and builds the worker with the `cuda`
+# feature (NCCL communicator, libtorch_cuda linked). The host needs only the NVIDIA driver; the
+# NVIDIA container toolkit (e.g. through the GPU Operator) mounts it into the container.
+
+ARG VARIANT=cpu
+ARG TORCH_VERSION=2.11.0
+
+# --- build ---------------------------------------------------------------------------------------
+FROM rust:1-bookworm AS build
+ARG VARIANT
+ARG TORCH_VERSION
+# Parallel rustc jobs; empty means one per CPU (.cargo/config.toml's `jobs = 2` suits the
+# project's small development machines, not an image build).
+ARG BUILD_JOBS=""
+
+# protoc compiles proto/ (the gRPC contract); python3-venv holds the torch wheel, i.e. libtorch.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      protobuf-compiler python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+
+# libtorch from the torch wheel, as scripts/setup.sh does: a virtualenv, and a stable link
+# /opt/venv/libtorch to the wheel's torch/ folder (its include/ and lib/ are what tch builds
+# against). The runtime stage copies the same folder to the same path.
+RUN set -eux; \
+    case "$VARIANT" in \
+      cpu)  index="--index-url https://download.pytorch.org/whl/cpu" ;; \
+      cuda) index="" ;; \
+      *)    echo "VARIANT must be cpu or cuda, not '$VARIANT'" >&2; exit 1 ;; \
+    esac; \
+    python3 -m venv /opt/venv; \
+    /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check $index "torch==${TORCH_VERSION}"; \
+    torch_dir="$(/opt/venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')"; \
+    ln -s "$torch_dir" /opt/venv/libtorch; \
+    test -f /opt/venv/libtorch/lib/libtorch_cpu.so
+# Overrides .cargo/config.toml's LIBTORCH (.venv/libtorch, relative to a development checkout);
+# tch bakes $LIBTORCH/lib into the binaries as their rpath, valid in the runtime stage too.
+ENV LIBTORCH=/opt/venv/libtorch \
+    LIBTORCH_CXX11_ABI=1
+
+WORKDIR /src
+COPY . .
+# The cargo registry and target/ live in cache mounts (kept between builds by BuildKit), so the
+# binaries are copied out within the same step.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target,id=caravan-target-${VARIANT} \
+    set -eux; \
+    features=""; \
+    if [ "$VARIANT" = cuda ]; then features="--features caravan-worker/cuda"; fi; \
+    cargo build --release --locked --bins -j "${BUILD_JOBS:-$(nproc)}" $features; \
+    mkdir -p /out; \
+    for bin in caravan-coordinator caravan-worker caravan-generate caravanctl; do \
+      cp "target/release/$bin" /out/; \
+    done
+
+# --- runtime -------------------------------------------------------------------------------------
+FROM debian:bookworm-slim AS runtime
+ARG VARIANT
+
+# python3 makes the copied virtualenv usable for inspection (e.g. torch.cuda.is_available());
+# tini runs as PID 1, forwarding signals to the Caravan process and reaping children.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 tini \
+ && rm -rf /var/lib/apt/lists/*
+
+# The same wheel at the same path as in the build stage, so the binaries' rpath resolves.
+COPY --from=build /opt/venv /opt/venv
+# NCCL from the nvidia-nccl wheel (VARIANT=cuda): cudarc loads it at run time by names such as
+# libnccl.so, while the wheel ships only libnccl.so.2; /opt/venv/nccl offers both names.
+RUN set -eux; \
+    mkdir -p /opt/venv/nccl; \
+    nccl="$(find /opt/venv/lib -path '*/nvidia/nccl/lib/libnccl.so.2' | head -n 1)"; \
+    if [ -n "$nccl" ]; then \
+      ln -s "$nccl" /opt/venv/nccl/libnccl.so.2; \
+      ln -s "$nccl" /opt/venv/nccl/libnccl.so; \
+    elif [ "$VARIANT" = cuda ]; then \
+      echo "no libnccl.so.2 in the CUDA torch wheel's dependencies" >&2; exit 1; \
+    fi
+# The rpath baked into the binaries already points at /opt/venv/libtorch/lib; the loader path
+# below also covers tools that lack it and the dlopen of NCCL.
+ENV PATH=/opt/venv/bin:$PATH \
+    LD_LIBRARY_PATH=/opt/venv/libtorch/lib:/opt/venv/nccl \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    HOME=/tmp
+
+COPY --from=build /out/ /usr/local/bin/
+# Every binary starts (libtorch and all its libraries resolve) before the image is accepted.
+RUN set -eux; \
+    for bin in caravan-coordinator caravan-worker caravan-generate caravanctl; do \
+      if ldd "/usr/local/bin/$bin" | grep 'not found'; then exit 1; fi; \
+      "$bin" --help >/dev/null; \
+    done
+
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin caravan
+USER 10001:10001
+WORKDIR /tmp
+
+# HTTP API, coordinator registration gRPC, worker gRPC, worker TCP ring.
+EXPOSE 8000 50051 50052 50053
+ENTRYPOINT ["/usr/bin/tini", "--"]
+CMD ["caravan-coordinator", "--help"]

@@ -1,0 +1,149 @@
+{{/* The worker pod template, shared by the StatefulSet and the LeaderWorkerSet variant. */}}
+{{- define "caravan.worker.podTemplate" -}}
+{{- $w := .Values.workers }}
+{{- $device := include "caravan.worker.device" . -}}
+metadata:
+  labels:
+    {{- include "caravan.componentLabels" (list . "worker") | nindent 4 }}
+    {{- with $w.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $w.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  serviceAccountName: {{ include "caravan.serviceAccountName" . }}
+  automountServiceAccountToken: {{ .Values.serviceAccount.automount }}
+  enableServiceLinks: false
+  terminationGracePeriodSeconds: {{ $w.terminationGracePeriodSeconds }}
+  {{- with $w.priorityClassName }}
+  priorityClassName: {{ . | quote }}
+  {{- end }}
+  {{- with .Values.podSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $w.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $w.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if $w.affinity }}
+  affinity:
+    {{- toYaml $w.affinity | nindent 4 }}
+  {{- else if ne $w.podAntiAffinity "none" }}
+  affinity:
+    {{- include "caravan.antiAffinity" (list . "worker" $w.podAntiAffinity) | nindent 4 }}
+  {{- end }}
+  {{- if or $w.spread.enabled $w.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- if $w.spread.enabled }}
+    - maxSkew: {{ $w.spread.maxSkew }}
+      topologyKey: {{ $w.spread.topologyKey }}
+      whenUnsatisfiable: {{ $w.spread.whenUnsatisfiable }}
+      {{- if not (kindIs "invalid" $w.spread.minDomains) }}
+      minDomains: {{ $w.spread.minDomains }}
+      {{- end }}
+      labelSelector:
+        matchLabels:
+          {{- include "caravan.componentSelectorLabels" (list . "worker") | nindent 10 }}
+    {{- end }}
+    {{- with $w.topologySpreadConstraints }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- end }}
+  {{- with $w.extraInitContainers }}
+  initContainers:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: worker
+      image: {{ include "caravan.image" . | quote }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      # The image's entrypoint (tini) stays PID 1 and forwards signals.
+      args:
+        - caravan-worker
+        {{- if eq .Values.registration.mode "etcd" }}
+        - --etcd-endpoints={{ include "caravan.etcdEndpoints" . }}
+        {{- else }}
+        - --coordinator=http://{{ printf "%s-registration" (include "caravan.coordinator.fullname" .) | trunc 63 | trimSuffix "-" }}:{{ .Values.coordinator.ports.grpc }}
+        {{- end }}
+        - --listen=0.0.0.0:{{ $w.ports.grpc }}
+        - --ring-addr=0.0.0.0:{{ $w.ports.ring }}
+        # The address the coordinator and the other ranks reach this worker by.
+        - --advertise-host=$(POD_IP)
+        - --device={{ $device }}
+        {{- with include "caravan.commonArgs" . | trim }}
+        {{- . | nindent 8 }}
+        {{- end }}
+        {{- with $w.extraArgs }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      env:
+        {{- include "caravan.commonEnv" . | nindent 8 }}
+        {{- with $w.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      ports:
+        - name: grpc
+          containerPort: {{ $w.ports.grpc }}
+          protocol: TCP
+        - name: ring
+          containerPort: {{ $w.ports.ring }}
+          protocol: TCP
+      # grpc.health.v1.Health on the worker's gRPC port (gRPC probes take a port number only).
+      readinessProbe:
+        grpc:
+          port: {{ $w.ports.grpc }}
+          {{- with $w.readinessProbe.service }}
+          service: {{ . | quote }}
+          {{- end }}
+        {{- toYaml (omit $w.readinessProbe "service") | nindent 8 }}
+      livenessProbe:
+        grpc:
+          port: {{ $w.ports.grpc }}
+          {{- with $w.livenessProbe.service }}
+          service: {{ . | quote }}
+          {{- end }}
+        {{- toYaml (omit $w.livenessProbe "service") | nindent 8 }}
+      {{- $resources := deepCopy (default dict $w.resources) }}
+      {{- if gt (int $w.gpu.count) 0 }}
+      {{- $gpus := dict $w.gpu.resourceName (int $w.gpu.count) }}
+      {{- $_ := set $resources "limits" (merge (default dict $resources.limits) $gpus) }}
+      {{- $_ := set $resources "requests" (merge (default dict $resources.requests) $gpus) }}
+      {{- end }}
+      {{- with $resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .Values.securityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - name: model
+          mountPath: /models
+          readOnly: true
+        - name: dshm
+          mountPath: /dev/shm
+        - name: tmp
+          mountPath: /tmp
+  volumes:
+    {{- include "caravan.modelVolume" . | nindent 4 }}
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        {{- with $w.shmSize }}
+        sizeLimit: {{ . | quote }}
+        {{- end }}
+    - name: tmp
+      emptyDir: {}
+{{- end }}
