@@ -7,9 +7,9 @@
 #   docker build -t caravan:dev .                                   # CPU
 #   docker build --build-arg VARIANT=cuda -t caravan:dev-cuda .     # GPU (CUDA 13, NCCL)
 #
-# VARIANT=cpu takes torch's CPU wheel from https://download.pytorch.org/whl/cpu (about 1 GB).
+# VARIANT=cpu takes torch's CPU-only wheel from https://download.pytorch.org/whl/cpu.
 # VARIANT=cuda takes PyPI's default torch wheel, built for CUDA 13, which brings the CUDA runtime
-# libraries and NCCL as nvidia-* wheels (about 5 GB), and builds the worker with the `cuda`
+# libraries and NCCL as nvidia-* wheels (about 5 GB installed), and builds the worker with the `cuda`
 # feature (NCCL communicator, libtorch_cuda linked). The host needs only the NVIDIA driver; the
 # NVIDIA container toolkit (e.g. through the GPU Operator) mounts it into the container.
 
@@ -18,6 +18,7 @@ ARG TORCH_VERSION=2.11.0
 
 # --- build ---------------------------------------------------------------------------------------
 FROM rust:1-bookworm AS build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG VARIANT
 ARG TORCH_VERSION
 # Parallel rustc jobs; empty means one per CPU (.cargo/config.toml's `jobs = 2` suits the
@@ -25,6 +26,8 @@ ARG TORCH_VERSION
 ARG BUILD_JOBS=""
 
 # protoc compiles proto/ (the gRPC contract); python3-venv holds the torch wheel, i.e. libtorch.
+# Debian stable's versions are not pinned: they only change for security fixes.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       protobuf-compiler python3-venv \
@@ -35,12 +38,13 @@ RUN apt-get update \
 # against). The runtime stage copies the same folder to the same path.
 RUN set -eux; \
     case "$VARIANT" in \
-      cpu)  index="--index-url https://download.pytorch.org/whl/cpu" ;; \
-      cuda) index="" ;; \
+      cpu)  index_url="https://download.pytorch.org/whl/cpu" ;; \
+      cuda) index_url="" ;; \
       *)    echo "VARIANT must be cpu or cuda, not '$VARIANT'" >&2; exit 1 ;; \
     esac; \
     python3 -m venv /opt/venv; \
-    /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check $index "torch==${TORCH_VERSION}"; \
+    /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
+      ${index_url:+--index-url "$index_url"} "torch==${TORCH_VERSION}"; \
     torch_dir="$(/opt/venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')"; \
     ln -s "$torch_dir" /opt/venv/libtorch; \
     test -f /opt/venv/libtorch/lib/libtorch_cpu.so
@@ -54,11 +58,11 @@ COPY . .
 # The cargo registry and target/ live in cache mounts (kept between builds by BuildKit), so the
 # binaries are copied out within the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target,id=caravan-target-${VARIANT} \
+    --mount=type=cache,target=/src/target \
     set -eux; \
     features=""; \
-    if [ "$VARIANT" = cuda ]; then features="--features caravan-worker/cuda"; fi; \
-    cargo build --release --locked --bins -j "${BUILD_JOBS:-$(nproc)}" $features; \
+    if [ "$VARIANT" = cuda ]; then features="caravan-worker/cuda"; fi; \
+    cargo build --release --locked --bins -j "${BUILD_JOBS:-$(nproc)}" ${features:+--features "$features"}; \
     mkdir -p /out; \
     for bin in caravan-coordinator caravan-worker caravan-generate caravanctl; do \
       cp "target/release/$bin" /out/; \
@@ -66,10 +70,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 # --- runtime -------------------------------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG VARIANT
 
 # python3 makes the copied virtualenv usable for inspection (e.g. torch.cuda.is_available());
 # tini runs as PID 1, forwarding signals to the Caravan process and reaping children.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 tini \
  && rm -rf /var/lib/apt/lists/*
@@ -80,7 +86,7 @@ COPY --from=build /opt/venv /opt/venv
 # libnccl.so, while the wheel ships only libnccl.so.2; /opt/venv/nccl offers both names.
 RUN set -eux; \
     mkdir -p /opt/venv/nccl; \
-    nccl="$(find /opt/venv/lib -path '*/nvidia/nccl/lib/libnccl.so.2' | head -n 1)"; \
+    nccl="$(find /opt/venv/lib -path '*/nvidia/nccl/lib/libnccl.so.2' -print -quit)"; \
     if [ -n "$nccl" ]; then \
       ln -s "$nccl" /opt/venv/nccl/libnccl.so.2; \
       ln -s "$nccl" /opt/venv/nccl/libnccl.so; \
@@ -95,10 +101,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp
 
 COPY --from=build /out/ /usr/local/bin/
-# Every binary starts (libtorch and all its libraries resolve) before the image is accepted.
+# Every binary starts (libtorch and all its libraries resolve) before the image is accepted;
+# only libcuda, the driver the container toolkit mounts at run time, may be missing here.
 RUN set -eux; \
     for bin in caravan-coordinator caravan-worker caravan-generate caravanctl; do \
-      if ldd "/usr/local/bin/$bin" | grep 'not found'; then exit 1; fi; \
+      if ldd "/usr/local/bin/$bin" | grep 'not found' | grep -v 'libcuda\.so'; then exit 1; fi; \
       "$bin" --help >/dev/null; \
     done
 

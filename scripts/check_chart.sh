@@ -104,6 +104,8 @@ def check_pod(owner, spec):
             timeout = [int(a.split("=", 1)[1]) for a in stop if a.startswith("--timeout=")]
             if not timeout or spec.get("terminationGracePeriodSeconds", 30) <= timeout[0]:
                 fail(f"{owner}: terminationGracePeriodSeconds does not exceed the drain timeout")
+            if timeout and f"--drain-timeout={timeout[0]}" not in args:
+                fail(f"{owner}: the coordinator's --drain-timeout differs from the preStop drain's")
         if args[0] == "caravan-worker":
             for probe in ("readinessProbe", "livenessProbe"):
                 if "grpc" not in c.get(probe, {}):

@@ -23,6 +23,8 @@ command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 # npm fetches llama-tokenizer-js, from which the Llama 2 tokenizer.json is rebuilt (below).
 command -v npm >/dev/null || need_apt+=(npm)
+# A real etcd server for the membership and leader-election tests.
+command -v etcd >/dev/null || need_apt+=(etcd-server)
 if ((${#need_apt[@]})); then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   log "installing Debian packages: ${need_apt[*]}"

@@ -16,7 +16,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p caravan-worker --features cuda --all-targets -- -D warnings
 echo "[test] cargo test" >&2
 cargo test --workspace "$@"
-echo "[test] Python: the tokenizer build, and the HTTP API through the openai client" >&2
+echo "[test] Helm chart: lint, render, validate offline against Kubernetes schemas" >&2
+bash scripts/check_chart.sh
+echo "[test] Python: the tokenizer build, the HTTP API through the openai client, batching, etcd, failures" >&2
 cargo build --workspace --bins
 CARAVAN_TOKENIZER_DIR="$root/models/llama2-tokenizer" \
   .venv/bin/python -m pytest -q python/test_tokenizer.py tests/python

@@ -87,6 +87,21 @@ impl Registry {
         removed
     }
 
+    /// Makes the registry hold exactly `present` (by id), keeping the order of those it has.
+    pub fn replace_all(&self, present: Vec<(String, WorkerInfo)>) {
+        let known: Vec<String> = self.lock().iter().map(|w| w.id.clone()).collect();
+        for id in &known {
+            if !present.iter().any(|(p, _)| p == id) {
+                self.remove(id);
+            }
+        }
+        for (id, info) in present {
+            if !known.contains(&id) {
+                self.add(info, Some(id));
+            }
+        }
+    }
+
     /// Records a sign of life; false if the worker is unknown.
     pub fn touch(&self, id: &str) -> bool {
         match self.lock().iter_mut().find(|w| w.id == id) {

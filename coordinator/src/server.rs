@@ -18,6 +18,7 @@ use crate::{
     api::{self, AppState, Control},
     blocks::BlockManager,
     engine::{Engine, SchedulerConfig},
+    etcd::Etcd,
     group::{GroupHealth, HealthProbe, KvCacheSize, ShardPlan, WorkerGroup},
     local_workers::LocalWorkers,
     model_info::ModelInfo,
@@ -107,6 +108,20 @@ pub struct ServeArgs {
     /// libtorch threads per worker (0: cores / tp for local workers, libtorch's default otherwise).
     #[arg(long, env = "CARAVAN_THREADS_PER_WORKER", default_value_t = 0)]
     pub threads_per_worker: u32,
+    /// Keep cluster state in etcd (comma-separated endpoints): workers register there, and
+    /// coordinators sharing it elect a leader (the others answer 503 until they lead).
+    #[arg(long, env = "CARAVAN_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of this cluster in etcd.
+    #[arg(long, env = "CARAVAN_ETCD_PREFIX", default_value = caravan_proto::etcd::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// Seconds the leadership outlives a dead leader (a standby takes over after it).
+    #[arg(long, env = "CARAVAN_ETCD_LEASE_TTL", default_value_t = 5)]
+    pub etcd_lease_ttl: i64,
+    /// The URL clients reach this coordinator by, announced when it leads (default:
+    /// http://HOST:PORT from --host and the bound port).
+    #[arg(long, env = "CARAVAN_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// Seconds a drain (SIGTERM, `caravanctl drain`) lets requests in flight finish before
     /// ending them with an error.
     #[arg(long, env = "CARAVAN_DRAIN_TIMEOUT", default_value_t = 30)]
@@ -239,13 +254,61 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         }
     };
     tokio::pin!(shutdown);
-    let mut epoch = 0u64;
+
+    // With etcd: wait to lead, then follow the workers registered there.
+    let use_etcd = !args.etcd_endpoints.is_empty();
+    let mut leadership = None;
+    if use_etcd {
+        let etcd =
+            Etcd::connect(&args.etcd_endpoints, &args.etcd_prefix, args.etcd_lease_ttl).await?;
+        let url = args
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{http_addr}"));
+        let leader = etcd.leader().await;
+        health.fail(match &leader {
+            Some(l) => format!("standby: the leader is {l}"),
+            None => "standby: electing a leader".to_string(),
+        });
+        eprintln!(
+            "campaigning for leadership of {} (current leader: {})",
+            args.etcd_prefix,
+            leader.as_deref().unwrap_or("none")
+        );
+        let won = tokio::select! {
+            won = etcd.lead(&url) => won?,
+            _ = &mut shutdown => {
+                http_server.abort();
+                return Ok(());
+            }
+        };
+        eprintln!("leading {} as {url}", args.etcd_prefix);
+        leadership = Some(won);
+        tokio::spawn(etcd.clone().mirror_workers(registry.clone()));
+    }
+    let mut leadership_lost = leadership.as_ref().map(|l| l.lost.clone());
+    let lost_leadership = async move {
+        match &mut leadership_lost {
+            Some(lost) => {
+                let _ = lost.wait_for(|l| *l).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(lost_leadership);
+    // Workers registered directly heartbeat; those in etcd live as long as their lease.
+    let stale_after = (!use_etcd).then_some(STALE_AFTER);
+
     // Form a group, serve until it fails, form it again: until shutdown.
     'serving: loop {
-        epoch += 1;
+        // Unique across coordinators, so a new leader's ring never meets an old one's.
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let group = tokio::select! {
-            group = form_group(&registry, &plan, args.tp, epoch) => group,
+            group = form_group(&registry, &plan, args.tp, epoch, stale_after) => group,
             _ = &mut shutdown => break 'serving,
+            _ = &mut lost_leadership => bail!("lost the leadership (etcd lease not renewed)"),
         };
         let group = match group {
             Ok(group) => group,
@@ -257,6 +320,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'serving,
                     _ = &mut shutdown => break 'serving,
+                    _ = &mut lost_leadership => bail!("lost the leadership (etcd lease not renewed)"),
                 }
             }
         };
@@ -291,20 +355,28 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!(epoch, kv_cache_tokens = kv_tokens, "ready");
 
         tokio::select! {
-            problem = watch_group(&probe, &registry, &members) => {
+            problem = watch_group(&probe, &registry, &members, stale_after) => {
                 health.fail(problem.clone());
                 eprintln!("worker group failed: {problem}; forming it again");
                 // The engine sees the failure, ends every request in flight with an error, and
                 // stops once its handle is gone.
                 state.engine.write().unwrap_or_else(|e| e.into_inner()).take();
                 // Workers that do not answer leave the pool; the rest join the next group.
-                for (id, alive) in probe.liveness(&members).await {
-                    if !alive {
-                        registry.remove(&id);
+                // (In etcd, a dead worker's registration expires with its lease.)
+                if !use_etcd {
+                    for (id, alive) in probe.liveness(&members).await {
+                        if !alive {
+                            registry.remove(&id);
+                        }
                     }
                 }
             }
             _ = &mut shutdown => break 'serving,
+            _ = &mut lost_leadership => {
+                health.fail("lost the leadership");
+                state.engine.write().unwrap_or_else(|e| e.into_inner()).take();
+                bail!("lost the leadership (etcd lease not renewed)");
+            }
         }
     }
 
@@ -343,14 +415,20 @@ async fn form_group(
     plan: &ShardPlan,
     tp: usize,
     epoch: u64,
+    stale_after: Option<Duration>,
 ) -> Result<WorkerGroup> {
-    let workers = registry.wait_for(tp, Some(STALE_AFTER)).await;
+    let workers = registry.wait_for(tp, stale_after).await;
     WorkerGroup::form(workers, plan, epoch).await
 }
 
 /// Resolves with a description once the group cannot serve: a rank fails its health check, a
 /// member stops sending heartbeats or leaves the registry.
-async fn watch_group(probe: &HealthProbe, registry: &Registry, members: &[String]) -> String {
+async fn watch_group(
+    probe: &HealthProbe,
+    registry: &Registry,
+    members: &[String],
+    stale_after: Option<Duration>,
+) -> String {
     loop {
         tokio::time::sleep(HEARTBEAT_INTERVAL).await;
         if let Some(problem) = probe.check().await {
@@ -360,7 +438,7 @@ async fn watch_group(probe: &HealthProbe, registry: &Registry, members: &[String
         for id in members {
             match seen.get(id) {
                 None => return format!("{id} left the registry"),
-                Some(t) if t.elapsed() > STALE_AFTER => {
+                Some(t) if stale_after.is_some_and(|limit| t.elapsed() > limit) => {
                     return format!("{id} stopped sending heartbeats")
                 }
                 Some(_) => {}

@@ -10,3 +10,22 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+/// How Caravan lays out its state in etcd (`--etcd-endpoints`). Everything lives under a prefix
+/// (`--etcd-prefix`, default `/caravan`), so several clusters can share one etcd.
+pub mod etcd {
+    /// Default key prefix.
+    pub const DEFAULT_PREFIX: &str = "/caravan";
+
+    /// Where workers register: one key per worker, `{prefix}/workers/{worker id}`, whose value is
+    /// a protobuf-encoded [`crate::RegisterRequest`], attached to the worker's lease (it vanishes
+    /// when the worker stops renewing it).
+    pub fn workers_prefix(prefix: &str) -> String {
+        format!("{}/workers/", prefix.trim_end_matches('/'))
+    }
+
+    /// The election coordinators campaign on; the leader's value is its HTTP URL.
+    pub fn leader_election(prefix: &str) -> String {
+        format!("{}/coordinator-leader", prefix.trim_end_matches('/'))
+    }
+}

@@ -8,6 +8,7 @@
 pub mod engine;
 pub mod generate;
 pub mod local_group;
+pub mod membership;
 pub mod sampling;
 pub mod service;
 pub mod telemetry;

@@ -95,6 +95,16 @@ etcd.endpoints. */}}
 {{- end }}
 {{- end }}
 
+{{/* etcd flags of the coordinator and the workers (registration.mode etcd). */}}
+{{- define "caravan.etcdArgs" -}}
+{{- if eq .Values.registration.mode "etcd" -}}
+- {{ printf "--etcd-endpoints=%s" (include "caravan.etcdEndpoints" .) | quote }}
+{{- with .Values.etcd.prefix }}
+- {{ printf "--etcd-prefix=%s" . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* The worker's device: workers.device, else cuda:0 with GPUs and cpu without. */}}
 {{- define "caravan.worker.device" -}}
 {{- if .Values.workers.device }}
@@ -175,7 +185,7 @@ advertise it to their peers), log settings, the OpenTelemetry resource. */}}
 - --log-format=json
 {{- end }}
 {{- with .Values.tracing.otlpEndpoint }}
-- --otlp-endpoint={{ . }}
+- {{ printf "--otlp-endpoint=%s" . | quote }}
 {{- end }}
 {{- end }}
 

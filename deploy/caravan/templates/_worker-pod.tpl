@@ -72,7 +72,7 @@ spec:
       args:
         - caravan-worker
         {{- if eq .Values.registration.mode "etcd" }}
-        - --etcd-endpoints={{ include "caravan.etcdEndpoints" . }}
+        {{- include "caravan.etcdArgs" . | nindent 8 }}
         {{- else }}
         - --coordinator=http://{{ printf "%s-registration" (include "caravan.coordinator.fullname" .) | trunc 63 | trimSuffix "-" }}:{{ .Values.coordinator.ports.grpc }}
         {{- end }}
@@ -80,7 +80,7 @@ spec:
         - --ring-addr=0.0.0.0:{{ $w.ports.ring }}
         # The address the coordinator and the other ranks reach this worker by.
         - --advertise-host=$(POD_IP)
-        - --device={{ $device }}
+        - {{ printf "--device=%s" $device | quote }}
         {{- with include "caravan.commonArgs" . | trim }}
         {{- . | nindent 8 }}
         {{- end }}

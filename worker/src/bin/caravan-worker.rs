@@ -11,6 +11,7 @@ use caravan_proto::{
 use caravan_worker::{
     engine::{Engine, SharedStatus},
     generate::parse_device,
+    membership::EtcdRegistration,
     service::{WorkerIdentity, WorkerService},
     telemetry,
 };
@@ -22,9 +23,28 @@ use tokio::io::AsyncReadExt;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// The coordinator's gRPC address, e.g. http://10.0.0.1:50051.
-    #[arg(long, env = "CARAVAN_COORDINATOR")]
-    coordinator: String,
+    /// Register directly with the coordinator at this gRPC address, e.g. http://10.0.0.1:50051.
+    #[arg(
+        long,
+        env = "CARAVAN_COORDINATOR",
+        required_unless_present = "etcd_endpoints"
+    )]
+    coordinator: Option<String>,
+    /// Register in etcd instead (comma-separated endpoints, e.g. http://etcd:2379): every
+    /// coordinator of the cluster sees this worker, and a dead one disappears with its lease.
+    #[arg(
+        long,
+        env = "CARAVAN_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        conflicts_with = "coordinator"
+    )]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of this cluster in etcd.
+    #[arg(long, env = "CARAVAN_ETCD_PREFIX", default_value = caravan_proto::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// Seconds the etcd registration outlives this worker.
+    #[arg(long, env = "CARAVAN_ETCD_LEASE_TTL", default_value_t = 5)]
+    etcd_lease_ttl: i64,
     /// Address for this worker's gRPC service (port 0 picks a free one).
     #[arg(long, env = "CARAVAN_LISTEN", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
@@ -126,7 +146,6 @@ async fn run(args: Args) -> Result<()> {
     let server = tokio::spawn(server);
     tracing::info!(%grpc_addr, %ring_addr, "worker listening");
 
-    let mut client = connect(&args.coordinator).await?;
     let registration = pb::RegisterRequest {
         protocol_version: caravan_proto::PROTOCOL_VERSION.into(),
         worker_addr: advertised_grpc.clone(),
@@ -135,50 +154,75 @@ async fn run(args: Args) -> Result<()> {
         memory_bytes: identity.memory_bytes,
         ring_addr: identity.ring_addr.clone(),
     };
-    let registered = client
-        .register(registration.clone())
-        .await
-        .context("registering with the coordinator")?
-        .into_inner();
-    tracing::info!(worker_id = %registered.worker_id, "registered");
-    let mut worker_id = registered.worker_id;
-    let interval = Duration::from_millis(registered.heartbeat_interval_ms.max(100) as u64);
-    let heartbeat = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(interval).await;
-            let request = pb::HeartbeatRequest {
-                worker_id: worker_id.clone(),
-            };
-            match client.heartbeat(request).await {
-                // Removed from the pool (it failed a group, or the coordinator restarted): offer
-                // this worker again.
-                Ok(r) if !r.get_ref().known => match client.register(registration.clone()).await {
-                    Ok(r) => {
-                        worker_id = r.into_inner().worker_id;
-                        tracing::info!(%worker_id, "registered again");
-                    }
-                    Err(e) => tracing::warn!(error = %e.message(), "registering again failed"),
-                },
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e.message(), "heartbeat failed"),
-            }
-        }
-    });
+    let membership = if args.etcd_endpoints.is_empty() {
+        let url = args.coordinator.clone().unwrap_or_default();
+        let mut client = connect(&url).await?;
+        let registered = client
+            .register(registration.clone())
+            .await
+            .context("registering with the coordinator")?
+            .into_inner();
+        tracing::info!(worker_id = %registered.worker_id, "registered");
+        let worker_id = registered.worker_id;
+        let interval = Duration::from_millis(registered.heartbeat_interval_ms.max(100) as u64);
+        tokio::spawn(heartbeats(client, worker_id, interval, registration))
+    } else {
+        let registration_in_etcd = EtcdRegistration {
+            endpoints: args.etcd_endpoints.clone(),
+            prefix: args.etcd_prefix.clone(),
+            lease_ttl: args.etcd_lease_ttl.max(1),
+            worker_id: format!("{}-{}", identity.host, std::process::id()),
+        };
+        tokio::spawn(registration_in_etcd.run(registration))
+    };
 
-    if args.exit_with_parent {
+    let exit_with_parent = args.exit_with_parent;
+    let parent_gone = async move {
+        if !exit_with_parent {
+            return std::future::pending().await;
+        }
         let mut stdin = tokio::io::stdin();
         let mut buf = [0u8; 64];
-        tokio::select! {
-            _ = async { while !matches!(stdin.read(&mut buf).await, Ok(0) | Err(_)) {} } => {
-                tracing::info!("parent gone; exiting");
-            }
-            result = server => { result??; }
-        }
-    } else {
-        server.await??;
+        while !matches!(stdin.read(&mut buf).await, Ok(0) | Err(_)) {}
+    };
+    let mut membership = membership;
+    tokio::select! {
+        _ = parent_gone => tracing::info!("parent gone; exiting"),
+        result = server => result??,
+        // Membership tasks end only on a fatal error.
+        result = &mut membership => result??,
     }
-    heartbeat.abort();
+    membership.abort();
     Ok(())
+}
+
+/// Direct registration: a heartbeat every `interval`; registers again when the coordinator no
+/// longer knows this worker.
+async fn heartbeats(
+    mut client: CoordinatorClient<tonic::transport::Channel>,
+    mut worker_id: String,
+    interval: Duration,
+    registration: pb::RegisterRequest,
+) -> Result<()> {
+    loop {
+        tokio::time::sleep(interval).await;
+        let request = pb::HeartbeatRequest {
+            worker_id: worker_id.clone(),
+        };
+        match client.heartbeat(request).await {
+            // Removed from the pool (it failed a group, or the coordinator restarted): offer
+            // this worker again.
+            Ok(r) if !r.get_ref().known => match client.register(registration.clone()).await {
+                Ok(r) => {
+                    worker_id = r.into_inner().worker_id;
+                    tracing::info!(%worker_id, "registered again");
+                }
+                Err(e) => tracing::warn!(error = %e.message(), "registering again failed"),
+            },
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e.message(), "heartbeat failed"),
+        }
+    }
 }
 
 async fn connect(url: &str) -> Result<CoordinatorClient<tonic::transport::Channel>> {
