@@ -225,19 +225,20 @@ impl WorkerGroup {
         };
         self.next_step += 1;
         let timeout = self.step_timeout;
-        let calls = self.ranks.iter().map(|client| {
+        let calls = self.ranks.iter().enumerate().map(|(rank, client)| {
             let mut client = client.clone();
             let request = request.clone();
-            async move { tokio::time::timeout(timeout, client.step(request)).await }
-        });
-        let mut answers = Vec::with_capacity(self.ranks.len());
-        for (rank, result) in join_all(calls).await.into_iter().enumerate() {
-            match result {
-                Err(_) => bail!("rank {rank} did not answer the step within {timeout:?}"),
-                Ok(Err(status)) => bail!("rank {rank}: {}", status.message()),
-                Ok(Ok(response)) => answers.push(response.into_inner()),
+            async move {
+                match tokio::time::timeout(timeout, client.step(request)).await {
+                    Err(_) => bail!("rank {rank} did not answer the step within {timeout:?}"),
+                    Ok(Err(status)) => bail!("rank {rank}: {}", status.message()),
+                    Ok(Ok(response)) => Ok(response.into_inner()),
+                }
             }
-        }
+        });
+        // The first failing rank fails the step: a rank cut off from the network never answers,
+        // but its peers' collectives time out and say so.
+        let mut answers = futures::future::try_join_all(calls).await?;
         let first = answers.swap_remove(0);
         for (i, other) in answers.iter().enumerate() {
             let ids =
