@@ -41,6 +41,20 @@ pub struct SequenceAttention {
     pub causal: bool,
 }
 
+/// The single-token (decode) sequences of a step, attended in one batched call: each one's
+/// context is gathered into a row padded to the longest, and the padding masked out.
+pub struct DecodeBatch {
+    /// Indices into [`StepInputs::sequences`], in order.
+    pub members: Vec<usize>,
+    /// `[d]` rows of their tokens in the flat batch.
+    pub rows: Tensor,
+    /// `[d * longest]` cache slots, row-major; padding points at a real slot (masked out).
+    pub slots: Tensor,
+    /// `[d, 1, 1, longest]` boolean (true = attend).
+    pub mask: Tensor,
+    pub longest: i64,
+}
+
 /// Tensors shared by every layer for one step.
 pub struct StepInputs {
     /// `[n]` flat token ids.
@@ -48,6 +62,8 @@ pub struct StepInputs {
     /// Cache slot of each new token.
     pub slot_mapping: Tensor,
     pub sequences: Vec<SequenceAttention>,
+    /// When two or more sequences decode a single token: those, batched.
+    pub decodes: Option<DecodeBatch>,
     /// Rows of the final hidden states that get logits.
     pub logit_rows: Tensor,
     /// RoPE tables for the new tokens' positions, `[n, 1, head_dim]` in the compute dtype.
@@ -81,6 +97,8 @@ impl StepInputs {
         let mut slots = Vec::new();
         let mut logit_rows = Vec::new();
         let mut sequences = Vec::with_capacity(batch.len());
+        // (index in `sequences`, row, context slots) of single-token sequences.
+        let mut decode_contexts: Vec<(usize, i64, Vec<i64>)> = Vec::new();
         for (i, seq) in batch.iter().enumerate() {
             let len = seq.tokens.len();
             if len == 0 {
@@ -131,6 +149,9 @@ impl StepInputs {
                 LogitsSelection::LastTokens => logit_rows.push(offset + len as i64 - 1),
             }
             let context_slots: Vec<i64> = (0..context).map(slot).collect();
+            if len == 1 {
+                decode_contexts.push((sequences.len(), offset, context_slots.clone()));
+            }
             let (mask, causal) = if len == 1 {
                 (None, false)
             } else if len == context {
@@ -152,9 +173,38 @@ impl StepInputs {
                 causal,
             });
         }
+        let decodes = if decode_contexts.len() >= 2 {
+            let longest = decode_contexts
+                .iter()
+                .map(|(_, _, c)| c.len())
+                .max()
+                .unwrap_or(1);
+            let d = decode_contexts.len();
+            let mut slots = Vec::with_capacity(d * longest);
+            let mut mask = Vec::with_capacity(d * longest);
+            for (_, _, context) in &decode_contexts {
+                slots.extend_from_slice(context);
+                slots.extend(std::iter::repeat_n(context[0], longest - context.len()));
+                mask.extend(std::iter::repeat_n(true, context.len()));
+                mask.extend(std::iter::repeat_n(false, longest - context.len()));
+            }
+            let rows: Vec<i64> = decode_contexts.iter().map(|(_, o, _)| *o).collect();
+            Some(DecodeBatch {
+                members: decode_contexts.iter().map(|(i, _, _)| *i).collect(),
+                rows: Tensor::f_from_slice(&rows)?.f_to_device(device)?,
+                slots: Tensor::f_from_slice(&slots)?.f_to_device(device)?,
+                mask: Tensor::f_from_slice(&mask)?
+                    .f_view([d as i64, 1, 1, longest as i64])?
+                    .f_to_device(device)?,
+                longest: longest as i64,
+            })
+        } else {
+            None
+        };
         let positions = Tensor::f_from_slice(&positions)?.f_to_device(device)?;
         let (cos, sin) = rotary.tables(&positions, kind)?;
         Ok(StepInputs {
+            decodes,
             tokens: Tensor::f_from_slice(&tokens)?.f_to_device(device)?,
             slot_mapping: Tensor::f_from_slice(&slots)?.f_to_device(device)?,
             sequences,

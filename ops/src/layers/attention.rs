@@ -104,8 +104,56 @@ impl Attention {
         let _ = cache.values.f_index_copy_(0, &step.slot_mapping, &v)?;
 
         let group = self.q_heads / self.kv_heads;
+        let repeat_kv = |t: Tensor, dim: i64| -> Result<Tensor> {
+            Ok(if group > 1 {
+                t.f_repeat_interleave_self_int(group, dim, None)?
+            } else {
+                t
+            })
+        };
+        // Decodes: one batched attention over contexts padded to the longest.
+        let decoded = match &step.decodes {
+            None => None,
+            Some(batch) => {
+                let d = batch.members.len() as i64;
+                // [d, heads, 1, head_dim]
+                let q = q.f_index_select(0, &batch.rows)?.f_unsqueeze(2)?;
+                let gather = |pool: &Tensor| -> Result<Tensor> {
+                    let t = pool
+                        .f_index_select(0, &batch.slots)?
+                        .f_view([d, batch.longest, self.kv_heads, self.head_dim])?
+                        .f_permute([0, 2, 1, 3])?;
+                    repeat_kv(t, 1)
+                };
+                let k = gather(&cache.keys)?;
+                let v = gather(&cache.values)?;
+                let out = Tensor::f_scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    Some(&batch.mask),
+                    0.0,
+                    false,
+                    None,
+                    false,
+                )?;
+                Some(out.f_reshape([d, -1])?)
+            }
+        };
+        if let Some(decoded) = &decoded {
+            if step.decodes.as_ref().map(|b| b.members.len()) == Some(step.sequences.len()) {
+                // Every sequence decodes (the common step): rows are already in order.
+                return self.o_proj.forward(decoded);
+            }
+        }
         let mut outputs = Vec::with_capacity(step.sequences.len());
-        for seq in &step.sequences {
+        for (i, seq) in step.sequences.iter().enumerate() {
+            if let (Some(batch), Some(decoded)) = (&step.decodes, &decoded) {
+                if let Some(j) = batch.members.iter().position(|&m| m == i) {
+                    outputs.push(decoded.f_narrow(0, j as i64, 1)?);
+                    continue;
+                }
+            }
             // [heads, tokens, head_dim], with a leading batch dimension of one.
             let q = q
                 .f_narrow(0, seq.offset, seq.len)?
@@ -115,12 +163,7 @@ impl Attention {
                 let t = pool
                     .f_index_select(0, &seq.context_slots)?
                     .f_transpose(0, 1)?;
-                let t = if group > 1 {
-                    t.f_repeat_interleave_self_int(group, 0, None)?
-                } else {
-                    t
-                };
-                Ok(t.f_unsqueeze(0)?)
+                Ok(repeat_kv(t, 0)?.f_unsqueeze(0)?)
             };
             let k = context(&cache.keys)?;
             let v = context(&cache.values)?;
