@@ -461,8 +461,19 @@ impl Engine {
             });
         }
         let step_tokens: usize = plan.iter().map(|p| p.tokens).sum();
+        let started = std::time::Instant::now();
         let sampled = match self.group.step(sequences).await {
-            Ok(tokens) => tokens,
+            Ok((tokens, compute)) => {
+                EngineStats::add(
+                    &self.stats.step_micros,
+                    started.elapsed().as_micros() as usize,
+                );
+                EngineStats::add(
+                    &self.stats.worker_compute_micros,
+                    compute.as_micros() as usize,
+                );
+                tokens
+            }
             Err(e) => {
                 let reason = format!("step failed: {e:#}");
                 self.health.fail(reason.clone());

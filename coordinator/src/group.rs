@@ -192,7 +192,7 @@ impl WorkerGroup {
             sampling: Some(pb::SamplingParams::default()),
             sample: true,
         };
-        let tokens = self.step(vec![seq]).await?;
+        let (tokens, _) = self.step(vec![seq]).await?;
         if tokens.len() != 1 {
             bail!("warm-up returned {} tokens", tokens.len());
         }
@@ -215,10 +215,11 @@ impl WorkerGroup {
     }
 
     /// Runs one step on every rank in lockstep; fails if any rank fails or the ranks disagree.
+    /// Returns the sampled tokens and rank 0's compute time.
     pub async fn step(
         &mut self,
         sequences: Vec<pb::SequenceStep>,
-    ) -> Result<Vec<pb::SampledToken>> {
+    ) -> Result<(Vec<pb::SampledToken>, Duration)> {
         let request = pb::StepRequest {
             step_id: self.next_step,
             sequences,
@@ -250,7 +251,7 @@ impl WorkerGroup {
                 );
             }
         }
-        Ok(first.tokens)
+        Ok((first.tokens, Duration::from_micros(first.compute_us)))
     }
 
     /// Tells every rank to drop the sampling state of `ids` (best effort: it is only memory).

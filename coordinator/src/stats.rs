@@ -28,6 +28,10 @@ pub struct EngineStats {
     /// Tokens the workers computed (prefill chunks plus decodes), over all steps.
     pub step_tokens: AtomicU64,
     pub requests_rejected_queue_full: AtomicU64,
+    /// Wall time of steps as the coordinator sees them (plan sent to answers back).
+    pub step_micros: AtomicU64,
+    /// Rank 0's time inside those steps (forward, collectives, sampling).
+    pub worker_compute_micros: AtomicU64,
 }
 
 impl EngineStats {
@@ -147,6 +151,21 @@ impl EngineStats {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}\n",
                 Self::get(value)
             );
+        }
+        for (name, help, value) in [
+            (
+                "caravan_step_seconds_total",
+                "Wall time of steps, plan sent to answers back.",
+                &self.step_micros,
+            ),
+            (
+                "caravan_worker_compute_seconds_total",
+                "Rank 0's compute time inside steps (forward, collectives, sampling).",
+                &self.worker_compute_micros,
+            ),
+        ] {
+            let seconds = Self::get(value) as f64 / 1e6;
+            out += &format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {seconds}\n");
         }
         out
     }

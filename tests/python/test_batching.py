@@ -152,8 +152,13 @@ def test_prefix_cache_hits_are_counted_and_exact(checkpoint, reference):
             common += 1
         assert gained == (common // 16) * 16 and gained >= 48, (gained, common)
         # The same prompt again hits all its full blocks and still gives the same text.
+        before_again = metrics(served.http)["caravan_prefix_cache_hit_tokens_total"]
         assert complete(served.client, served.model, first)[0] == first["text"]
-        assert after["caravan_kv_cache_blocks_used"] == 0 and after["caravan_kv_cache_blocks_cached"] > 0
+        again = metrics(served.http)["caravan_prefix_cache_hit_tokens_total"] - before_again
+        assert again == ((len(first["prompt_ids"]) - 1) // 16) * 16, again
+        # Idle: nothing referenced (the engine releases just after the response), blocks cached.
+        wait_for_metric(served.http, "caravan_kv_cache_blocks_used", lambda v: v == 0)
+        assert metrics(served.http)["caravan_kv_cache_blocks_cached"] > 0
     finally:
         served.close()
 

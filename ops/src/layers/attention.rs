@@ -118,12 +118,12 @@ impl Attention {
                 let d = batch.members.len() as i64;
                 // [d, heads, 1, head_dim]
                 let q = q.f_index_select(0, &batch.rows)?.f_unsqueeze(2)?;
+                // Grouped-query attention inside SDPA (enable_gqa): no repeated K/V copies.
                 let gather = |pool: &Tensor| -> Result<Tensor> {
-                    let t = pool
+                    Ok(pool
                         .f_index_select(0, &batch.slots)?
                         .f_view([d, batch.longest, self.kv_heads, self.head_dim])?
-                        .f_permute([0, 2, 1, 3])?;
-                    repeat_kv(t, 1)
+                        .f_permute([0, 2, 1, 3])?)
                 };
                 let k = gather(&cache.keys)?;
                 let v = gather(&cache.values)?;
@@ -135,7 +135,7 @@ impl Attention {
                     0.0,
                     false,
                     None,
-                    false,
+                    true,
                 )?;
                 Some(out.f_reshape([d, -1])?)
             }
