@@ -284,40 +284,70 @@ pub struct HealthProbe {
     ranks: Vec<WorkerClient<Channel>>,
 }
 
+/// One rank's answer to a health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RankHealth {
+    Ready,
+    /// Reachable, but its shard cannot serve (loading, or a collective failed).
+    NotReady(String),
+    /// No answer within the deadline.
+    Unreachable(String),
+}
+
+impl RankHealth {
+    /// For tables and JSON: "ready", "not ready: ...", "unreachable: ...".
+    pub fn describe(&self) -> String {
+        match self {
+            RankHealth::Ready => "ready".into(),
+            RankHealth::NotReady(d) => format!("not ready: {d}"),
+            RankHealth::Unreachable(d) => format!("unreachable: {d}"),
+        }
+    }
+}
+
 impl HealthProbe {
-    /// Whether each rank (named by `ids`, rank order) answers at all, ready or not.
-    pub async fn liveness(&self, ids: &[String]) -> Vec<(String, bool)> {
+    /// Every rank's health, rank order (each asked concurrently, 2 s deadline).
+    pub async fn statuses(&self) -> Vec<RankHealth> {
         let calls = self.ranks.iter().map(|client| {
             let mut client = client.clone();
             async move {
-                tokio::time::timeout(Duration::from_secs(2), client.health(pb::HealthRequest {}))
-                    .await
-                    .is_ok_and(|r| r.is_ok())
+                match tokio::time::timeout(
+                    Duration::from_secs(2),
+                    client.health(pb::HealthRequest {}),
+                )
+                .await
+                {
+                    Err(_) => RankHealth::Unreachable("no answer within 2 s".into()),
+                    Ok(Err(s)) => RankHealth::Unreachable(s.message().to_string()),
+                    Ok(Ok(r)) if !r.get_ref().ready => RankHealth::NotReady(r.into_inner().detail),
+                    Ok(Ok(_)) => RankHealth::Ready,
+                }
             }
         });
-        ids.iter().cloned().zip(join_all(calls).await).collect()
+        join_all(calls).await
+    }
+
+    /// Whether each rank (named by `ids`, rank order) answers at all, ready or not.
+    pub async fn liveness(&self, ids: &[String]) -> Vec<(String, bool)> {
+        let statuses = self.statuses().await;
+        ids.iter()
+            .cloned()
+            .zip(
+                statuses
+                    .iter()
+                    .map(|h| !matches!(h, RankHealth::Unreachable(_))),
+            )
+            .collect()
     }
 
     /// The first problem found, if any.
     pub async fn check(&self) -> Option<String> {
-        let calls = self.ranks.iter().map(|client| {
-            let mut client = client.clone();
-            async move {
-                tokio::time::timeout(Duration::from_secs(2), client.health(pb::HealthRequest {}))
-                    .await
-            }
-        });
-        for (rank, result) in join_all(calls).await.into_iter().enumerate() {
-            match result {
-                Err(_) => return Some(format!("rank {rank} did not answer a health check")),
-                Ok(Err(s)) => return Some(format!("rank {rank} unreachable: {}", s.message())),
-                Ok(Ok(r)) if !r.get_ref().ready => {
-                    return Some(format!("rank {rank} not ready: {}", r.get_ref().detail))
-                }
-                Ok(Ok(_)) => {}
-            }
-        }
-        None
+        self.statuses()
+            .await
+            .into_iter()
+            .enumerate()
+            .find(|(_, h)| *h != RankHealth::Ready)
+            .map(|(rank, h)| format!("rank {rank} {}", h.describe()))
     }
 }
 

@@ -178,6 +178,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 
     let health = Arc::new(GroupHealth::default());
     let stats = Arc::new(EngineStats::default());
+    let registry = Arc::new(Registry::default());
     let control = Arc::new(Control::default());
     let state = Arc::new(AppState {
         model: model.clone(),
@@ -185,6 +186,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         health: health.clone(),
         engine: RwLock::new(None),
         workers: RwLock::new(Vec::new()),
+        probe: RwLock::new(None),
+        registry: registry.clone(),
+        tp: args.tp,
         stats: stats.clone(),
         control: control.clone(),
         created: std::time::SystemTime::now()
@@ -198,7 +202,6 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     // The listener stops with the process; draining is done before that, below.
     let http_server = tokio::spawn(axum::serve(http, api::router(state.clone())).into_future());
 
-    let registry = Arc::new(Registry::default());
     let grpc_addr = if args.local_workers {
         SocketAddr::from(([127, 0, 0, 1], 0))
     } else {
@@ -340,6 +343,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         let probe = group.health_probe();
         let members: Vec<String> = group.workers().iter().map(|w| w.id.clone()).collect();
         *state.workers.write().unwrap_or_else(|e| e.into_inner()) = group.workers().to_vec();
+        *state.probe.write().unwrap_or_else(|e| e.into_inner()) = Some(probe.clone());
         let engine = Engine::start(
             group,
             health.clone(),

@@ -269,3 +269,11 @@ def wait_for_status(http: httpx.Client, path: str, status: int, deadline_s: floa
             last = e
         time.sleep(0.05)  # polling a status that changes asynchronously, with a deadline
     pytest.fail(f"GET {path} did not answer {status} within {deadline_s}s; last: {last!r}", pytrace=False)
+
+
+def ctl_status(url: str) -> dict:
+    """`caravanctl status --json` against `url`, parsed."""
+    proc = subprocess.run([str(bin_path("caravanctl")), "--url", url, "--json", "status"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, f"caravanctl status failed: {proc.stderr}"
+    return json.loads(proc.stdout)

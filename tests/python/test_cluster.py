@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import READY_TIMEOUT_S, Coordinator, bin_path, children, free_port, wait_for_status
+from conftest import READY_TIMEOUT_S, Coordinator, bin_path, children, ctl_status, free_port, wait_for_status
 
 TIMEOUT_S = 60.0
 HEALTH_DEADLINE_S = 5.0
@@ -48,6 +48,9 @@ def test_remote_workers_register_then_serve(checkpoint, reference):
             url = coordinator.wait_ready()
             assert url == f"http://127.0.0.1:{http_port}"
             assert http.get("/health").status_code == 200
+            status = ctl_status(url)
+            assert status["ready"] and [w["health"] for w in status["workers"]] == ["ready", "ready"], status
+            assert [w["rank"] for w in status["workers"]] == [0, 1] and status["tensor_parallel_size"] == 2
             client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
             out = client.completions.create(model=checkpoint.name, prompt=ref["prompt"], temperature=0,
                                             max_tokens=len(ref["gen_ids"]))
@@ -83,6 +86,8 @@ def test_worker_death_fails_requests_then_the_group_recovers(checkpoint, referen
         with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
             health = wait_for_status(http, "/health", 503, HEALTH_DEADLINE_S)
             assert health.json().get("reason"), health.text
+            status = ctl_status(url)
+            assert not status["ready"] and status["reason"], status
             resp = http.post("/v1/completions", json={"model": checkpoint.name, "prompt": "Hi", "max_tokens": 2})
             assert resp.status_code == 503, resp.text
             assert json.loads(resp.text)["error"]["message"], resp.text
@@ -92,6 +97,8 @@ def test_worker_death_fails_requests_then_the_group_recovers(checkpoint, referen
             # The coordinator restarts the dead local worker, which registers; the group is formed
             # again (new ranks, shards reloaded, warm-up) and serving resumes, same process.
             wait_for_status(http, "/health", 200, READY_TIMEOUT_S)
+            status = ctl_status(url)
+            assert status["ready"] and all(w["health"] == "ready" for w in status["workers"]), status
             survivors = set(workers) & set(children(coordinator.proc.pid))
             assert survivors == {workers[0]}, "the surviving worker should have been reused"
             ref = reference["completions"][0]
@@ -138,6 +145,9 @@ def test_drain_finishes_streams_refuses_new_requests_then_exits(checkpoint, how)
         with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
             health = wait_for_status(http, "/health", 503, HEALTH_DEADLINE_S)
             assert health.json()["reason"] == "draining", health.text
+            if streamer.is_alive():
+                status = ctl_status(url)
+                assert status["draining"] and not status["ready"], status
             if streamer.is_alive():
                 refused = http.post("/v1/completions", json={"model": checkpoint.name, "prompt": "Hi",
                                                              "max_tokens": 2})

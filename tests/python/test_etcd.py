@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import READY_TIMEOUT_S, Coordinator, bin_path, free_port, wait_for_status
+from conftest import READY_TIMEOUT_S, Coordinator, bin_path, ctl_status, free_port, wait_for_status
 
 TIMEOUT_S = 60.0
 TAKEOVER_DEADLINE_S = 10.0
@@ -94,12 +94,16 @@ def test_standby_takes_over_and_groups_reform_from_etcd(etcd_url, checkpoint, re
             assert health.json()["reason"].startswith("standby"), health.text
             refused = http_b.post("/v1/completions", json={"model": checkpoint.name, "prompt": "Hi", "max_tokens": 2})
             assert refused.status_code == 503 and refused.json()["error"]["message"], refused.text
+            standby_status = ctl_status(url_b)
+            assert not standby_status["ready"] and standby_status["reason"].startswith("standby"), standby_status
+            assert ctl_status(url_a)["ready"]
 
             # The leader dies without a word; the standby must serve within 10 s.
             leader.proc.send_signal(signal.SIGKILL)
             leader.proc.wait()
             wait_for_status(http_b, "/health", 200, TAKEOVER_DEADLINE_S)
             assert greedy_matches(url_b, checkpoint.name, ref)
+            assert ctl_status(url_b)["ready"]
 
             # A worker dies: its lease expires and the group cannot serve; a replacement joins
             # and the group is formed again, without restarting the coordinator.

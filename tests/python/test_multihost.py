@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import READY_TIMEOUT_S, Coordinator, bin_path, free_port, wait_for_status
+from conftest import READY_TIMEOUT_S, Coordinator, bin_path, ctl_status, free_port, wait_for_status
 
 TIMEOUT_S = 60.0
 COLLECTIVE_TIMEOUT_S = 3
@@ -73,21 +73,22 @@ class Hosts:
         subprocess.run((["sudo", "-n"] if os.geteuid() else []) + ["ip", "link", "del", self.bridge])
 
 
-@pytest.fixture
-def hosts():
-    h = Hosts(2)
+@pytest.fixture(params=[2, 4], ids=["2-hosts", "4-hosts"])
+def hosts(request):
+    h = Hosts(request.param)
     yield h
     h.close()
 
 
-def test_two_hosts_form_a_group_and_survive_a_partition(hosts, checkpoint, reference):
+def test_hosts_form_a_group_and_survive_a_partition(hosts, checkpoint, reference):
     grpc_port = free_port()
-    coordinator = Coordinator(["--model", checkpoint, "--tp", 2, "--host", "127.0.0.1", "--port", 0,
+    n = len(hosts.ips)
+    coordinator = Coordinator(["--model", checkpoint, "--tp", n, "--host", "127.0.0.1", "--port", 0,
                                "--grpc-addr", f"{hosts.gateway}:{grpc_port}",
                                "--collective-timeout", COLLECTIVE_TIMEOUT_S])
     workers = []
     try:
-        for i in range(2):
+        for i in range(n):
             workers.append(hosts.run(i, [bin_path("caravan-worker"), "--coordinator",
                                          f"http://{hosts.gateway}:{grpc_port}", "--listen", f"{hosts.ips[i]}:0"]))
         url = coordinator.wait_ready()
@@ -97,8 +98,9 @@ def test_two_hosts_form_a_group_and_survive_a_partition(hosts, checkpoint, refer
                                         max_tokens=len(ref["gen_ids"]))
         assert out.choices[0].text == ref["text"]
         with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
-            status = http.get("/admin/status").json()
+            status = ctl_status(url)
             assert sorted(w["ring_address"].rsplit(":", 1)[0] for w in status["workers"]) == sorted(hosts.ips), status
+            assert status["ready"] and all(w["health"] == "ready" for w in status["workers"]), status
 
             # Cut host 1 off in the middle of a stream.
             stream = client.completions.create(model=checkpoint.name, prompt="Once upon a time", max_tokens=400,
@@ -118,6 +120,7 @@ def test_two_hosts_form_a_group_and_survive_a_partition(hosts, checkpoint, refer
             # e.g. "step failed: rank 0: collective all_reduce timed out after 3000 ms waiting for rank 1"
             assert "timed out" in str(error) and "rank" in str(error), str(error)
             wait_for_status(http, "/health", 503, 5)
+            assert not ctl_status(url)["ready"]
 
             # The link returns: host 1 registers again and the group is formed again.
             hosts.link(1, up=True)

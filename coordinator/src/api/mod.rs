@@ -22,8 +22,12 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::{
-    engine::EngineHandle, group::SharedHealth, model_info::ModelInfo, registry::RegisteredWorker,
-    stats::EngineStats, tokenizer::Tokenizer,
+    engine::EngineHandle,
+    group::{HealthProbe, SharedHealth},
+    model_info::ModelInfo,
+    registry::{RegisteredWorker, Registry},
+    stats::EngineStats,
+    tokenizer::Tokenizer,
 };
 pub use error::ApiError;
 
@@ -37,8 +41,12 @@ pub struct AppState {
     pub health: SharedHealth,
     /// The scheduler of the current worker group; `None` while a group is being formed.
     pub engine: RwLock<Option<EngineHandle>>,
-    /// The current group's members, rank order.
+    /// The current group's members, rank order, and a way to ask them how they are.
     pub workers: RwLock<Vec<RegisteredWorker>>,
+    pub probe: RwLock<Option<HealthProbe>>,
+    /// Every registered worker, in the group or not.
+    pub registry: Arc<Registry>,
+    pub tp: usize,
     /// Counters that live across group formations.
     pub stats: Arc<EngineStats>,
     pub control: Arc<Control>,
@@ -93,6 +101,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/admin/status", get(admin_status))
+        .route("/admin/workers", get(admin_workers))
         .route("/admin/drain", post(admin_drain))
         .fallback(not_found)
         .with_state(state)
@@ -124,28 +133,44 @@ async fn health(State(state): State<SharedState>) -> Response {
     }
 }
 
-/// What `caravanctl status` shows.
+/// What `caravanctl status` shows: the group, rank by rank (each asked for its health now).
 async fn admin_status(State(state): State<SharedState>) -> Json<serde_json::Value> {
-    let workers = state
+    let members = state
         .workers
         .read()
         .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let probe = state
+        .probe
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let health = match probe {
+        Some(p) => p.statuses().await.iter().map(|h| h.describe()).collect(),
+        None => vec![],
+    };
+    let world = members.len();
+    let workers = members
         .iter()
         .enumerate()
         .map(|(rank, w)| {
             json!({
                 "rank": rank,
+                "shard": format!("{} of {world}", rank + 1),
                 "id": w.id,
                 "address": w.worker_addr,
                 "ring_address": w.ring_addr,
                 "host": w.host,
                 "device": w.device,
+                "memory_bytes": w.memory_bytes,
+                "health": health.get(rank).cloned().unwrap_or_else(|| "unknown".into()),
             })
         })
         .collect::<Vec<_>>();
     let s = &state.stats;
     Json(json!({
         "model": state.model.name,
+        "tensor_parallel_size": state.tp,
         "ready": state.is_ready(),
         "reason": if state.is_ready() { String::new() } else { state.not_ready_reason() },
         "draining": state.control.draining.load(Ordering::Acquire),
@@ -157,6 +182,35 @@ async fn admin_status(State(state): State<SharedState>) -> Json<serde_json::Valu
         "kv_cache_blocks_total": EngineStats::get(&s.kv_blocks_total),
         "workers": workers,
     }))
+}
+
+/// What `caravanctl workers` shows: every registered worker, in the group or not.
+async fn admin_workers(State(state): State<SharedState>) -> Json<serde_json::Value> {
+    let members: Vec<String> = state
+        .workers
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|w| w.id.clone())
+        .collect();
+    let workers = state
+        .registry
+        .workers()
+        .into_iter()
+        .map(|w| {
+            json!({
+                "id": w.id,
+                "rank": members.iter().position(|m| *m == w.id),
+                "address": w.worker_addr,
+                "ring_address": w.ring_addr,
+                "host": w.host,
+                "device": w.device,
+                "memory_bytes": w.memory_bytes,
+                "last_seen_ms": w.last_seen.elapsed().as_millis() as u64,
+            })
+        })
+        .collect::<Vec<_>>();
+    Json(json!({ "workers": workers }))
 }
 
 /// Starts a drain: no new requests; the process stops once those in flight end (or the drain

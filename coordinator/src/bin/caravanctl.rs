@@ -8,7 +8,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// Operate a Caravan cluster.
 #[derive(Parser, Debug)]
@@ -22,17 +22,28 @@ struct Cli {
         default_value = "http://127.0.0.1:8000"
     )]
     url: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Readiness, requests in flight, KV-cache use and the worker group, rank by rank.
-    Status {
-        /// Print the raw JSON.
-        #[arg(long)]
-        json: bool,
+    /// Readiness, requests in flight, KV-cache use and the worker group, rank by rank (host,
+    /// device, memory, shard, health).
+    Status,
+    /// Every registered worker, in the group or waiting to join one.
+    Workers,
+    /// Stream a completion of one prompt to the terminal.
+    Generate {
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
     },
     /// Stop admitting requests, wait for those in flight to finish, and stop the coordinator.
     /// Exits 0 once drained (or once the coordinator is gone).
@@ -70,19 +81,42 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode> {
     let base = Base::parse(&cli.url)?;
     match cli.command {
-        Command::Status { json } => {
-            let (_, body) = base.request("GET", "/admin/status").await?;
+        Command::Status => {
+            let (_, body) = base.request("GET", "/admin/status", None).await?;
             let status: Value = serde_json::from_str(&body).context("parsing /admin/status")?;
-            if json {
+            if cli.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print_status(&status);
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Workers => {
+            let (_, body) = base.request("GET", "/admin/workers", None).await?;
+            let workers: Value = serde_json::from_str(&body).context("parsing /admin/workers")?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&workers)?);
+            } else {
+                print_workers(&workers);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate {
+            prompt,
+            max_tokens,
+            temperature,
+        } => generate(&base, &prompt, max_tokens, temperature, cli.json).await,
         Command::Health => {
-            let (code, body) = base.request("GET", "/health").await?;
-            println!("{body}");
+            let (code, body) = base.request("GET", "/health", None).await?;
+            if cli.json {
+                println!("{body}");
+            } else {
+                let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                match v["reason"].as_str() {
+                    Some(reason) => println!("unavailable: {reason}"),
+                    None => println!("ok"),
+                }
+            }
             Ok(if code == 200 {
                 ExitCode::SUCCESS
             } else {
@@ -90,14 +124,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Drain { timeout } => {
-            let (code, body) = base.request("POST", "/admin/drain").await?;
+            let (code, body) = base.request("POST", "/admin/drain", None).await?;
             if code != 202 {
                 bail!("drain refused (HTTP {code}): {body}");
             }
             let deadline = Instant::now() + Duration::from_secs(timeout);
             let mut last = None;
             loop {
-                let status = match base.request("GET", "/admin/status").await {
+                let status = match base.request("GET", "/admin/status", None).await {
                     Ok((_, body)) => serde_json::from_str::<Value>(&body)?,
                     // The coordinator finished draining and exited.
                     Err(_) => {
@@ -108,6 +142,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 let in_flight = status["in_flight"].as_u64().unwrap_or(0);
                 if status["drained"].as_bool() == Some(true) {
                     eprintln!("drained");
+                    if cli.json {
+                        println!("{}", serde_json::to_string_pretty(&status)?);
+                    }
                     return Ok(ExitCode::SUCCESS);
                 }
                 if last != Some(in_flight) {
@@ -122,6 +159,90 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
     }
+}
+
+/// Streams one completion, printing text as it arrives.
+async fn generate(
+    base: &Base,
+    prompt: &str,
+    max_tokens: u32,
+    temperature: f32,
+    json: bool,
+) -> Result<ExitCode> {
+    let (_, models) = base.request("GET", "/v1/models", None).await?;
+    let models: Value = serde_json::from_str(&models).context("parsing /v1/models")?;
+    let model = models["data"][0]["id"]
+        .as_str()
+        .context("the server lists no model")?
+        .to_string();
+    let body = serde_json::json!({
+        "model": model, "prompt": prompt, "max_tokens": max_tokens,
+        "temperature": temperature, "stream": true,
+    });
+    let mut stream = base
+        .open("POST", "/v1/completions", Some(&body.to_string()))
+        .await?;
+    if stream.status != 200 {
+        let status = stream.status;
+        bail!("HTTP {status}: {}", stream.read_rest().await?);
+    }
+    let mut out = std::io::stdout();
+    while let Some(line) = stream.next_line().await? {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let event: Value = serde_json::from_str(data).context("parsing an event")?;
+        if json {
+            println!("{data}");
+            continue;
+        }
+        if let Some(error) = event.get("error") {
+            println!();
+            bail!(
+                "{}",
+                error["message"]
+                    .as_str()
+                    .unwrap_or("the server ended the stream with an error")
+            );
+        }
+        if let Some(text) = event["choices"][0]["text"].as_str() {
+            use std::io::Write;
+            print!("{text}");
+            out.flush()?;
+        }
+    }
+    if !json {
+        println!();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_workers(w: &Value) {
+    println!("WORKER           RANK  HOST             DEVICE   MEMORY     LAST SEEN  ADDRESS");
+    for w in w["workers"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:<5} {:<16} {:<8} {:<10} {:<10} {}",
+            w["id"].as_str().unwrap_or(""),
+            w["rank"]
+                .as_u64()
+                .map_or("-".to_string(), |r| r.to_string()),
+            w["host"].as_str().unwrap_or(""),
+            w["device"].as_str().unwrap_or(""),
+            gib(&w["memory_bytes"]),
+            format!("{} ms", w["last_seen_ms"]),
+            w["address"].as_str().unwrap_or(""),
+        );
+    }
+}
+
+fn gib(bytes: &Value) -> String {
+    format!(
+        "{:.1} GiB",
+        bytes.as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64
+    )
 }
 
 fn print_status(s: &Value) {
@@ -140,16 +261,18 @@ fn print_status(s: &Value) {
         s["kv_cache_blocks_used"],
         s["kv_cache_blocks_total"],
     );
-    println!("\nRANK  WORKER     HOST             DEVICE   ADDRESS                      RING");
+    println!("\nRANK  SHARD   WORKER           HOST             DEVICE   MEMORY     RING                   HEALTH");
     for w in s["workers"].as_array().into_iter().flatten() {
         println!(
-            "{:<5} {:<10} {:<16} {:<8} {:<28} {}",
-            w["rank"],
+            "{:<5} {:<7} {:<16} {:<16} {:<8} {:<10} {:<22} {}",
+            w["rank"].as_u64().unwrap_or(0),
+            w["shard"].as_str().unwrap_or(""),
             w["id"].as_str().unwrap_or(""),
             w["host"].as_str().unwrap_or(""),
             w["device"].as_str().unwrap_or(""),
-            w["address"].as_str().unwrap_or(""),
+            gib(&w["memory_bytes"]),
             w["ring_address"].as_str().unwrap_or(""),
+            w["health"].as_str().unwrap_or(""),
         );
     }
 }
@@ -172,28 +295,121 @@ impl Base {
     }
 
     /// One request with `Connection: close`: (status, body).
-    async fn request(&self, method: &str, path: &str) -> Result<(u16, String)> {
+    async fn request(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+        let mut response = self.open(method, path, body).await?;
+        let status = response.status;
+        let body = tokio::time::timeout(Duration::from_secs(30), response.read_rest())
+            .await
+            .context("reading the response: timed out")??;
+        Ok((status, body))
+    }
+
+    /// Sends a request and reads the status line and headers.
+    async fn open(&self, method: &str, path: &str, body: Option<&str>) -> Result<Response> {
         let connect = tokio::net::TcpStream::connect(&self.authority);
         let mut stream = tokio::time::timeout(Duration::from_secs(5), connect)
             .await
             .with_context(|| format!("connecting to {}: timed out", self.authority))?
             .with_context(|| format!("connecting to {}", self.authority))?;
+        let body = body.unwrap_or("");
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.authority
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            self.authority,
+            body.len()
         );
         stream.write_all(head.as_bytes()).await?;
-        let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
-            .await
-            .context("reading the response: timed out")??;
-        let text = String::from_utf8_lossy(&raw);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let code = head
+        stream.write_all(body.as_bytes()).await?;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).await?;
+        let status = line
             .split_whitespace()
             .nth(1)
             .and_then(|c| c.parse().ok())
             .context("malformed HTTP response")?;
-        Ok((code, body.to_string()))
+        let mut chunked = false;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).await? == 0 || line == "\r\n" {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                chunked = true;
+            }
+        }
+        Ok(Response {
+            status,
+            reader,
+            chunked,
+            pending: Vec::new(),
+            done: false,
+        })
+    }
+}
+
+/// A response body, read as it arrives (plain or chunked).
+struct Response {
+    status: u16,
+    reader: BufReader<tokio::net::TcpStream>,
+    chunked: bool,
+    /// Body bytes read but not yet returned as lines.
+    pending: Vec<u8>,
+    done: bool,
+}
+
+impl Response {
+    /// More body bytes into `pending`; false at the end.
+    async fn fill(&mut self) -> Result<bool> {
+        if self.done {
+            return Ok(false);
+        }
+        if !self.chunked {
+            let mut buf = [0u8; 8192];
+            let n = self.reader.read(&mut buf).await?;
+            self.pending.extend_from_slice(&buf[..n]);
+            self.done = n == 0;
+            return Ok(n > 0);
+        }
+        let mut size = String::new();
+        if self.reader.read_line(&mut size).await? == 0 {
+            self.done = true;
+            return Ok(false);
+        }
+        let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
+            .context("malformed chunk size")?;
+        if size == 0 {
+            self.done = true;
+            return Ok(false);
+        }
+        let mut chunk = vec![0u8; size + 2];
+        self.reader.read_exact(&mut chunk).await?;
+        chunk.truncate(size);
+        self.pending.extend_from_slice(&chunk);
+        Ok(true)
+    }
+
+    /// The next line of the body (without its line ending), or `None` at the end.
+    async fn next_line(&mut self) -> Result<Option<String>> {
+        loop {
+            if let Some(i) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=i).collect();
+                let text = String::from_utf8_lossy(&line);
+                return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
+            }
+            if !self.fill().await? {
+                if self.pending.is_empty() {
+                    return Ok(None);
+                }
+                let rest: Vec<u8> = std::mem::take(&mut self.pending);
+                return Ok(Some(String::from_utf8_lossy(&rest).into_owned()));
+            }
+        }
+    }
+
+    async fn read_rest(&mut self) -> Result<String> {
+        while self.fill().await? {}
+        Ok(String::from_utf8_lossy(&std::mem::take(&mut self.pending)).into_owned())
     }
 }
