@@ -88,6 +88,8 @@ pub struct GenerationRequest {
     /// Generate past end-of-sequence until `max_tokens` or a stop string.
     pub ignore_eos: bool,
     pub events: mpsc::UnboundedSender<Event>,
+    /// The request's trace span: queueing and steps become its children.
+    pub span: tracing::Span,
 }
 
 /// Scheduler limits.
@@ -153,6 +155,8 @@ struct Sequence {
     chain: HashChain,
     /// Still counted against `max_waiting` (never admitted yet).
     queued: bool,
+    /// Open while the sequence waits for a batch slot.
+    queue_span: Option<tracing::Span>,
     detokenizer: Detokenizer,
     text: String,
     emitted: usize,
@@ -266,6 +270,7 @@ impl Engine {
 
     fn enqueue(&mut self, request: GenerationRequest) {
         self.next_id += 1;
+        let queue_span = tracing::info_span!(parent: &request.span, "queue");
         self.waiting.push_back(Sequence {
             id: self.next_id,
             tokens: request.prompt.clone(),
@@ -275,6 +280,7 @@ impl Engine {
             blocks: Vec::new(),
             chain: HashChain::default(),
             queued: true,
+            queue_span: Some(queue_span),
             text: String::new(),
             emitted: 0,
         });
@@ -418,6 +424,7 @@ impl Engine {
                 EngineStats::add(&self.stats.prompt_tokens, seq.request.prompt.len());
             }
             self.unqueue(&mut seq);
+            seq.queue_span = None;
             plan.push(Scheduled {
                 id: seq.id,
                 tokens: n,
@@ -461,8 +468,26 @@ impl Engine {
             });
         }
         let step_tokens: usize = plan.iter().map(|p| p.tokens).sum();
+        // A step serves many requests: it is a child of the first one's trace and linked from
+        // the others'.
+        let mut members = self
+            .running
+            .iter()
+            .filter(|s| plan.iter().any(|p| p.id == s.id));
+        let span = match members.next() {
+            Some(first) => tracing::info_span!(
+                parent: &first.request.span,
+                "step",
+                sequences = plan.len(),
+                tokens = step_tokens
+            ),
+            None => tracing::Span::none(),
+        };
+        for other in members {
+            span.follows_from(&other.request.span);
+        }
         let started = std::time::Instant::now();
-        let sampled = match self.group.step(sequences).await {
+        let sampled = match self.group.step(sequences, &span).await {
             Ok((tokens, compute)) => {
                 EngineStats::add(
                     &self.stats.step_micros,

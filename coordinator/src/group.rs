@@ -192,7 +192,9 @@ impl WorkerGroup {
             sampling: Some(pb::SamplingParams::default()),
             sample: true,
         };
-        let (tokens, _) = self.step(vec![seq]).await?;
+        let (tokens, _) = self
+            .step(vec![seq], &tracing::info_span!("warm_up"))
+            .await?;
         if tokens.len() != 1 {
             bail!("warm-up returned {} tokens", tokens.len());
         }
@@ -216,9 +218,11 @@ impl WorkerGroup {
 
     /// Runs one step on every rank in lockstep; fails if any rank fails or the ranks disagree.
     /// Returns the sampled tokens and rank 0's compute time.
+    /// `span`'s context travels to the workers in the requests' metadata.
     pub async fn step(
         &mut self,
         sequences: Vec<pb::SequenceStep>,
+        span: &tracing::Span,
     ) -> Result<(Vec<pb::SampledToken>, Duration)> {
         let request = pb::StepRequest {
             step_id: self.next_step,
@@ -228,7 +232,8 @@ impl WorkerGroup {
         let timeout = self.step_timeout;
         let calls = self.ranks.iter().enumerate().map(|(rank, client)| {
             let mut client = client.clone();
-            let request = request.clone();
+            let mut request = tonic::Request::new(request.clone());
+            caravan_proto::telemetry::inject(span, request.metadata_mut());
             async move {
                 match tokio::time::timeout(timeout, client.step(request)).await {
                     Err(_) => bail!("rank {rank} did not answer the step within {timeout:?}"),

@@ -18,16 +18,24 @@ pub struct LocalWorkers {
     lifelines: Vec<Option<ChildStdin>>,
     coordinator_url: String,
     device: String,
+    /// More flags for every worker (log format, OTLP endpoint).
+    extra_args: Vec<String>,
 }
 
 impl LocalWorkers {
     /// Starts `n` `caravan-worker` processes registering at `coordinator_url`.
-    pub fn spawn(n: usize, coordinator_url: &str, device: &str) -> Result<Self> {
+    pub fn spawn(
+        n: usize,
+        coordinator_url: &str,
+        device: &str,
+        extra_args: Vec<String>,
+    ) -> Result<Self> {
         let mut workers = LocalWorkers {
             children: Vec::with_capacity(n),
             lifelines: Vec::with_capacity(n),
             coordinator_url: coordinator_url.to_string(),
             device: device.to_string(),
+            extra_args,
         };
         for i in 0..n {
             let (child, lifeline) = workers.start(i)?;
@@ -48,6 +56,7 @@ impl LocalWorkers {
                 "127.0.0.1:0",
             ])
             .args(["--device", &self.device, "--exit-with-parent"])
+            .args(&self.extra_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

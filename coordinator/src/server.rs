@@ -122,6 +122,13 @@ pub struct ServeArgs {
     /// http://HOST:PORT from --host and the bound port).
     #[arg(long, env = "CARAVAN_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+    /// Log format on stderr: text or json.
+    #[arg(long, env = "CARAVAN_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// Export OpenTelemetry traces over OTLP/gRPC to this collector (default:
+    /// OTEL_EXPORTER_OTLP_ENDPOINT, if set). Local workers get the same endpoint.
+    #[arg(long, env = "CARAVAN_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Seconds a drain (SIGTERM, `caravanctl drain`) lets requests in flight finish before
     /// ending them with an error.
     #[arg(long, env = "CARAVAN_DRAIN_TIMEOUT", default_value_t = 30)]
@@ -222,7 +229,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 
     let (stop_workers, stop_workers_rx) = watch::channel(false);
     let supervisor = if args.local_workers {
-        let workers = LocalWorkers::spawn(args.tp, &format!("http://{grpc_addr}"), &args.device)?;
+        let mut extra = vec!["--log-format".to_string(), args.log_format.clone()];
+        if let Some(endpoint) = &args.otlp_endpoint {
+            extra.extend(["--otlp-endpoint".to_string(), endpoint.clone()]);
+        }
+        let workers =
+            LocalWorkers::spawn(args.tp, &format!("http://{grpc_addr}"), &args.device, extra)?;
         Some(tokio::spawn(workers.supervise(stop_workers_rx)))
     } else {
         eprintln!("waiting for {} workers to register at {grpc_addr}", args.tp);

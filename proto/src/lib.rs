@@ -29,3 +29,4 @@ pub mod etcd {
         format!("{}/coordinator-leader", prefix.trim_end_matches('/'))
     }
 }
+pub mod telemetry;

@@ -78,6 +78,47 @@ pub fn fixtures() -> PathBuf {
     .clone()
 }
 
+/// `fixtures/serving`: a checkpoint with the real Llama 2 tokenizer (what the coordinator
+/// serves), built by the same scripts as the Python API tests, once.
+pub fn serving_fixture() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = workspace_root();
+        let python = root.join(".venv/bin/python");
+        let tokenizer = root.join("fixtures/serving-tokenizer");
+        let out = root.join("fixtures/serving");
+        with_lock("serving-fixture.lock", || {
+            for args in [
+                vec![
+                    "python/build_tokenizer.py".into(),
+                    "--out".into(),
+                    tokenizer.clone(),
+                ],
+                vec![
+                    "python/make_serving_fixture.py".into(),
+                    "--tokenizer".into(),
+                    tokenizer.clone(),
+                    "--out".into(),
+                    out.clone(),
+                ],
+            ] {
+                let status = Command::new(&python)
+                    .current_dir(&root)
+                    .args(&args)
+                    .status()
+                    .context("running the fixture scripts")?;
+                if !status.success() {
+                    bail!("{args:?} failed: {status}");
+                }
+            }
+            Ok(())
+        })
+        .expect("building fixtures/serving");
+        out
+    })
+    .clone()
+}
+
 /// Path to the workspace binary `name`, built with the test's profile.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();

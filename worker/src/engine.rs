@@ -27,8 +27,10 @@ pub enum Command {
         pb::LoadShardRequest,
         oneshot::Sender<Result<pb::LoadShardResponse, Status>>,
     ),
+    /// A step, traced under the given span (parented on the coordinator's step).
     Step(
         pb::StepRequest,
+        tracing::Span,
         oneshot::Sender<Result<pb::StepResponse, Status>>,
     ),
     Release(Vec<u64>),
@@ -79,8 +81,8 @@ impl Engine {
                     let result = self.load(req);
                     let _ = reply.send(result);
                 }
-                Command::Step(req, reply) => {
-                    let result = self.step(req);
+                Command::Step(req, span, reply) => {
+                    let result = span.in_scope(|| self.step(req));
                     if let Err(e) = &result {
                         if e.code() != tonic::Code::InvalidArgument {
                             // A failed collective leaves the group unusable.
@@ -231,13 +233,20 @@ impl Engine {
                 block_table: s.block_table.clone(),
             })
             .collect();
-        let logits = loaded
-            .model
-            .forward(&batch, LogitsSelection::LastTokens, &mut loaded.cache)
-            .map_err(|e| match e {
-                caravan_ops::Error::InvalidBatch(m) => Status::invalid_argument(m),
-                other => Status::internal(other.to_string()),
-            })?;
+        let logits = tracing::info_span!(
+            "forward",
+            tokens = batch.iter().map(|s| s.tokens.len()).sum::<usize>()
+        )
+        .in_scope(|| {
+            loaded
+                .model
+                .forward(&batch, LogitsSelection::LastTokens, &mut loaded.cache)
+        })
+        .map_err(|e| match e {
+            caravan_ops::Error::InvalidBatch(m) => Status::invalid_argument(m),
+            other => Status::internal(other.to_string()),
+        })?;
+        let _sampling = tracing::info_span!("sample").entered();
         let vocab = loaded.model.config().vocab_size;
         let logits: Vec<f32> = Vec::<f32>::try_from(logits.flatten(0, -1))
             .map_err(|e| Status::internal(e.to_string()))?;

@@ -33,6 +33,15 @@ impl WorkerService {
         }
     }
 
+    /// This worker's rank in its group (-1 before it joins one), for trace attributes.
+    fn rank(&self) -> i64 {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rank
+            .map_or(-1, i64::from)
+    }
+
     async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, Status>>) -> Command,
@@ -53,7 +62,7 @@ impl Worker for WorkerService {
         &self,
         _: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
-        let rank = self.status.lock().expect("status lock").rank;
+        let rank = self.status.lock().unwrap_or_else(|e| e.into_inner()).rank;
         Ok(Response::new(pb::InfoResponse {
             protocol_version: caravan_proto::PROTOCOL_VERSION.into(),
             host: self.identity.host.clone(),
@@ -76,8 +85,14 @@ impl Worker for WorkerService {
         &self,
         request: Request<pb::StepRequest>,
     ) -> Result<Response<pb::StepResponse>, Status> {
+        let span = tracing::info_span!(
+            "worker.step",
+            rank = self.rank(),
+            sequences = request.get_ref().sequences.len()
+        );
+        caravan_proto::telemetry::set_parent_from(&span, request.metadata());
         let req = request.into_inner();
-        self.call(|tx| Command::Step(req, tx)).await
+        self.call(|tx| Command::Step(req, span, tx)).await
     }
 
     async fn release(
@@ -94,7 +109,11 @@ impl Worker for WorkerService {
         &self,
         _: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        let s = self.status.lock().expect("status lock").clone();
+        let s = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         Ok(Response::new(pb::HealthResponse {
             ready: s.ready,
             detail: s.detail,

@@ -1,12 +1,19 @@
-//! Logging set-up shared by Caravan's binaries: structured, on stderr, quiet by default.
+//! Logging and tracing set-up for the worker's binaries (see `caravan_proto::telemetry`).
 
-use tracing_subscriber::EnvFilter;
+pub use caravan_proto::telemetry::TelemetryGuard;
+use caravan_proto::telemetry::{init as init_telemetry, TelemetryConfig};
 
-/// Installs a `tracing` subscriber. `RUST_LOG` (e.g. `caravan_ops=info`) overrides `default`.
-pub fn init(default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Structured logs on stderr, quiet by default (`RUST_LOG` overrides `default`); OTLP traces when
+/// `otlp_endpoint` (or `OTEL_EXPORTER_OTLP_ENDPOINT`) is set.
+pub fn init(
+    default: &str,
+    log_format: &str,
+    otlp_endpoint: Option<String>,
+) -> Result<TelemetryGuard, String> {
+    init_telemetry(TelemetryConfig {
+        service: "caravan-worker",
+        default_filter: default.to_string(),
+        log_format: log_format.to_string(),
+        otlp_endpoint,
+    })
 }

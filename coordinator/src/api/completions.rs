@@ -231,6 +231,17 @@ async fn run(state: SharedState, p: Prepared) -> Response {
         stop: p.sampling.stop.clone(),
         ignore_eos: p.sampling.ignore_eos,
         events,
+        // The root of this request's trace; it ends when the scheduler is done with it.
+        span: tracing::info_span!(
+            "request",
+            endpoint = match p.endpoint {
+                Endpoint::Completions => "completions",
+                Endpoint::Chat => "chat",
+            },
+            prompt_tokens = p.prompt.len(),
+            max_tokens = p.max_tokens,
+            stream = p.stream
+        ),
     };
     match engine.submit(request) {
         Ok(()) => {}

@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use caravan_coordinator::server::{serve, ServeArgs};
+use caravan_proto::telemetry::{self, TelemetryConfig};
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 /// Serve a Llama 2 model over HTTP, tensor-parallel across workers.
 #[derive(Parser, Debug)]
@@ -16,11 +16,6 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -29,6 +24,20 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The OTLP exporter's gRPC channel needs the runtime.
+    let _entered = runtime.enter();
+    let _telemetry = match telemetry::init(TelemetryConfig {
+        service: "caravan-coordinator",
+        default_filter: "warn".into(),
+        log_format: cli.serve.log_format.clone(),
+        otlp_endpoint: cli.serve.otlp_endpoint.clone(),
+    }) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -283,6 +283,7 @@ impl TcpRing {
 
     /// Runs `f`, marking the ring unusable if it fails (peers are then out of step).
     fn guarded<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _span = tracing::info_span!("collective", op, backend = "tcp_ring").entered();
         self.check_usable(op)?;
         let result = f();
         if result.is_err() {

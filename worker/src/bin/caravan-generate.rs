@@ -83,7 +83,7 @@ fn parse_ids(s: &str) -> Result<Vec<i64>, String> {
 }
 
 fn main() -> ExitCode {
-    telemetry::init("warn");
+    let _telemetry = telemetry::init("warn", "text", None);
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

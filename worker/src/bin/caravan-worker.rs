@@ -59,6 +59,13 @@ struct Args {
     /// cpu or cuda:N.
     #[arg(long, env = "CARAVAN_DEVICE", default_value = "cpu")]
     device: String,
+    /// Log format on stderr: text or json.
+    #[arg(long, env = "CARAVAN_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+    /// Export OpenTelemetry traces over OTLP/gRPC to this collector (default:
+    /// OTEL_EXPORTER_OTLP_ENDPOINT, if set).
+    #[arg(long, env = "CARAVAN_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Exit when standard input closes (set by a coordinator that spawned this worker, so that
     /// workers never outlive it).
     #[arg(long, hide = true)]
@@ -66,7 +73,6 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    telemetry::init("warn");
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -76,6 +82,15 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The OTLP exporter's gRPC channel needs the runtime.
+    let _entered = runtime.enter();
+    let _telemetry = match telemetry::init("warn", &args.log_format, args.otlp_endpoint.clone()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
