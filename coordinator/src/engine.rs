@@ -157,6 +157,8 @@ struct Sequence {
     queued: bool,
     /// Open while the sequence waits for a batch slot.
     queue_span: Option<tracing::Span>,
+    arrived: std::time::Instant,
+    last_token_at: Option<std::time::Instant>,
     detokenizer: Detokenizer,
     text: String,
     emitted: usize,
@@ -281,6 +283,8 @@ impl Engine {
             chain: HashChain::default(),
             queued: true,
             queue_span: Some(queue_span),
+            arrived: std::time::Instant::now(),
+            last_token_at: None,
             text: String::new(),
             emitted: 0,
         });
@@ -303,6 +307,7 @@ impl Engine {
     fn fail_all(&mut self, reason: &str) {
         let mut all: Vec<Sequence> = self.running.drain(..).collect();
         all.extend(self.waiting.drain(..));
+        EngineStats::add(&self.stats.requests_failed, all.len());
         for mut seq in all {
             seq.fail(reason);
             self.blocks.release(&seq.blocks);
@@ -332,6 +337,7 @@ impl Engine {
                 i += 1;
             }
         }
+        EngineStats::add(&self.stats.requests_cancelled, cancelled.len());
         for mut seq in cancelled {
             tracing::debug!(id = seq.id, "request cancelled by the client");
             self.blocks.release(&seq.blocks);
@@ -488,14 +494,16 @@ impl Engine {
         }
         let started = std::time::Instant::now();
         let sampled = match self.group.step(sequences, &span).await {
-            Ok((tokens, compute)) => {
+            Ok((tokens, timings)) => {
+                let s = &self.stats;
+                EngineStats::add(&s.step_micros, started.elapsed().as_micros() as usize);
                 EngineStats::add(
-                    &self.stats.step_micros,
-                    started.elapsed().as_micros() as usize,
+                    &s.worker_compute_micros,
+                    timings.compute.as_micros() as usize,
                 );
                 EngineStats::add(
-                    &self.stats.worker_compute_micros,
-                    compute.as_micros() as usize,
+                    &s.collective_micros,
+                    timings.collectives.as_micros() as usize,
                 );
                 tokens
             }
@@ -548,6 +556,11 @@ impl Engine {
         let seq = &mut self.running[index];
         let eos = !seq.request.ignore_eos && self.model.eos_token_ids.contains(&token.token_id);
         seq.tokens.push(token.token_id);
+        let now = std::time::Instant::now();
+        match seq.last_token_at.replace(now) {
+            None => self.stats.time_to_first_token.observe(now - seq.arrived),
+            Some(last) => self.stats.inter_token_latency.observe(now - last),
+        }
         let piece = if eos {
             String::new()
         } else {
@@ -585,6 +598,14 @@ impl Engine {
             token: token_out,
         });
         if let Some(reason) = reason {
+            self.stats.end_to_end_latency.observe(now - seq.arrived);
+            EngineStats::add(
+                match reason {
+                    FinishReason::Stop => &self.stats.requests_stopped,
+                    FinishReason::Length => &self.stats.requests_length,
+                },
+                1,
+            );
             let rest = seq.text.get(seq.emitted..).unwrap_or("").to_string();
             seq.emitted = seq.text.len();
             let _ = seq.request.events.send(Event::Finished {

@@ -97,6 +97,15 @@ impl GroupHealth {
     }
 }
 
+/// Where a rank's time went in one step.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepTimings {
+    /// Forward pass and sampling.
+    pub compute: Duration,
+    /// Of which inside collectives.
+    pub collectives: Duration,
+}
+
 /// The ranks of one group, rank order.
 pub struct WorkerGroup {
     ranks: Vec<WorkerClient<Channel>>,
@@ -217,13 +226,13 @@ impl WorkerGroup {
     }
 
     /// Runs one step on every rank in lockstep; fails if any rank fails or the ranks disagree.
-    /// Returns the sampled tokens and rank 0's compute time.
+    /// Returns the sampled tokens and rank 0's timings.
     /// `span`'s context travels to the workers in the requests' metadata.
     pub async fn step(
         &mut self,
         sequences: Vec<pb::SequenceStep>,
         span: &tracing::Span,
-    ) -> Result<(Vec<pb::SampledToken>, Duration)> {
+    ) -> Result<(Vec<pb::SampledToken>, StepTimings)> {
         let request = pb::StepRequest {
             step_id: self.next_step,
             sequences,
@@ -256,7 +265,11 @@ impl WorkerGroup {
                 );
             }
         }
-        Ok((first.tokens, Duration::from_micros(first.compute_us)))
+        let timings = StepTimings {
+            compute: Duration::from_micros(first.compute_us),
+            collectives: Duration::from_micros(first.collective_us),
+        };
+        Ok((first.tokens, timings))
     }
 
     /// Tells every rank to drop the sampling state of `ids` (best effort: it is only memory).

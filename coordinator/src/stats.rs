@@ -1,6 +1,51 @@
-//! Live counters and gauges of the scheduler, read by `GET /metrics` (Prometheus text format).
+//! Live counters, gauges and histograms of the scheduler, read by `GET /metrics` (Prometheus text
+//! format).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+/// Upper bounds of latency buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// A Prometheus histogram of durations (made cumulative when rendered).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last is +Inf.
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let seconds = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str) -> String {
+        let mut out = format!("# HELP {name} {help}\n# TYPE {name} histogram\n");
+        let mut cumulative = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = LATENCY_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            out += &format!("{name}_bucket{{le=\"{le}\"}} {cumulative}\n");
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        out += &format!("{name}_sum {sum}\n{name}_count {cumulative}\n");
+        out
+    }
+}
 
 /// Written by the scheduler task, read by HTTP handlers.
 #[derive(Debug, Default)]
@@ -27,11 +72,24 @@ pub struct EngineStats {
     pub steps: AtomicU64,
     /// Tokens the workers computed (prefill chunks plus decodes), over all steps.
     pub step_tokens: AtomicU64,
-    pub requests_rejected_queue_full: AtomicU64,
     /// Wall time of steps as the coordinator sees them (plan sent to answers back).
     pub step_micros: AtomicU64,
     /// Rank 0's time inside those steps (forward, collectives, sampling).
     pub worker_compute_micros: AtomicU64,
+    /// Of which inside collectives.
+    pub collective_micros: AtomicU64,
+    /// Requests ended, by how.
+    pub requests_stopped: AtomicU64,
+    pub requests_length: AtomicU64,
+    pub requests_failed: AtomicU64,
+    pub requests_cancelled: AtomicU64,
+    pub requests_rejected_queue_full: AtomicU64,
+    /// Arrival at the scheduler to the first token.
+    pub time_to_first_token: Histogram,
+    /// Between consecutive tokens of a sequence.
+    pub inter_token_latency: Histogram,
+    /// Arrival to the last token, for requests that completed.
+    pub end_to_end_latency: Histogram,
 }
 
 impl EngineStats {
@@ -53,7 +111,7 @@ impl EngineStats {
 
     /// The Prometheus text exposition of every value.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
+        let plain: [(&str, &str, &str, &AtomicU64); 14] = [
             (
                 "caravan_requests_in_flight",
                 "gauge",
@@ -138,15 +196,9 @@ impl EngineStats {
                 "Tokens computed by the worker group (prefill and decode).",
                 &self.step_tokens,
             ),
-            (
-                "caravan_requests_rejected_total",
-                "counter",
-                "Requests refused with 429 because the queue was full.",
-                &self.requests_rejected_queue_full,
-            ),
         ];
         let mut out = String::new();
-        for (name, kind, help, value) in rows {
+        for (name, kind, help, value) in plain {
             out += &format!(
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}\n",
                 Self::get(value)
@@ -163,10 +215,40 @@ impl EngineStats {
                 "Rank 0's compute time inside steps (forward, collectives, sampling).",
                 &self.worker_compute_micros,
             ),
+            (
+                "caravan_collective_seconds_total",
+                "Rank 0's time inside collectives (TCP ring).",
+                &self.collective_micros,
+            ),
         ] {
             let seconds = Self::get(value) as f64 / 1e6;
             out += &format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {seconds}\n");
         }
+        out += "# HELP caravan_requests_total Requests ended, by status.\n# TYPE caravan_requests_total counter\n";
+        for (status, value) in [
+            ("stop", &self.requests_stopped),
+            ("length", &self.requests_length),
+            ("error", &self.requests_failed),
+            ("cancelled", &self.requests_cancelled),
+            ("rejected", &self.requests_rejected_queue_full),
+        ] {
+            out += &format!(
+                "caravan_requests_total{{status=\"{status}\"}} {}\n",
+                Self::get(value)
+            );
+        }
+        out += &self.time_to_first_token.render(
+            "caravan_time_to_first_token_seconds",
+            "Arrival at the scheduler to the first generated token.",
+        );
+        out += &self.inter_token_latency.render(
+            "caravan_inter_token_latency_seconds",
+            "Time between consecutive tokens of a sequence.",
+        );
+        out += &self.end_to_end_latency.render(
+            "caravan_request_latency_seconds",
+            "Arrival at the scheduler to the last token, for completed requests.",
+        );
         out
     }
 }

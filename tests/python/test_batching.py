@@ -208,7 +208,7 @@ def test_full_queue_answers_429(checkpoint, reference):
         assert refused.status_code == 429, refused.text
         assert refused.headers.get("retry-after", "").isdigit(), refused.headers
         assert refused.json()["error"]["message"]
-        assert metrics(served.http)["caravan_requests_rejected_total"] == 1
+        assert metrics(served.http)['caravan_requests_total{status="rejected"}'] == 1
         assert queued_response.result(timeout=TIMEOUT_S).status_code == 200
         queued.shutdown()
     finally:

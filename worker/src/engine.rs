@@ -49,6 +49,7 @@ pub type SharedStatus = Arc<Mutex<EngineStatus>>;
 
 struct Loaded {
     model: Llama,
+    comm: Arc<Communicator>,
     cache: KvCache,
     samplers: HashMap<u64, SequenceSampler>,
     next_step: u64,
@@ -168,7 +169,8 @@ impl Engine {
             device: self.device,
             show_progress: false,
         };
-        let model = Llama::load(&checkpoint, &config, layout, Arc::new(comm), options)
+        let comm = Arc::new(comm);
+        let model = Llama::load(&checkpoint, &config, layout, comm.clone(), options)
             .map_err(|e| Status::internal(format!("loading shard: {e}")))?;
         let bytes_per_block = model.cache_bytes_per_token() as u64 * req.block_size as u64;
         let blocks = if req.kv_cache_memory_bytes == 0 {
@@ -197,6 +199,7 @@ impl Engine {
         };
         self.loaded = Some(Loaded {
             model,
+            comm,
             cache,
             samplers: HashMap::new(),
             next_step: 0,
@@ -276,6 +279,7 @@ impl Engine {
         Ok(pb::StepResponse {
             tokens,
             compute_us: started.elapsed().as_micros() as u64,
+            collective_us: loaded.comm.take_busy_micros(),
         })
     }
 }

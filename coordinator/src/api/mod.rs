@@ -235,6 +235,19 @@ async fn metrics(State(state): State<SharedState>) -> Response {
          # TYPE caravan_ready gauge\ncaravan_ready {ready}\n"
     );
     body += &state.stats.render();
+    let members = state
+        .workers
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .len();
+    body += &format!(
+        "# HELP caravan_workers_registered Workers registered and alive.\n\
+         # TYPE caravan_workers_registered gauge\ncaravan_workers_registered {}\n\
+         # HELP caravan_workers_up Workers in the serving group (0 while it is not ready).\n\
+         # TYPE caravan_workers_up gauge\ncaravan_workers_up {}\n",
+        state.registry.workers().len(),
+        if ready == 1 { members } else { 0 },
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,

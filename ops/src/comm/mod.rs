@@ -26,6 +26,15 @@ pub enum Communicator {
 }
 
 impl Communicator {
+    /// Microseconds spent in collectives since the last call, and resets the count (TCP ring;
+    /// NCCL collectives are asynchronous on the GPU stream and report 0).
+    pub fn take_busy_micros(&self) -> u64 {
+        match self {
+            Communicator::TcpRing(ring) => ring.take_busy_micros(),
+            _ => 0,
+        }
+    }
+
     pub fn rank(&self) -> usize {
         match self {
             Communicator::Single => 0,

@@ -82,6 +82,7 @@ impl RingListener {
             timeout,
             sequence: AtomicU64::new(0),
             broken: AtomicBool::new(false),
+            busy_micros: AtomicU64::new(0),
         })
     }
 }
@@ -252,9 +253,16 @@ pub struct TcpRing {
     timeout: Duration,
     sequence: AtomicU64,
     broken: AtomicBool,
+    /// Time spent inside collectives since the last [`TcpRing::take_busy_micros`].
+    busy_micros: AtomicU64,
 }
 
 impl TcpRing {
+    /// Microseconds spent in collectives since the last call (and resets the count).
+    pub fn take_busy_micros(&self) -> u64 {
+        self.busy_micros.swap(0, Ordering::Relaxed)
+    }
+
     pub fn rank(&self) -> usize {
         self.rank
     }
@@ -285,7 +293,10 @@ impl TcpRing {
     fn guarded<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let _span = tracing::info_span!("collective", op, backend = "tcp_ring").entered();
         self.check_usable(op)?;
+        let started = Instant::now();
         let result = f();
+        self.busy_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         if result.is_err() {
             self.broken.store(true, Ordering::Release);
         }
