@@ -87,6 +87,12 @@ impl GroupHealth {
         self.ready.store(true, Ordering::Release);
     }
 
+    /// Marks the group stopped on purpose (a normal shutdown: nothing to log as an error).
+    pub fn shut_down(&self) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = "shut down".into();
+        self.ready.store(false, Ordering::Release);
+    }
+
     /// Marks the group unusable (keeps the first reason).
     pub fn fail(&self, reason: impl Into<String>) {
         let mut r = self.reason.lock().expect("health lock");

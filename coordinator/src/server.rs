@@ -400,7 +400,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     control.draining.store(true, Ordering::Release);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_timeout);
     let in_flight = || EngineStats::get(&stats.in_flight);
-    eprintln!("draining: {} requests in flight", in_flight());
+    if in_flight() > 0 {
+        eprintln!("draining: {} requests in flight", in_flight());
+    }
     while in_flight() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -414,7 +416,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    health.fail("shut down");
+    health.shut_down();
     control.drained.store(true, Ordering::Release);
     tracing::info!("shutting down");
     let _ = stop_workers.send(true);
