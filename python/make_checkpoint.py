@@ -57,6 +57,10 @@ def main():
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(DTYPES[args.dtype]).eval()
     model.save_pretrained(args.out, safe_serialization=True, max_shard_size="2GB")
+    # Readable by other users (e.g. non-root pods mounting the folder); save_pretrained may
+    # write 0600 files.
+    for name in os.listdir(args.out):
+        os.chmod(os.path.join(args.out, name), 0o644)
     with open(stamp, "w") as f:
         json.dump(wanted, f)
 
