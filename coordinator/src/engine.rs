@@ -419,11 +419,7 @@ impl Engine {
             let n = seq.remaining().min(budget);
             if !self.blocks.grow(&mut seq.blocks, seq.computed + n) {
                 // Wait for running sequences to finish; keep nothing meanwhile.
-                self.blocks.release(&seq.blocks);
-                seq.blocks.clear();
-                seq.computed = 0;
-                seq.chain = HashChain::default();
-                self.waiting.push_front(seq);
+                self.requeue_for_recompute(seq);
                 break;
             }
             if seq.queued {
@@ -443,13 +439,19 @@ impl Engine {
 
     /// Frees running sequence `index`'s blocks and puts it back at the head of the queue.
     fn preempt(&mut self, index: usize) {
-        let mut seq = self.running.remove(index);
+        let seq = self.running.remove(index);
         tracing::debug!(
             id = seq.id,
             tokens = seq.tokens.len(),
             "preempted for KV-cache room"
         );
         EngineStats::add(&self.stats.preemptions, 1);
+        self.requeue_for_recompute(seq);
+    }
+
+    /// Frees `seq`'s blocks and puts it at the head of the queue, to be prefilled from scratch
+    /// (prompt and generated tokens) when it is admitted again.
+    fn requeue_for_recompute(&mut self, mut seq: Sequence) {
         self.blocks.release(&seq.blocks);
         seq.blocks.clear();
         seq.computed = 0;
