@@ -277,3 +277,10 @@ def ctl_status(url: str) -> dict:
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, f"caravanctl status failed: {proc.stderr}"
     return json.loads(proc.stdout)
+
+
+def greedy_text(client, model: str, ref: dict) -> str:
+    """The greedy completion of reference case `ref`'s prompt, as long as its reference."""
+    out = client.completions.create(model=model, prompt=ref["prompt"], temperature=0,
+                                    max_tokens=len(ref["gen_ids"]))
+    return out.choices[0].text

@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import READY_TIMEOUT_S, Coordinator, bin_path, children, ctl_status, free_port, wait_for_status
+from conftest import READY_TIMEOUT_S, Coordinator, greedy_text, bin_path, children, ctl_status, free_port, wait_for_status
 
 TIMEOUT_S = 60.0
 HEALTH_DEADLINE_S = 5.0
@@ -53,9 +53,7 @@ def test_remote_workers_register_then_serve(checkpoint, reference):
             assert status["ready"] and [w["health"] for w in status["workers"]] == ["ready", "ready"], status
             assert [w["rank"] for w in status["workers"]] == [0, 1] and status["tensor_parallel_size"] == 2
             client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
-            out = client.completions.create(model=checkpoint.name, prompt=ref["prompt"], temperature=0,
-                                            max_tokens=len(ref["gen_ids"]))
-            assert out.choices[0].text == ref["text"]
+            assert greedy_text(client, checkpoint.name, ref) == ref["text"]
     finally:
         coordinator.stop()
         for w in workers:
@@ -107,9 +105,7 @@ def test_worker_death_fails_requests_then_the_group_recovers(checkpoint, referen
             survivors = set(workers) & set(children(coordinator.proc.pid))
             assert survivors == {workers[0]}, "the surviving worker should have been reused"
             ref = reference["completions"][0]
-            out = client.completions.create(model=checkpoint.name, prompt=ref["prompt"], temperature=0,
-                                            max_tokens=len(ref["gen_ids"]))
-            assert out.choices[0].text == ref["text"]
+            assert greedy_text(client, checkpoint.name, ref) == ref["text"]
     finally:
         coordinator.stop()
 

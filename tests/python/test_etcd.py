@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import READY_TIMEOUT_S, Coordinator, bin_path, ctl_status, free_port, wait_for_status
+from conftest import READY_TIMEOUT_S, Coordinator, greedy_text, bin_path, ctl_status, free_port, wait_for_status
 
 TIMEOUT_S = 60.0
 TAKEOVER_DEADLINE_S = 10.0
@@ -69,9 +69,7 @@ def start_worker(etcd_url, prefix):
 
 def greedy_matches(url, model, ref):
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
-    out = client.completions.create(model=model, prompt=ref["prompt"], temperature=0,
-                                    max_tokens=len(ref["gen_ids"]))
-    return out.choices[0].text == ref["text"]
+    return greedy_text(client, model, ref) == ref["text"]
 
 
 def test_standby_takes_over_and_groups_reform_from_etcd(etcd_url, checkpoint, reference):
