@@ -187,6 +187,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let stats = Arc::new(EngineStats::default());
     let registry = Arc::new(Registry::default());
     let control = Arc::new(Control::default());
+    if !args.etcd_endpoints.is_empty() {
+        // From the first answer on, until the election is won.
+        health.fail("standby: not leading yet");
+    }
     let state = Arc::new(AppState {
         model: model.clone(),
         tokenizer: tokenizer.clone(),
