@@ -3,6 +3,7 @@
 
 Presets:
   tiny        hidden 256, 4 layers, 8 heads, 2 KV heads, MLP 688      (~18M parameters)
+  tiny-mha    the same with 8 KV heads (multi-head), to convert to GQA
   bench-150m  hidden 1024, 8 layers, 16 heads, 4 KV heads, MLP 2816   (~150M, the benchmark shape)
   7b          hidden 4096, 32 layers, 32 heads, MLP 11008             (Llama-2-7B's shape)
 
@@ -23,6 +24,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 PRESETS = {
     "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, intermediate_size=688),
+    "tiny-mha": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=8, intermediate_size=688),
     "bench-150m": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
                        num_key_value_heads=4, intermediate_size=2816),
     "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,

@@ -5,7 +5,8 @@
 //! warm up), then start the scheduler and report ready.
 //!
 //! Modules: [`registry`] (workers join), [`group`] (a TP group: bring-up and lockstep steps),
-//! [`engine`] (the scheduler), [`blocks`] (KV block manager), [`tokenizer`], [`api`] (HTTP).
+//! [`engine`] (the scheduler), [`blocks`] (KV block manager), [`tokenizer`], [`api`] (HTTP);
+//! [`operator`] holds the offline tools of `caravanctl` (checkpoint conversion, capacity planning).
 
 pub mod api;
 pub mod blocks;
@@ -14,6 +15,7 @@ pub mod etcd;
 pub mod group;
 pub mod local_workers;
 pub mod model_info;
+pub mod operator;
 pub mod registry;
 pub mod server;
 pub mod stats;

@@ -1,12 +1,20 @@
-//! `caravanctl`: the operator CLI. Talks to a coordinator's HTTP admin endpoints.
+//! `caravanctl`: the operator CLI. Talks to a coordinator's HTTP admin endpoints, and runs the
+//! offline tools (checkpoint conversion, layout planning).
 
 use std::{
+    path::PathBuf,
     process::ExitCode,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
+use caravan_coordinator::operator::{
+    convert::{self, Conversion, ConvertOptions},
+    hardware,
+    plan::{self, Goal, ModelShape, PlanRequest},
+};
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -30,7 +38,7 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {
+enum Online {
     /// Readiness, requests in flight, KV-cache use and the worker group, rank by rank (host,
     /// device, memory, shard, health).
     Status,
@@ -57,8 +65,71 @@ enum Command {
     Health,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    #[command(flatten)]
+    Online(Online),
+    /// Turn a multi-head checkpoint into a grouped-query one by mean-pooling each group's key
+    /// and value heads (GQA paper, arXiv 2305.13245, section 2.1). Offline; streams tensor by
+    /// tensor.
+    Convert {
+        /// KV heads to keep; must divide the checkpoint's KV heads (and so its query heads).
+        #[arg(long)]
+        kv_heads: usize,
+        /// Largest output shard, e.g. 5GB, 500MB, 2GiB.
+        #[arg(long, default_value = "5GB")]
+        max_shard_size: String,
+        /// The Hugging Face checkpoint folder to read.
+        input: PathBuf,
+        /// The folder to write (must not exist, or be empty).
+        output: PathBuf,
+    },
+    /// Tensor-parallel layouts for a model on GPU nodes: memory, KV-cache capacity, all-reduce
+    /// volume and decode-time bounds per layout, and a recommendation. Offline.
+    Plan {
+        /// llama-2-7b, llama-2-13b, llama-2-70b, a config.json, or a checkpoint folder.
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value_t = 1)]
+        nodes: u64,
+        #[arg(long)]
+        gpus_per_node: u64,
+        /// One of the GPUs in the planner's table (docs/SCALING.md), e.g. a100-80gb.
+        #[arg(long)]
+        gpu: String,
+        #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
+        dtype: String,
+        /// Sequence length to count KV capacity in.
+        #[arg(long, default_value_t = 4096)]
+        context: u64,
+        /// Network bandwidth of each node in Gbit/s, for groups that span nodes.
+        #[arg(long, default_value_t = 200.0)]
+        network_gbps: f64,
+        /// Fraction of GPU memory to use (as vLLM's --gpu-memory-utilization).
+        #[arg(long, default_value_t = 0.9)]
+        memory_utilization: f64,
+        /// GiB per GPU kept for activations and the CUDA context.
+        #[arg(long, default_value_t = 2.0)]
+        activation_reserve_gib: f64,
+        #[arg(long, value_enum, default_value_t = Goal::Throughput)]
+        goal: Goal,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let online = match cli.command {
+        Command::Online(online) => online,
+        offline => {
+            return match run_offline(offline, cli.json) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -69,7 +140,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(&cli.url, cli.json, online)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -78,37 +149,98 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<ExitCode> {
-    let base = Base::parse(&cli.url)?;
-    match cli.command {
-        Command::Status => {
+/// Commands that need no coordinator.
+fn run_offline(command: Command, json: bool) -> Result<ExitCode> {
+    match command {
+        Command::Convert {
+            kv_heads,
+            max_shard_size,
+            input,
+            output,
+        } => {
+            let options = ConvertOptions {
+                input,
+                output,
+                kv_heads,
+                max_shard_bytes: convert::parse_size(&max_shard_size)?,
+            };
+            run_convert(options, json)
+        }
+        Command::Plan {
+            model,
+            nodes,
+            gpus_per_node,
+            gpu,
+            dtype,
+            context,
+            network_gbps,
+            memory_utilization,
+            activation_reserve_gib,
+            goal,
+        } => {
+            if !(0.0..=1024.0).contains(&activation_reserve_gib) {
+                bail!("--activation-reserve-gib must be between 0 and 1024");
+            }
+            let request = PlanRequest {
+                model: ModelShape::load(&model)?,
+                nodes,
+                gpus_per_node,
+                gpu: hardware::gpu(&gpu).map_err(anyhow::Error::msg)?,
+                dtype_bytes: if dtype == "f32" { 4 } else { 2 },
+                context,
+                network_gbps,
+                memory_utilization,
+                activation_reserve_bytes: (activation_reserve_gib * (1u64 << 30) as f64) as u64,
+                goal,
+            };
+            let plan = request.plan()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", plan::render(&plan));
+            }
+            Ok(if plan.recommended.is_some() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Online(_) => bail!("not an offline command"),
+    }
+}
+
+/// Commands that talk to a coordinator.
+async fn run(url: &str, json: bool, command: Online) -> Result<ExitCode> {
+    let base = Base::parse(url)?;
+    match command {
+        Online::Status => {
             let (_, body) = base.request("GET", "/admin/status", None).await?;
             let status: Value = serde_json::from_str(&body).context("parsing /admin/status")?;
-            if cli.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print_status(&status);
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Workers => {
+        Online::Workers => {
             let (_, body) = base.request("GET", "/admin/workers", None).await?;
             let workers: Value = serde_json::from_str(&body).context("parsing /admin/workers")?;
-            if cli.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(&workers)?);
             } else {
                 print_workers(&workers);
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Generate {
+        Online::Generate {
             prompt,
             max_tokens,
             temperature,
-        } => generate(&base, &prompt, max_tokens, temperature, cli.json).await,
-        Command::Health => {
+        } => generate(&base, &prompt, max_tokens, temperature, json).await,
+        Online::Health => {
             let (code, body) = base.request("GET", "/health", None).await?;
-            if cli.json {
+            if json {
                 println!("{body}");
             } else {
                 let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
@@ -123,7 +255,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Drain { timeout } => {
+        Online::Drain { timeout } => {
             let (code, body) = base.request("POST", "/admin/drain", None).await?;
             if code != 202 {
                 bail!("drain refused (HTTP {code}): {body}");
@@ -142,7 +274,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 let in_flight = status["in_flight"].as_u64().unwrap_or(0);
                 if status["drained"].as_bool() == Some(true) {
                     eprintln!("drained");
-                    if cli.json {
+                    if json {
                         println!("{}", serde_json::to_string_pretty(&status)?);
                     }
                     return Ok(ExitCode::SUCCESS);
@@ -159,6 +291,49 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
     }
+}
+
+/// Converts with a progress bar on stderr (hidden when it is not a terminal).
+fn run_convert(options: ConvertOptions, json: bool) -> Result<ExitCode> {
+    let (input, output) = (options.input.clone(), options.output.clone());
+    let conversion = Conversion::prepare(options)?;
+    let bar = ProgressBar::new(conversion.output_bytes()).with_style(
+        ProgressStyle::with_template(
+            "converting {bar:30} {bytes}/{total_bytes} [{elapsed_precise}, {bytes_per_sec}]",
+        )
+        .expect("static template"),
+    );
+    let report = conversion.run(&mut |bytes| bar.inc(bytes))?;
+    bar.finish_and_clear();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "kv_heads_before": report.kv_heads_before,
+                "kv_heads_after": report.kv_heads_after,
+                "tensors": report.tensors,
+                "pooled": report.pooled,
+                "shards": report.shards,
+                "bytes_before": report.bytes_before,
+                "bytes_written": report.bytes_written,
+            })
+        );
+    } else {
+        println!(
+            "converted {} -> {}: {} KV heads -> {}, {} projections mean-pooled, {} tensors in {} \
+             shard(s), {:.1} MiB -> {:.1} MiB",
+            input.display(),
+            output.display(),
+            report.kv_heads_before,
+            report.kv_heads_after,
+            report.pooled,
+            report.tensors,
+            report.shards,
+            report.bytes_before as f64 / (1u64 << 20) as f64,
+            report.bytes_written as f64 / (1u64 << 20) as f64,
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Streams one completion, printing text as it arrives.
