@@ -12,6 +12,10 @@ Time to first token and inter-token latency are per stream.
 Peer: transformers `generate` on the same checkpoint and the same thread count, a batch of c
 prompts (same lengths), greedy, exactly --max-tokens new tokens.
 
+The benchmark's own client threads run at nice 10 so that they yield the two cores to the server
+when both want them. Step time is split from /metrics: mean wall time of a step at the coordinator, and the share of it
+spent outside rank 0's compute (gRPC, scheduling, the coordinator's own work).
+
 Usage: bench/serving_bench.py [--tp 1] [--concurrency 1,8,32] [--max-tokens 64] [--prompt-tokens 32]
 Prints a Markdown table (for docs/BENCHMARKS.md); progress goes to stderr.
 """
@@ -64,7 +68,20 @@ def stream_one(url, model, prompt, max_tokens, out, index, start):
     out[index] = (t0, times)
 
 
+def scrape(url):
+    """The step counters of /metrics: steps, step seconds, rank 0's compute seconds."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return (values["caravan_steps_total"], values["caravan_step_seconds_total"],
+            values["caravan_worker_compute_seconds_total"])
+
+
 def caravan_run(url, model, c, prompt_len, max_tokens):
+    before = scrape(url)
     ps = prompts(c, prompt_len, seed=c)
     out = [None] * c
     start = threading.Event()
@@ -81,8 +98,10 @@ def caravan_run(url, model, c, prompt_len, max_tokens):
     tokens = sum(len(times) for _, times in out)
     ttft = [times[0] - t0 for t0, times in out]
     itl = [b - a for _, times in out for a, b in zip(times, times[1:])]
+    steps, step_s, compute_s = (b - a for a, b in zip(before, scrape(url)))
     return {"tokens": tokens, "wall": end - begin, "tok_s": tokens / (end - begin),
-            "ttft_ms": 1000 * statistics.median(ttft), "itl_ms": 1000 * statistics.median(itl)}
+            "ttft_ms": 1000 * statistics.median(ttft), "itl_ms": 1000 * statistics.median(itl),
+            "step_ms": 1000 * step_s / steps, "outside_pct": 100 * (step_s - compute_s) / step_s}
 
 
 def hf_run(model_dir, c, prompt_len, max_tokens, threads):
@@ -138,6 +157,10 @@ def main():
     results = {}
     try:
         url = coordinator.wait_ready()
+        # The clients share the machine with the server here, where in production they would
+        # not: run them at a lower priority so the server's steps are not delayed by their SSE
+        # parsing (the server's processes keep the default priority).
+        os.nice(10)
         model = model_dir.name
         log("warming up")
         caravan_run(url, model, 2, args.prompt_tokens, 4)
@@ -156,8 +179,9 @@ def main():
     base = results[levels[0]]["caravan"]["tok_s"]
     print(f"\n{args.preset}, TP {args.tp}, {args.threads} CPU threads, prompts of {args.prompt_tokens} tokens, "
           f"{args.max_tokens} output tokens per stream\n")
-    header = "| streams | Caravan tok/s | vs 1 stream | TTFT median ms | ITL median ms |"
-    sep = "|---|---|---|---|---|"
+    header = ("| streams | Caravan tok/s | vs 1 stream | TTFT median ms | ITL median ms | step ms "
+              "| outside the worker |")
+    sep = "|---|---|---|---|---|---|---|"
     if not args.no_peer:
         header += " transformers tok/s | Caravan / transformers |"
         sep += "---|---|"
@@ -165,7 +189,8 @@ def main():
     print(sep)
     for c in levels:
         r = results[c]["caravan"]
-        row = f"| {c} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {r['ttft_ms']:.0f} | {r['itl_ms']:.0f} |"
+        row = (f"| {c} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {r['ttft_ms']:.0f} | {r['itl_ms']:.0f} "
+               f"| {r['step_ms']:.0f} | {r['outside_pct']:.1f}% |")
         if not args.no_peer:
             h = results[c]["hf"]
             row += f" {h['tok_s']:.1f} | {r['tok_s'] / h['tok_s']:.2f}x |"

@@ -251,6 +251,14 @@ impl Engine {
         })?;
         let _sampling = tracing::info_span!("sample").entered();
         let vocab = loaded.model.config().vocab_size;
+        // One vectorised pass for every row's normaliser; the per-row work below is then an
+        // argmax (or a draw) over the raw logits, with no exponentials.
+        let log_sum_exp: Vec<f32> = Vec::<f32>::try_from(
+            logits
+                .to_kind(tch::Kind::Float)
+                .logsumexp([-1i64].as_slice(), false),
+        )
+        .map_err(|e| Status::internal(e.to_string()))?;
         let logits: Vec<f32> = Vec::<f32>::try_from(logits.flatten(0, -1))
             .map_err(|e| Status::internal(e.to_string()))?;
         let mut tokens = Vec::new();
@@ -264,7 +272,7 @@ impl Engine {
                 .entry(seq.sequence_id)
                 .or_insert_with(|| SequenceSampler::new(params.seed));
             let row = &logits[i * vocab..(i + 1) * vocab];
-            let sampled = sampler.sample(row, &params);
+            let sampled = sampler.sample(row, log_sum_exp[i], &params);
             tokens.push(pb::SampledToken {
                 sequence_id: seq.sequence_id,
                 token_id: sampled.token,

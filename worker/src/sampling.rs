@@ -65,26 +65,36 @@ impl SequenceSampler {
     }
 
     /// Chooses a token from `logits` (one row over the vocabulary) and records it.
-    pub fn sample(&mut self, logits: &[f32], params: &SamplingParams) -> Sampled {
-        let logprobs = log_softmax(logits);
-        let mut scores = logits.to_vec();
-        if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
+    /// `log_sum_exp` is `ln Σ exp(logits)` of the row (the engine computes it for the whole batch
+    /// in one vectorised libtorch call), so a log-probability is just `logit − log_sum_exp` and
+    /// the vocabulary is never exponentiated here.
+    pub fn sample(&mut self, logits: &[f32], log_sum_exp: f32, params: &SamplingParams) -> Sampled {
+        let penalised;
+        let scores = if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
+            let mut scores = logits.to_vec();
             for (&token, &count) in &self.counts {
                 if let Some(s) = scores.get_mut(token as usize) {
                     *s -= params.presence_penalty + params.frequency_penalty * count as f32;
                 }
             }
-        }
-        let token = if params.temperature <= 0.0 {
-            argmax(&scores)
+            penalised = scores;
+            &penalised[..]
         } else {
-            self.draw(&scores, params)
+            logits
+        };
+        let token = if params.temperature <= 0.0 {
+            argmax(scores)
+        } else {
+            self.draw(scores, params)
         };
         *self.counts.entry(token as i64).or_insert(0) += 1;
         Sampled {
             token: token as i64,
-            logprob: logprobs[token],
-            top_logprobs: top_n(&logprobs, params.top_logprobs),
+            logprob: logits[token] - log_sum_exp,
+            top_logprobs: top_n(logits, params.top_logprobs)
+                .into_iter()
+                .map(|(t, logit)| (t, logit - log_sum_exp))
+                .collect(),
         }
     }
 
@@ -139,13 +149,15 @@ fn argmax(xs: &[f32]) -> usize {
     best
 }
 
-fn log_softmax(xs: &[f32]) -> Vec<f32> {
+/// `ln Σ exp(xs)`, computed stably; what [`SequenceSampler::sample`] needs when the caller has
+/// no batched value at hand.
+pub fn log_sum_exp(xs: &[f32]) -> f32 {
     let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = xs.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    let log_sum = sum.ln() as f32;
-    xs.iter().map(|&x| x - max - log_sum).collect()
+    max + sum.ln() as f32
 }
 
+/// The `n` largest values with their indices, largest first (ties by index).
 fn top_n(logprobs: &[f32], n: usize) -> Vec<(i64, f32)> {
     if n == 0 {
         return vec![];
@@ -168,9 +180,13 @@ mod tests {
         vec![1.0, 3.0, 2.0, 0.5, 2.9]
     }
 
+    fn lse() -> f32 {
+        log_sum_exp(&logits())
+    }
+
     #[test]
     fn greedy_picks_the_maximum_and_reports_its_logprob() {
-        let s = SequenceSampler::new(0).sample(&logits(), &SamplingParams::default());
+        let s = SequenceSampler::new(0).sample(&logits(), lse(), &SamplingParams::default());
         assert_eq!(s.token, 1);
         let expected = 3.0 - logits().iter().map(|x| x.exp()).sum::<f32>().ln();
         assert!((s.logprob - expected).abs() < 1e-6);
@@ -182,7 +198,7 @@ mod tests {
             top_logprobs: 3,
             ..Default::default()
         };
-        let s = SequenceSampler::new(0).sample(&logits(), &params);
+        let s = SequenceSampler::new(0).sample(&logits(), lse(), &params);
         let ids: Vec<i64> = s.top_logprobs.iter().map(|t| t.0).collect();
         assert_eq!(ids, [1, 4, 2]);
         let mass: f32 = s.top_logprobs.iter().map(|t| t.1.exp()).sum();
@@ -199,7 +215,7 @@ mod tests {
         let run = |seed| {
             let mut s = SequenceSampler::new(seed);
             (0..50)
-                .map(|_| s.sample(&logits(), &params).token)
+                .map(|_| s.sample(&logits(), lse(), &params).token)
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(42), run(42));
@@ -213,7 +229,7 @@ mod tests {
             ..params.clone()
         };
         let mut s = SequenceSampler::new(7);
-        assert!((0..20).all(|_| s.sample(&logits(), &greedy_k).token == 1));
+        assert!((0..20).all(|_| s.sample(&logits(), lse(), &greedy_k).token == 1));
     }
 
     #[test]
@@ -225,7 +241,7 @@ mod tests {
             ..Default::default()
         };
         let mut s = SequenceSampler::new(1);
-        assert!((0..50).all(|_| s.sample(&logits(), &params).token == 1));
+        assert!((0..50).all(|_| s.sample(&logits(), lse(), &params).token == 1));
     }
 
     #[test]
@@ -235,8 +251,8 @@ mod tests {
             ..Default::default()
         };
         let mut s = SequenceSampler::new(0);
-        let first = s.sample(&logits(), &params).token;
-        let second = s.sample(&logits(), &params).token;
+        let first = s.sample(&logits(), lse(), &params).token;
+        let second = s.sample(&logits(), lse(), &params).token;
         assert_eq!(
             (first, second),
             (1, 4),
