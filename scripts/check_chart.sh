@@ -95,12 +95,18 @@ def check_pod(owner, spec):
         if args[0] == "caravan-coordinator":
             ready = c.get("readinessProbe", {}).get("httpGet", {}).get("path")
             live = c.get("livenessProbe", {}).get("httpGet", {}).get("path")
-            if ready != "/health" or live != "/v1/models":
+            keyed = "--api-key-file=/etc/caravan/auth/api-keys" in args
+            want_live = "/metrics" if keyed else "/v1/models"
+            if ready != "/health" or live != want_live:
                 fail(f"{owner}: coordinator probes are {ready} (readiness) and {live} (liveness), "
-                     "want /health and /v1/models")
+                     f"want /health and {want_live}")
+            if keyed and "--public-health-and-metrics" not in args:
+                fail(f"{owner}: API keys without --public-health-and-metrics would fail the probes")
             stop = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
             if stop[:2] != ["caravanctl", "drain"]:
                 fail(f"{owner}: coordinator preStop is {stop}, want caravanctl drain")
+            if keyed and "--api-key-file=/etc/caravan/auth/api-keys" not in stop:
+                fail(f"{owner}: the preStop drain does not send the API key")
             timeout = [int(a.split("=", 1)[1]) for a in stop if a.startswith("--timeout=")]
             if not timeout or spec.get("terminationGracePeriodSeconds", 30) <= timeout[0]:
                 fail(f"{owner}: terminationGracePeriodSeconds does not exceed the drain timeout")
@@ -216,5 +222,6 @@ refuse "grace period within the drain timeout" --set coordinator.terminationGrac
 refuse "cuda device without a GPU" --set workers.device=cuda:0
 refuse "GPU requested for a cpu worker" --set workers.device=cpu --set workers.gpu.count=1
 refuse "batched tokens below batch size" --set engine.maxBatchSize=512 --set engine.maxNumBatchedTokens=256
+refuse "API keys Secret with an invalid name" --set auth.apiKeysSecret=Caravan_Keys
 
 log "ok: helm lint, $validated renders validated against Kubernetes ${KUBE_VERSIONS[*]} (strict), $refused broken values refused"

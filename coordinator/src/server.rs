@@ -129,6 +129,21 @@ pub struct ServeArgs {
     /// OTEL_EXPORTER_OTLP_ENDPOINT, if set). Local workers get the same endpoint.
     #[arg(long, env = "CARAVAN_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Require `Authorization: Bearer KEY` on the HTTP API (repeat, or comma-separate, for
+    /// several keys).
+    #[arg(
+        long,
+        env = "CARAVAN_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_key: Vec<String>,
+    /// A file of API keys, one per line (`#` comments allowed); combines with --api-key.
+    #[arg(long, env = "CARAVAN_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// With API keys, still answer /health and /metrics without one (probes, Prometheus).
+    #[arg(long, env = "CARAVAN_PUBLIC_HEALTH_AND_METRICS")]
+    pub public_health_and_metrics: bool,
     /// Seconds a drain (SIGTERM, `caravanctl drain`) lets requests in flight finish before
     /// ending them with an error.
     #[arg(long, env = "CARAVAN_DRAIN_TIMEOUT", default_value_t = 30)]
@@ -140,6 +155,11 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     if args.tp == 0 {
         bail!("--tensor-parallel-size must be at least 1");
     }
+    let api_keys = api::auth::ApiKeys::load(
+        &args.api_key,
+        args.api_key_file.as_deref(),
+        args.public_health_and_metrics,
+    )?;
     let model_dir = std::fs::canonicalize(&args.model)
         .with_context(|| format!("model folder {}", args.model.display()))?;
     let name = args.served_model_name.clone().unwrap_or_else(|| {
@@ -211,7 +231,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("binding HTTP on {}:{}", args.host, args.port))?;
     let http_addr = http.local_addr()?;
     // The listener stops with the process; draining is done before that, below.
-    let http_server = tokio::spawn(axum::serve(http, api::router(state.clone())).into_future());
+    let http_server =
+        tokio::spawn(axum::serve(http, api::router(state.clone(), api_keys)).into_future());
 
     let grpc_addr = if args.local_workers {
         SocketAddr::from(([127, 0, 0, 1], 0))

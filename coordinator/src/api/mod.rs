@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API (axum): completions and chat completions, streaming or not,
 //! models, health, and Prometheus metrics.
 
+pub mod auth;
 pub mod completions;
 pub mod error;
 pub mod types;
@@ -92,9 +93,9 @@ impl AppState {
 
 pub type SharedState = Arc<AppState>;
 
-/// Builds the router.
-pub fn router(state: SharedState) -> Router {
-    Router::new()
+/// Builds the router; with `keys`, every route but those they leave public needs a key.
+pub fn router(state: SharedState, keys: Option<Arc<auth::ApiKeys>>) -> Router {
+    let router = Router::new()
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/models", get(models))
@@ -104,7 +105,14 @@ pub fn router(state: SharedState) -> Router {
         .route("/admin/workers", get(admin_workers))
         .route("/admin/drain", post(admin_drain))
         .fallback(not_found)
-        .with_state(state)
+        .with_state(state);
+    match keys {
+        Some(keys) => router.layer(axum::middleware::from_fn_with_state(
+            keys,
+            auth::require_api_key,
+        )),
+        None => router,
+    }
 }
 
 async fn models(State(state): State<SharedState>) -> Json<serde_json::Value> {

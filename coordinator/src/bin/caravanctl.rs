@@ -30,6 +30,17 @@ struct Cli {
         default_value = "http://127.0.0.1:8000"
     )]
     url: String,
+    /// The coordinator's API key, when it was started with --api-key or --api-key-file.
+    #[arg(long, global = true, env = "CARAVAN_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// A file of API keys, one per line (as the coordinator's --api-key-file): the first is sent.
+    #[arg(
+        long,
+        global = true,
+        env = "CARAVAN_API_KEY_FILE",
+        conflicts_with = "api_key"
+    )]
+    api_key_file: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -118,6 +129,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let api_key = match api_key(cli.api_key.clone(), cli.api_key_file.as_deref()) {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let online = match cli.command {
         Command::Online(online) => online,
         offline => {
@@ -140,13 +158,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(&cli.url, cli.json, online)) {
+    match runtime.block_on(run(&cli.url, api_key, cli.json, online)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The key to send: `--api-key`, or the first key of `--api-key-file`.
+fn api_key(key: Option<String>, file: Option<&std::path::Path>) -> Result<Option<String>> {
+    let Some(path) = file else {
+        return Ok(key);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading API keys from {}", path.display()))?;
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .with_context(|| format!("{} holds no API keys", path.display()))?;
+    Ok(Some(first.to_string()))
 }
 
 /// Commands that need no coordinator.
@@ -210,11 +243,11 @@ fn run_offline(command: Command, json: bool) -> Result<ExitCode> {
 }
 
 /// Commands that talk to a coordinator.
-async fn run(url: &str, json: bool, command: Online) -> Result<ExitCode> {
-    let base = Base::parse(url)?;
+async fn run(url: &str, api_key: Option<String>, json: bool, command: Online) -> Result<ExitCode> {
+    let base = Base::parse(url, api_key)?;
     match command {
         Online::Status => {
-            let (_, body) = base.request("GET", "/admin/status", None).await?;
+            let body = base.get_ok("/admin/status").await?;
             let status: Value = serde_json::from_str(&body).context("parsing /admin/status")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -224,7 +257,7 @@ async fn run(url: &str, json: bool, command: Online) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Online::Workers => {
-            let (_, body) = base.request("GET", "/admin/workers", None).await?;
+            let body = base.get_ok("/admin/workers").await?;
             let workers: Value = serde_json::from_str(&body).context("parsing /admin/workers")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&workers)?);
@@ -244,9 +277,14 @@ async fn run(url: &str, json: bool, command: Online) -> Result<ExitCode> {
                 println!("{body}");
             } else {
                 let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-                match v["reason"].as_str() {
-                    Some(reason) => println!("unavailable: {reason}"),
-                    None => println!("ok"),
+                if code == 200 {
+                    println!("ok");
+                } else {
+                    let reason = v["reason"]
+                        .as_str()
+                        .or(v["error"]["message"].as_str())
+                        .unwrap_or(body.trim());
+                    println!("unavailable (HTTP {code}): {reason}");
                 }
             }
             Ok(if code == 200 {
@@ -344,7 +382,7 @@ async fn generate(
     temperature: f32,
     json: bool,
 ) -> Result<ExitCode> {
-    let (_, models) = base.request("GET", "/v1/models", None).await?;
+    let models = base.get_ok("/v1/models").await?;
     let models: Value = serde_json::from_str(&models).context("parsing /v1/models")?;
     let model = models["data"][0]["id"]
         .as_str()
@@ -455,10 +493,12 @@ fn print_status(s: &Value) {
 /// A plain-HTTP base URL (the coordinator serves HTTP; put TLS in front of it).
 struct Base {
     authority: String,
+    /// Sent as `Authorization: Bearer` when the coordinator requires a key.
+    api_key: Option<String>,
 }
 
 impl Base {
-    fn parse(url: &str) -> Result<Self> {
+    fn parse(url: &str, api_key: Option<String>) -> Result<Self> {
         let Some(rest) = url.strip_prefix("http://") else {
             bail!("--url must be http://HOST:PORT, got {url:?}");
         };
@@ -466,7 +506,12 @@ impl Base {
         if authority.is_empty() || authority.contains('/') {
             bail!("--url must be http://HOST:PORT, got {url:?}");
         }
-        Ok(Base { authority })
+        if let Some(key) = &api_key {
+            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                bail!("--api-key must be printable ASCII without spaces");
+            }
+        }
+        Ok(Base { authority, api_key })
     }
 
     /// One request with `Connection: close`: (status, body).
@@ -479,6 +524,17 @@ impl Base {
         Ok((status, body))
     }
 
+    /// A GET that must answer 200; anything else is an error carrying the server's message.
+    async fn get_ok(&self, path: &str) -> Result<String> {
+        let (status, body) = self.request("GET", path, None).await?;
+        if status != 200 {
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            let message = v["error"]["message"].as_str().unwrap_or(body.trim());
+            bail!("GET {path}: HTTP {status}: {message}");
+        }
+        Ok(body)
+    }
+
     /// Sends a request and reads the status line and headers.
     async fn open(&self, method: &str, path: &str, body: Option<&str>) -> Result<Response> {
         let connect = tokio::net::TcpStream::connect(&self.authority);
@@ -487,9 +543,13 @@ impl Base {
             .with_context(|| format!("connecting to {}: timed out", self.authority))?
             .with_context(|| format!("connecting to {}", self.authority))?;
         let body = body.unwrap_or("");
+        let auth = match &self.api_key {
+            Some(key) => format!("Authorization: Bearer {key}\r\n"),
+            None => String::new(),
+        };
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
+             {auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
             self.authority,
             body.len()
         );
