@@ -25,6 +25,8 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v npm >/dev/null || need_apt+=(npm)
 # A real etcd server for the membership and leader-election tests.
 command -v etcd >/dev/null || need_apt+=(etcd-server)
+# openssl: the TLS tests issue their own CA and node certificates.
+command -v openssl >/dev/null || need_apt+=(openssl)
 if ((${#need_apt[@]})); then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   log "installing Debian packages: ${need_apt[*]}"

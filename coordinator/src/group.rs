@@ -26,6 +26,8 @@ pub struct ShardPlan {
     pub block_size: u32,
     pub collective_timeout: Duration,
     pub threads_per_worker: u32,
+    /// Mutual TLS towards the workers, when the cluster uses it.
+    pub tls: Option<caravan_proto::tls::ClusterTls>,
 }
 
 /// How big each rank's KV cache is.
@@ -134,12 +136,17 @@ impl WorkerGroup {
         let world = workers.len();
         let mut ranks = Vec::with_capacity(world);
         for w in &workers {
-            let channel = tonic::transport::Endpoint::from_shared(w.worker_addr.clone())?
+            let url = caravan_proto::tls::with_scheme(&w.worker_addr, plan.tls.is_some());
+            let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())?
                 .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
+                .tcp_nodelay(true);
+            if let Some(tls) = &plan.tls {
+                endpoint = endpoint.tls_config(tls.client_config())?;
+            }
+            let channel = endpoint
                 .connect()
                 .await
-                .with_context(|| format!("connecting to worker {} at {}", w.id, w.worker_addr))?;
+                .with_context(|| format!("connecting to worker {} at {url}", w.id))?;
             ranks.push(
                 WorkerClient::new(channel)
                     .max_decoding_message_size(64 << 20)
@@ -148,6 +155,8 @@ impl WorkerGroup {
         }
         let peers: Vec<String> = workers.iter().map(|w| w.ring_addr.clone()).collect();
         tracing::info!(world, ?peers, "forming worker group");
+        // Fresh for every formation: only the ranks loaded now can join this ring.
+        let ring_secret = rand::random::<[u8; 32]>().to_vec();
         let loads = ranks.iter().enumerate().map(|(rank, client)| {
             let mut client = client.clone();
             let (kv_cache_blocks, kv_cache_memory_bytes) =
@@ -163,6 +172,7 @@ impl WorkerGroup {
                 kv_cache_blocks,
                 kv_cache_memory_bytes,
                 group_epoch: epoch,
+                ring_secret: ring_secret.clone(),
                 block_size: plan.block_size,
                 collective_timeout_ms: plan.collective_timeout.as_millis() as u32,
                 threads: plan.threads_per_worker,

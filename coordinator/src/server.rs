@@ -129,6 +129,21 @@ pub struct ServeArgs {
     /// OTEL_EXPORTER_OTLP_ENDPOINT, if set). Local workers get the same endpoint.
     #[arg(long, env = "CARAVAN_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// This node's certificate (PEM) for mutual TLS with the workers; with --tls-key and
+    /// --tls-ca, the registration service requires client certificates from that CA and the
+    /// coordinator presents this one to workers. Local workers get the same files.
+    #[arg(long, env = "CARAVAN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "CARAVAN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster's CA certificate (PEM): peers must present certificates it signed.
+    #[arg(long, env = "CARAVAN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name peers' certificates are checked against (their subjectAltName), whatever
+    /// address they are reached at.
+    #[arg(long, env = "CARAVAN_TLS_SERVER_NAME", default_value = caravan_proto::tls::DEFAULT_SERVER_NAME)]
+    pub tls_server_name: String,
     /// Require `Authorization: Bearer KEY` on the HTTP API (repeat, or comma-separate, for
     /// several keys).
     #[arg(
@@ -155,6 +170,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     if args.tp == 0 {
         bail!("--tensor-parallel-size must be at least 1");
     }
+    let tls = caravan_proto::tls::ClusterTls::load(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.tls_ca.as_deref(),
+        Some(&args.tls_server_name),
+    )?;
     let api_keys = api::auth::ApiKeys::load(
         &args.api_key,
         args.api_key_file.as_deref(),
@@ -243,8 +264,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding the registration service on {grpc_addr}"))?;
     let grpc_addr = grpc.local_addr()?;
+    let mut grpc_server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        grpc_server = grpc_server
+            .tls_config(tls.server_config())
+            .context("configuring TLS for the registration service")?;
+    }
     tokio::spawn(
-        tonic::transport::Server::builder()
+        grpc_server
             .add_service(CoordinatorServer::new(CoordinatorService::new(
                 registry.clone(),
             )))
@@ -258,8 +285,11 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         if let Some(endpoint) = &args.otlp_endpoint {
             extra.extend(["--otlp-endpoint".to_string(), endpoint.clone()]);
         }
-        let workers =
-            LocalWorkers::spawn(args.tp, &format!("http://{grpc_addr}"), &args.device, extra)?;
+        if let Some(tls) = &tls {
+            extra.extend(tls.files.to_args());
+        }
+        let url = caravan_proto::tls::with_scheme(&grpc_addr.to_string(), tls.is_some());
+        let workers = LocalWorkers::spawn(args.tp, &url, &args.device, extra)?;
         Some(tokio::spawn(workers.supervise(stop_workers_rx)))
     } else {
         eprintln!("waiting for {} workers to register at {grpc_addr}", args.tp);
@@ -280,6 +310,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         block_size: block_size as u32,
         collective_timeout: Duration::from_secs(args.collective_timeout.max(1)),
         threads_per_worker: threads,
+        tls: tls.clone(),
     };
     let scheduler = SchedulerConfig {
         max_batch_size: args.max_batch_size,

@@ -30,3 +30,4 @@ pub mod etcd {
     }
 }
 pub mod telemetry;
+pub mod tls;

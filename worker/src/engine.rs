@@ -160,7 +160,7 @@ impl Engine {
             }
             Communicator::TcpRing(
                 self.listener
-                    .connect(rank, &peers, timeout, req.group_epoch)
+                    .connect(rank, &peers, timeout, req.group_epoch, &req.ring_secret)
                     .map_err(|e| Status::unavailable(e.to_string()))?,
             )
         };

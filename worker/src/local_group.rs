@@ -33,12 +33,16 @@ pub struct Rendezvous {
     pub listener: RingListener,
     pub peers: Vec<SocketAddr>,
     pub backend: Backend,
+    /// The ring's shared secret (see `caravan_ops::comm::TcpRing`).
+    pub secret: Vec<u8>,
 }
 
 impl Rendezvous {
     /// Joins the TCP ring described by this rendezvous.
     pub fn into_ring(self, rank: usize, timeout: Duration) -> Result<TcpRing> {
-        Ok(self.listener.connect(rank, &self.peers, timeout, 0)?)
+        Ok(self
+            .listener
+            .connect(rank, &self.peers, timeout, 0, &self.secret)?)
     }
 }
 
@@ -81,7 +85,12 @@ pub fn run(world_size: usize, args: &[OsString], backend: &Backend) -> Result<()
             Backend::Tcp => "tcp".to_string(),
             Backend::Nccl(id) => format!("nccl {id}"),
         };
-        let list = format!("{}\n{backend_line}\n", addrs.join(","));
+        // The ring's shared secret travels on the children's stdin, like the addresses.
+        let secret: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let list = format!("{}\n{backend_line}\n{secret}\n", addrs.join(","));
         for child in &mut children {
             let mut stdin = child.stdin.take().expect("piped");
             stdin.write_all(list.as_bytes())?;
@@ -154,10 +163,20 @@ pub fn join_from_stdio(host: &str, world_size: usize) -> Result<Rendezvous> {
         None if line.trim() == "tcp" => Backend::Tcp,
         _ => bail!("bad backend line from the launcher: {line:?}"),
     };
+    line.clear();
+    stdin.read_line(&mut line)?;
+    let hex = line.trim();
+    let secret = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .ok()
+        .filter(|s| s.len() == 32 && hex.len() == 64)
+        .with_context(|| format!("bad ring secret line from the launcher: {line:?}"))?;
     tracing::info!(%addr, ?peers, "rendezvous complete");
     Ok(Rendezvous {
         listener,
         peers,
         backend,
+        secret,
     })
 }

@@ -6,6 +6,12 @@
 //! length, so ranks that fall out of step get an error rather than garbage, and every socket read
 //! and write has a timeout, so a dead or stalled peer yields an error, never a hang. After any
 //! failure the ring refuses further operations: the group must be formed again.
+//!
+//! Joining is authenticated: the coordinator hands every rank of a formation the same random
+//! secret over gRPC (mutual TLS when configured), the connecting rank's hello carries an
+//! HMAC-SHA256 of its fields under that secret, and the accepting rank answers with another, so a
+//! process without the secret can neither join nor pose as a peer. The activations themselves
+//! travel unencrypted: keep the ring on a private network.
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -14,9 +20,25 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"CRVR";
+/// Magic, rank, world size, epoch.
+const HELLO_FIELDS: usize = 20;
+/// The fields and their HMAC-SHA256 tag.
+const HELLO_LEN: usize = HELLO_FIELDS + TAG_LEN;
+const TAG_LEN: usize = 32;
+
+/// HMAC-SHA256 under the group's `secret` of a domain label and the hello's fields.
+fn ring_tag(secret: &[u8], label: &[u8], fields: &[u8]) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(label);
+    mac.update(fields);
+    mac
+}
 /// Above this many bytes per step, sends run on a second thread so that two ranks sending to each
 /// other at once cannot both block on full socket buffers.
 const CONCURRENT_SEND_BYTES: usize = 32 * 1024;
@@ -43,13 +65,15 @@ impl RingListener {
     /// Joins the ring: connects to rank `rank + 1` and accepts rank `rank - 1`, within `timeout`.
     /// `timeout` also bounds every later send and receive. `epoch` names this formation of the
     /// group: the listener outlives a ring (a failed group is formed again on the same address),
-    /// and a connection left over from an earlier formation is told apart and refused.
+    /// and a connection left over from an earlier formation is told apart and refused. `secret`
+    /// is the formation's shared secret: both ends of every link prove they hold it.
     pub fn connect(
         &self,
         rank: usize,
         peers: &[SocketAddr],
         timeout: Duration,
         epoch: u64,
+        secret: &[u8],
     ) -> Result<TcpRing> {
         let world = peers.len();
         if world < 2 || rank >= world {
@@ -68,11 +92,39 @@ impl RingListener {
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
         hello.extend_from_slice(&(world as u32).to_le_bytes());
         hello.extend_from_slice(&epoch.to_le_bytes());
+        let tag = ring_tag(secret, b"caravan-ring-hello", &hello)
+            .finalize()
+            .into_bytes();
+        hello.extend_from_slice(&tag);
         (&next)
             .write_all(&hello)
             .map_err(|e| io_error("connect", next_rank, timeout, e))?;
-        let prev = accept_from(&self.listener, prev_rank, world, epoch, timeout, deadline)?;
+        // Accept first, then read the successor's answer: every rank writes its hello before it
+        // accepts, so no rank waits on one that is itself waiting.
+        let prev = accept_from(
+            &self.listener,
+            prev_rank,
+            world,
+            epoch,
+            secret,
+            timeout,
+            deadline,
+        )?;
         configure(&prev, timeout, "connect")?;
+        let mut answer = [0u8; TAG_LEN];
+        (&next)
+            .read_exact(&mut answer)
+            .map_err(|e| io_error("connect", next_rank, timeout, e))?;
+        ring_tag(secret, b"caravan-ring-answer", &hello[..HELLO_FIELDS])
+            .verify_slice(&answer)
+            .map_err(|_| Error::Collective {
+                op: "connect",
+                reason: format!(
+                    "rank {next_rank} at {} does not hold this group's secret: not a member of \
+                     this formation",
+                    peers[next_rank]
+                ),
+            })?;
         tracing::debug!(rank, world, next = %peers[next_rank], "joined TCP ring");
         Ok(TcpRing {
             rank,
@@ -118,14 +170,12 @@ fn connect_with_retry(addr: SocketAddr, peer: usize, deadline: Instant) -> Resul
     }
 }
 
-/// Magic, rank, world size, epoch.
-const HELLO_LEN: usize = 20;
-
 fn accept_from(
     listener: &TcpListener,
     prev_rank: usize,
     world: usize,
     epoch: u64,
+    secret: &[u8],
     timeout: Duration,
     deadline: Instant,
 ) -> Result<TcpStream> {
@@ -154,12 +204,25 @@ fn accept_from(
                     && hello[4..8] == (prev_rank as u32).to_le_bytes()
                     && hello[8..12] == (world as u32).to_le_bytes()
                     && hello[12..20] == epoch.to_le_bytes();
-                if ok {
-                    return Ok(stream);
+                let fields = &hello[..HELLO_FIELDS];
+                let authentic = ok
+                    && ring_tag(secret, b"caravan-ring-hello", fields)
+                        .verify_slice(&hello[HELLO_FIELDS..])
+                        .is_ok();
+                if authentic {
+                    let answer = ring_tag(secret, b"caravan-ring-answer", fields)
+                        .finalize()
+                        .into_bytes();
+                    if (&stream).write_all(&answer).is_ok() {
+                        return Ok(stream);
+                    }
                 }
                 // Not our predecessor in this formation (a stale process or connection, a port
-                // scanner): drop it, keep waiting.
-                tracing::warn!(%from, "rejected a ring connection that is not rank {prev_rank}");
+                // scanner, a process without the group's secret): drop it, keep waiting.
+                tracing::warn!(
+                    %from,
+                    "rejected a ring connection that is not rank {prev_rank} of this formation"
+                );
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
@@ -452,6 +515,8 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    const SECRET: &[u8] = b"the secret of this formation";
+
     /// Forms a real ring of `world` ranks over loopback, one thread per rank.
     fn ring(world: usize, timeout: Duration) -> Vec<TcpRing> {
         let listeners: Vec<_> = (0..world)
@@ -467,7 +532,7 @@ mod tests {
             .enumerate()
             .map(|(rank, l)| {
                 let (l, addrs) = (l.clone(), addrs.clone());
-                std::thread::spawn(move || l.connect(rank, &addrs, timeout, epoch).unwrap())
+                std::thread::spawn(move || l.connect(rank, &addrs, timeout, epoch, SECRET).unwrap())
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -618,9 +683,51 @@ mod tests {
         let addrs = [a.local_addr().unwrap(), b.local_addr().unwrap()];
         // Rank 1 never calls connect; its listener accepts the TCP handshake but no hello comes back.
         let err = a
-            .connect(0, &addrs, Duration::from_millis(200), 0)
+            .connect(0, &addrs, Duration::from_millis(200), 0, SECRET)
             .unwrap_err();
         assert!(matches!(err, Error::CollectiveTimeout { .. }), "{err}");
         drop(b);
+    }
+
+    #[test]
+    fn a_process_without_the_secret_cannot_join() {
+        let listeners: Vec<_> = (0..2)
+            .map(|_| Arc::new(RingListener::bind("127.0.0.1:0").unwrap()))
+            .collect();
+        // An impostor that knows everything but the secret reaches rank 0 first, posing as rank 1.
+        let mut impostor = TcpStream::connect(listeners[0].local_addr().unwrap()).unwrap();
+        let mut hello = Vec::new();
+        hello.extend_from_slice(MAGIC);
+        hello.extend_from_slice(&1u32.to_le_bytes());
+        hello.extend_from_slice(&2u32.to_le_bytes());
+        hello.extend_from_slice(&7u64.to_le_bytes());
+        let forged = ring_tag(b"a guess", b"caravan-ring-hello", &hello)
+            .finalize()
+            .into_bytes();
+        hello.extend_from_slice(&forged);
+        impostor.write_all(&hello).unwrap();
+
+        // The real ranks still form the ring and compute.
+        let ring = form(&listeners, Duration::from_secs(10), 7);
+        let handles: Vec<_> = ring
+            .into_iter()
+            .map(|r| {
+                std::thread::spawn(move || {
+                    let mut buf = f32_bytes(&[1.0; 3]);
+                    r.all_reduce_sum(&mut buf, ReduceType::F32).unwrap();
+                    from_f32_bytes(&buf)
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), vec![2.0; 3]);
+        }
+        // The impostor got no answer: its connection was dropped.
+        impostor
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut answer = [0u8; TAG_LEN];
+        let read = impostor.read(&mut answer);
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
 }

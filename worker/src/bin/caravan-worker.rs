@@ -1,7 +1,7 @@
 //! `caravan-worker`: one tensor-parallel rank. Serves `caravan.v1.Worker` over gRPC, registers
 //! with the coordinator, and loads whatever shard the coordinator assigns it.
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use caravan_ops::comm::RingListener;
@@ -66,6 +66,20 @@ struct Args {
     /// OTEL_EXPORTER_OTLP_ENDPOINT, if set).
     #[arg(long, env = "CARAVAN_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// This worker's certificate (PEM) for mutual TLS; with --tls-key and --tls-ca, its gRPC
+    /// service requires client certificates signed by that CA (only the coordinator can load
+    /// shards or send steps), and it presents this one when registering.
+    #[arg(long, env = "CARAVAN_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "CARAVAN_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The cluster's CA certificate (PEM).
+    #[arg(long, env = "CARAVAN_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// The name the coordinator's certificate is checked against (its subjectAltName).
+    #[arg(long, env = "CARAVAN_TLS_SERVER_NAME", default_value = caravan_proto::tls::DEFAULT_SERVER_NAME)]
+    tls_server_name: String,
     /// Exit when standard input closes (set by a coordinator that spawned this worker, so that
     /// workers never outlive it).
     #[arg(long, hide = true)]
@@ -128,7 +142,16 @@ async fn run(args: Args) -> Result<()> {
         }
         None => grpc_addr.ip().to_string(),
     };
-    let advertised_grpc = format!("http://{}", join_host_port(&advertise, grpc_addr.port()));
+    let tls = caravan_proto::tls::ClusterTls::load(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.tls_ca.as_deref(),
+        Some(&args.tls_server_name),
+    )?;
+    let advertised_grpc = caravan_proto::tls::with_scheme(
+        &join_host_port(&advertise, grpc_addr.port()),
+        tls.is_some(),
+    );
     let advertised_ring = join_host_port(&advertise, ring_addr.port());
     // The addresses peers will use, said once: wrong interfaces are the classic multi-host hang.
     eprintln!(
@@ -154,7 +177,13 @@ async fn run(args: Args) -> Result<()> {
     health_reporter
         .set_serving::<WorkerServer<WorkerService>>()
         .await;
-    let server = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        server = server
+            .tls_config(tls.server_config())
+            .context("configuring TLS for the worker service")?;
+    }
+    let server = server
         .add_service(health_service)
         .add_service(WorkerServer::new(service))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
@@ -171,7 +200,7 @@ async fn run(args: Args) -> Result<()> {
     };
     let membership = if args.etcd_endpoints.is_empty() {
         let url = args.coordinator.clone().unwrap_or_default();
-        let mut client = connect(&url).await?;
+        let mut client = connect(&url, tls.as_ref()).await?;
         let registered = client
             .register(registration.clone())
             .await
@@ -240,16 +269,26 @@ async fn heartbeats(
     }
 }
 
-async fn connect(url: &str) -> Result<CoordinatorClient<tonic::transport::Channel>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+async fn connect(
+    url: &str,
+    tls: Option<&caravan_proto::tls::ClusterTls>,
+) -> Result<CoordinatorClient<tonic::transport::Channel>> {
+    let url = caravan_proto::tls::with_scheme(url, tls.is_some());
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
         .with_context(|| format!("bad coordinator address {url:?}"))?
         .connect_timeout(Duration::from_secs(5));
-    // The coordinator may still be starting: retry for a while.
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client_config())
+            .context("configuring TLS towards the coordinator")?;
+    }
+    // The coordinator may still be starting: retry for a while, but only while it is not
+    // listening yet (a TLS or protocol failure will not cure itself).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         match endpoint.connect().await {
             Ok(channel) => return Ok(CoordinatorClient::new(channel)),
-            Err(e) if tokio::time::Instant::now() < deadline => {
+            Err(e) if not_listening_yet(&e) && tokio::time::Instant::now() < deadline => {
                 tracing::debug!(error = %e, "coordinator not reachable yet");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -258,6 +297,22 @@ async fn connect(url: &str) -> Result<CoordinatorClient<tonic::transport::Channe
             }
         }
     }
+}
+
+/// Whether a connection failed because nothing listens at the address (yet).
+fn not_listening_yet(error: &tonic::transport::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut
+            );
+        }
+        source = e.source();
+    }
+    // A connect timeout carries no io::Error.
+    error.to_string().contains("timed out")
 }
 
 fn hostname() -> String {

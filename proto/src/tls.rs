@@ -1,0 +1,159 @@
+//! Mutual TLS between the coordinator and the workers: every gRPC server asks for a client
+//! certificate signed by the cluster's CA, and every client checks the server's certificate
+//! against the same CA.
+//!
+//! Workers are dialled by IP address (pod IPs, `--advertise-host`), so certificates are checked
+//! against one cluster-wide name instead (`--tls-server-name`, default `caravan`): issue every
+//! node's certificate with `subjectAltName = DNS:caravan`. docs/SECURITY.md shows the openssl
+//! commands.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// The name certificates are issued for when `--tls-server-name` is not given.
+pub const DEFAULT_SERVER_NAME: &str = "caravan";
+
+/// A node's certificate and key, and the CA its peers must be signed by.
+#[derive(Clone)]
+pub struct ClusterTls {
+    identity: Identity,
+    ca: Certificate,
+    server_name: String,
+    /// The files, to hand on to child processes (`--local-workers`).
+    pub files: TlsFiles,
+}
+
+/// The PEM files behind a [`ClusterTls`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub server_name: String,
+}
+
+impl TlsFiles {
+    /// The command-line flags that reproduce these settings.
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            format!("--tls-cert={}", self.cert.display()),
+            format!("--tls-key={}", self.key.display()),
+            format!("--tls-ca={}", self.ca.display()),
+            format!("--tls-server-name={}", self.server_name),
+        ]
+    }
+}
+
+impl ClusterTls {
+    /// All three files, or none (plaintext). Reads and checks them now, so a missing file fails
+    /// at start-up rather than at the first connection.
+    pub fn load(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        ca: Option<&Path>,
+        server_name: Option<&str>,
+    ) -> Result<Option<Self>> {
+        let (cert, key, ca) = match (cert, key, ca) {
+            (None, None, None) => return Ok(None),
+            (Some(c), Some(k), Some(a)) => (c, k, a),
+            _ => bail!("--tls-cert, --tls-key and --tls-ca go together: give all three or none"),
+        };
+        let read = |path: &Path, what: &str| -> Result<Vec<u8>> {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading the TLS {what} {}", path.display()))?;
+            if !pem.windows(10).any(|w| w == b"-----BEGIN") {
+                bail!("{} is not a PEM file (the TLS {what})", path.display());
+            }
+            Ok(pem)
+        };
+        let cert_pem = read(cert, "certificate")?;
+        let key_pem = read(key, "key")?;
+        let ca_pem = read(ca, "CA certificate")?;
+        let server_name = server_name.unwrap_or(DEFAULT_SERVER_NAME).to_string();
+        Ok(Some(ClusterTls {
+            identity: Identity::from_pem(cert_pem, key_pem),
+            ca: Certificate::from_pem(ca_pem),
+            server_name: server_name.clone(),
+            files: TlsFiles {
+                cert: absolute(cert)?,
+                key: absolute(key)?,
+                ca: absolute(ca)?,
+                server_name,
+            },
+        }))
+    }
+
+    /// For a gRPC server: present our certificate, require one from the CA of every client.
+    pub fn server_config(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(self.identity.clone())
+            .client_ca_root(self.ca.clone())
+    }
+
+    /// For a gRPC client: check the server against the CA and the cluster name, present ours.
+    pub fn client_config(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(self.ca.clone())
+            .identity(self.identity.clone())
+            .domain_name(self.server_name.clone())
+    }
+}
+
+impl std::fmt::Debug for ClusterTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterTls")
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+/// `url` with the scheme that matches whether TLS is on (`https://` or `http://`).
+pub fn with_scheme(url: &str, tls: bool) -> String {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .unwrap_or(url);
+    format!("{}://{rest}", if tls { "https" } else { "http" })
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_three_files_or_none() {
+        assert!(ClusterTls::load(None, None, None, None).unwrap().is_none());
+        let err = ClusterTls::load(Some(Path::new("a")), None, None, None)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("go together"), "{err}");
+        let err = ClusterTls::load(
+            Some(Path::new("/nonexistent/cert.pem")),
+            Some(Path::new("/nonexistent/key.pem")),
+            Some(Path::new("/nonexistent/ca.pem")),
+            None,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            format!("{err:#}").contains("/nonexistent/cert.pem"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn schemes_follow_tls() {
+        assert_eq!(
+            with_scheme("http://10.0.0.1:50051", true),
+            "https://10.0.0.1:50051"
+        );
+        assert_eq!(with_scheme("https://h:1", false), "http://h:1");
+        assert_eq!(with_scheme("h:1", true), "https://h:1");
+    }
+}
