@@ -47,25 +47,30 @@ def prompts(n, length, seed=0):
     return [[1] + [rng.randrange(300, 32000) for _ in range(length - 1)] for _ in range(n)]
 
 
+def token_times(http, body):
+    """Send time and the arrival time of each token event of one streamed completion."""
+    times = []
+    t0 = time.perf_counter()
+    with http.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {resp.read()[:300]!r}")
+        for line in resp.iter_lines():
+            if not line.startswith("data:") or line.endswith("[DONE]"):
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            if event["choices"] and event["choices"][0].get("finish_reason") is None:
+                times.append(time.perf_counter())
+    return t0, times
+
+
 def stream_one(url, model, prompt, max_tokens, out, index, start):
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True}
-    times = []
     with httpx.Client(base_url=url, timeout=600) as http:
         start.wait()
-        t0 = time.perf_counter()
-        with http.stream("POST", "/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                raise RuntimeError(f"HTTP {resp.status_code}: {resp.read()[:300]!r}")
-            for line in resp.iter_lines():
-                if not line.startswith("data:") or line.endswith("[DONE]"):
-                    continue
-                event = json.loads(line[5:])
-                if "error" in event:
-                    raise RuntimeError(event["error"])
-                if event["choices"] and event["choices"][0].get("finish_reason") is None:
-                    times.append(time.perf_counter())
-    out[index] = (t0, times)
+        out[index] = token_times(http, body)
 
 
 def scrape(url):

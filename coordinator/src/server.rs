@@ -129,21 +129,8 @@ pub struct ServeArgs {
     /// OTEL_EXPORTER_OTLP_ENDPOINT, if set). Local workers get the same endpoint.
     #[arg(long, env = "CARAVAN_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
-    /// This node's certificate (PEM) for mutual TLS with the workers; with --tls-key and
-    /// --tls-ca, the registration service requires client certificates from that CA and the
-    /// coordinator presents this one to workers. Local workers get the same files.
-    #[arg(long, env = "CARAVAN_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// The private key (PEM) of --tls-cert.
-    #[arg(long, env = "CARAVAN_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// The cluster's CA certificate (PEM): peers must present certificates it signed.
-    #[arg(long, env = "CARAVAN_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-    /// The name peers' certificates are checked against (their subjectAltName), whatever
-    /// address they are reached at.
-    #[arg(long, env = "CARAVAN_TLS_SERVER_NAME", default_value = caravan_proto::tls::DEFAULT_SERVER_NAME)]
-    pub tls_server_name: String,
+    #[command(flatten)]
+    pub tls: caravan_proto::tls::TlsArgs,
     /// Require `Authorization: Bearer KEY` on the HTTP API (repeat, or comma-separate, for
     /// several keys).
     #[arg(
@@ -170,12 +157,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     if args.tp == 0 {
         bail!("--tensor-parallel-size must be at least 1");
     }
-    let tls = caravan_proto::tls::ClusterTls::load(
-        args.tls_cert.as_deref(),
-        args.tls_key.as_deref(),
-        args.tls_ca.as_deref(),
-        Some(&args.tls_server_name),
-    )?;
+    let tls = args.tls.load()?;
     let api_keys = api::auth::ApiKeys::load(
         &args.api_key,
         args.api_key_file.as_deref(),
@@ -523,7 +505,7 @@ async fn watch_group(
 
 /// Parses a byte size: a number with an optional unit (B, KiB, MiB, GiB, TiB, or KB/MB/GB/TB
 /// as powers of 1000).
-fn parse_bytes(text: &str) -> Result<u64, String> {
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

@@ -15,6 +15,38 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 /// The name certificates are issued for when `--tls-server-name` is not given.
 pub const DEFAULT_SERVER_NAME: &str = "caravan";
 
+/// The TLS flags the coordinator and the worker share (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsArgs {
+    /// This process's certificate (PEM) for mutual TLS; with --tls-key and --tls-ca, its gRPC
+    /// service requires client certificates signed by that CA, and it presents this one to the
+    /// services it calls. A coordinator's local workers get the same files.
+    #[arg(long, env = "CARAVAN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "CARAVAN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster's CA certificate (PEM): peers must present certificates it signed.
+    #[arg(long, env = "CARAVAN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name peers' certificates are checked against (their subjectAltName), whatever
+    /// address they are reached at.
+    #[arg(long, env = "CARAVAN_TLS_SERVER_NAME", default_value = DEFAULT_SERVER_NAME)]
+    pub tls_server_name: String,
+}
+
+impl TlsArgs {
+    /// The configured TLS, or `None` for plaintext.
+    pub fn load(&self) -> Result<Option<ClusterTls>> {
+        ClusterTls::load(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_ca.as_deref(),
+            Some(&self.tls_server_name),
+        )
+    }
+}
+
 /// A node's certificate and key, and the CA its peers must be signed by.
 #[derive(Clone)]
 pub struct ClusterTls {

@@ -9,10 +9,11 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use caravan_coordinator::operator::{
-    convert::{self, Conversion, ConvertOptions},
+    convert::{Conversion, ConvertOptions},
     hardware,
     plan::{self, Goal, ModelShape, PlanRequest},
 };
+use caravan_coordinator::server::parse_bytes;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
@@ -88,8 +89,8 @@ enum Command {
         #[arg(long)]
         kv_heads: usize,
         /// Largest output shard, e.g. 5GB, 500MB, 2GiB.
-        #[arg(long, default_value = "5GB")]
-        max_shard_size: String,
+        #[arg(long, default_value = "5GB", value_parser = parse_bytes)]
+        max_shard_size: u64,
         /// The Hugging Face checkpoint folder to read.
         input: PathBuf,
         /// The folder to write (must not exist, or be empty).
@@ -195,7 +196,7 @@ fn run_offline(command: Command, json: bool) -> Result<ExitCode> {
                 input,
                 output,
                 kv_heads,
-                max_shard_bytes: convert::parse_size(&max_shard_size)?,
+                max_shard_bytes: max_shard_size,
             };
             run_convert(options, json)
         }

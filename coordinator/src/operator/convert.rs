@@ -49,31 +49,6 @@ pub struct ConvertReport {
     pub bytes_before: u64,
 }
 
-/// Parses sizes such as `5GB`, `500MB`, `2GiB` or a plain byte count.
-pub fn parse_size(text: &str) -> Result<u64> {
-    let t = text.trim();
-    let digits_end = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(digits_end);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| anyhow!("{text:?} is not a size (e.g. 5GB, 500MB, 2GiB, 1048576)"))?;
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        other => bail!("unknown size unit {other:?} in {text:?} (B, KB, MB, GB, KiB, MiB, GiB)"),
-    };
-    let bytes = number * scale as f64;
-    ensure!(bytes >= 1.0, "size {text:?} must be at least one byte");
-    Ok(bytes as u64)
-}
-
 /// One safetensors file of the input, read with positioned reads.
 struct SourceFile {
     path: PathBuf,
@@ -658,17 +633,6 @@ fn copy_other_files(input: &Path, output: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_decimal_and_binary_units() {
-        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
-        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        assert_eq!(parse_size("1.5MB").unwrap(), 1_500_000);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("5XB").is_err());
-        assert!(parse_size("0").is_err());
-    }
 
     #[test]
     fn only_layer_key_and_value_projections_are_pooled() {

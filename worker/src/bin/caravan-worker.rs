@@ -1,7 +1,7 @@
 //! `caravan-worker`: one tensor-parallel rank. Serves `caravan.v1.Worker` over gRPC, registers
 //! with the coordinator, and loads whatever shard the coordinator assigns it.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use caravan_ops::comm::RingListener;
@@ -66,20 +66,8 @@ struct Args {
     /// OTEL_EXPORTER_OTLP_ENDPOINT, if set).
     #[arg(long, env = "CARAVAN_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
-    /// This worker's certificate (PEM) for mutual TLS; with --tls-key and --tls-ca, its gRPC
-    /// service requires client certificates signed by that CA (only the coordinator can load
-    /// shards or send steps), and it presents this one when registering.
-    #[arg(long, env = "CARAVAN_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// The private key (PEM) of --tls-cert.
-    #[arg(long, env = "CARAVAN_TLS_KEY")]
-    tls_key: Option<PathBuf>,
-    /// The cluster's CA certificate (PEM).
-    #[arg(long, env = "CARAVAN_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// The name the coordinator's certificate is checked against (its subjectAltName).
-    #[arg(long, env = "CARAVAN_TLS_SERVER_NAME", default_value = caravan_proto::tls::DEFAULT_SERVER_NAME)]
-    tls_server_name: String,
+    #[command(flatten)]
+    tls: caravan_proto::tls::TlsArgs,
     /// Exit when standard input closes (set by a coordinator that spawned this worker, so that
     /// workers never outlive it).
     #[arg(long, hide = true)]
@@ -142,12 +130,7 @@ async fn run(args: Args) -> Result<()> {
         }
         None => grpc_addr.ip().to_string(),
     };
-    let tls = caravan_proto::tls::ClusterTls::load(
-        args.tls_cert.as_deref(),
-        args.tls_key.as_deref(),
-        args.tls_ca.as_deref(),
-        Some(&args.tls_server_name),
-    )?;
+    let tls = args.tls.load()?;
     let advertised_grpc = caravan_proto::tls::with_scheme(
         &join_host_port(&advertise, grpc_addr.port()),
         tls.is_some(),
