@@ -9,9 +9,9 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use caravan_proto::{self as pb, worker_client::WorkerClient};
-use futures::future::join_all;
+use futures::{future::join_all, stream::FuturesUnordered, StreamExt};
 use tonic::transport::Channel;
 
 use crate::registry::RegisteredWorker;
@@ -121,6 +121,8 @@ pub struct WorkerGroup {
     kv_cache_blocks: usize,
     cache_bytes_per_token: u64,
     step_timeout: Duration,
+    /// How long the other ranks may lag the first to answer a step.
+    straggler_timeout: Duration,
     next_step: u64,
 }
 
@@ -201,6 +203,7 @@ impl WorkerGroup {
             kv_cache_blocks,
             cache_bytes_per_token,
             step_timeout: plan.collective_timeout + Duration::from_secs(30),
+            straggler_timeout: plan.collective_timeout,
             next_step: 0,
         };
         group.warm_up().await.context("warm-up step")?;
@@ -254,27 +257,53 @@ impl WorkerGroup {
             sequences,
         };
         self.next_step += 1;
-        let timeout = self.step_timeout;
-        let calls = self.ranks.iter().enumerate().map(|(rank, client)| {
-            let mut client = client.clone();
-            let mut request = tonic::Request::new(request.clone());
-            caravan_proto::telemetry::inject(span, request.metadata_mut());
-            async move {
-                match tokio::time::timeout(timeout, client.step(request)).await {
-                    Err(_) => bail!("rank {rank} did not answer the step within {timeout:?}"),
-                    Ok(Err(status)) => bail!("rank {rank}: {}", status.message()),
-                    Ok(Ok(response)) => Ok(response.into_inner()),
+        let (timeout, lag) = (self.step_timeout, self.straggler_timeout);
+        let mut calls: FuturesUnordered<_> = self
+            .ranks
+            .iter()
+            .enumerate()
+            .map(|(rank, client)| {
+                let mut client = client.clone();
+                let mut request = tonic::Request::new(request.clone());
+                caravan_proto::telemetry::inject(span, request.metadata_mut());
+                async move {
+                    let answer = match tokio::time::timeout(timeout, client.step(request)).await {
+                        Err(_) => Err(anyhow!(
+                            "rank {rank} timed out: no answer to the step within {timeout:?}"
+                        )),
+                        Ok(Err(status)) => Err(anyhow!("rank {rank}: {}", status.message())),
+                        Ok(Ok(response)) => Ok(response.into_inner()),
+                    };
+                    (rank, answer)
                 }
-            }
-        });
+            })
+            .collect();
         // The first failing rank fails the step: a rank cut off from the network never answers,
-        // but its peers' collectives time out and say so.
-        let mut answers = futures::future::try_join_all(calls).await?;
-        let first = answers.swap_remove(0);
-        for (i, other) in answers.iter().enumerate() {
-            let ids =
-                |r: &pb::StepResponse| r.tokens.iter().map(|t| t.token_id).collect::<Vec<_>>();
-            if ids(other) != ids(&first) {
+        // but its peers' collectives time out and say so. If the cut comes after the step's last
+        // collective, the peers answer and only the cut-off rank's answer is lost; ranks finish
+        // a step together, so once one has answered the others get one collective timeout.
+        let mut answers: Vec<Option<pb::StepResponse>> = vec![None; self.ranks.len()];
+        let mut first_answer: Option<(usize, tokio::time::Instant)> = None;
+        while let Some((rank, answer)) = match first_answer {
+            None => calls.next().await,
+            Some((first, at)) => tokio::time::timeout_at(at + lag, calls.next())
+                .await
+                .map_err(|_| {
+                    let missing = answers.iter().position(Option::is_none).unwrap_or(0);
+                    anyhow!(
+                        "rank {missing} timed out: no answer to the step within {lag:?} of \
+                         rank {first}'s (cut off from the coordinator?)"
+                    )
+                })?,
+        } {
+            answers[rank] = Some(answer?);
+            first_answer.get_or_insert((rank, tokio::time::Instant::now()));
+        }
+        let mut answers = answers.into_iter().flatten();
+        let first = answers.next().context("a group has at least one rank")?;
+        let ids = |r: &pb::StepResponse| r.tokens.iter().map(|t| t.token_id).collect::<Vec<_>>();
+        for (i, other) in answers.enumerate() {
+            if ids(&other) != ids(&first) {
                 bail!(
                     "ranks 0 and {} sampled different tokens: the group is out of step",
                     i + 1
