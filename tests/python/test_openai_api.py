@@ -446,6 +446,17 @@ def _error_cases(model, ref):
         ("chat-missing-messages", "/v1/chat/completions", {"model": model, "max_tokens": 4}, 400),
         ("chat-unknown-model", "/v1/chat/completions",
          {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404),
+        # OpenAI refuses fields it does not know, and we refuse those it knows that we do not
+        # implement, unless their value is a no-op.
+        ("unrecognized-field", "/v1/completions", {**ok, "frobnicate": True}, 400),
+        ("best-of-3", "/v1/completions", {**ok, "best_of": 3}, 400),
+        ("logit-bias", "/v1/completions", {**ok, "logit_bias": {"450": 100}}, 400),
+        ("chat-tools", "/v1/chat/completions",
+         {"model": model, "messages": [{"role": "user", "content": "hi"}],
+          "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400),
+        ("chat-json-mode", "/v1/chat/completions",
+         {"model": model, "messages": [{"role": "user", "content": "hi"}],
+          "response_format": {"type": "json_object"}}, 400),
     ]
 
 
@@ -461,6 +472,31 @@ def _send(http, path, body):
 def test_error_responses(http, server, reference, case):
     _, path, body, status = next(c for c in _error_cases(server.model, reference["completions"][0]) if c[0] == case)
     assert_error(_send(http, path, body), status)
+
+
+@pytest.mark.parametrize("field,value,phrase", [
+    ("frobnicate", 1, "Unrecognized request argument supplied: frobnicate"),
+    ("suffix", " the end", "`suffix` is not supported"),
+])
+def test_refused_fields_name_the_field(client, server, reference, field, value, phrase):
+    ref = reference["completions"][0]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=server.model, prompt=ref["prompt"], max_tokens=2,
+                                  extra_body={field: value})
+    assert phrase in str(refused.value), str(refused.value)
+    assert refused.value.body["param"] == field, refused.value.body
+
+
+def test_bookkeeping_and_no_op_fields_are_accepted(client, server):
+    """`user`/`metadata`/`store` change nothing; `tools: []` and `response_format: text` are no-ops."""
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    resp = client.chat.completions.create(
+        model=server.model, messages=messages, max_tokens=3, temperature=0, user="u-42",
+        metadata={"team": "caravan"}, store=False, response_format={"type": "text"},
+        extra_body={"tools": [], "tool_choice": "none", "logit_bias": {}})
+    plain = client.chat.completions.create(model=server.model, messages=messages, max_tokens=3, temperature=0)
+    assert resp.choices[0].message.content == plain.choices[0].message.content
+    assert resp.usage.completion_tokens == 3, resp.usage
 
 
 def _oversized_body(model):

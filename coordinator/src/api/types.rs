@@ -2,6 +2,7 @@
 //! sees an unchecked request.
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::error::ApiError;
 use crate::tokenizer::ChatMessage;
@@ -158,13 +159,156 @@ impl SamplingFields {
     }
 }
 
-/// Parses a JSON body into `T`, turning serde's message into a 400.
-pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+/// The top-level fields of a request body, as OpenAI treats them: a field OpenAI does not know
+/// is a 400 ("Unrecognized request argument supplied"); one it knows but this server does not
+/// implement is a 400 unless its value changes nothing (`tools: []`); and a few that only feed
+/// OpenAI's own bookkeeping (`user`, `metadata`) are accepted and ignored.
+pub trait RequestFields {
+    /// Fields the request type reads (besides [`SAMPLING_FIELDS`]).
+    const READ: &'static [&'static str];
+    /// Fields of this endpoint not implemented here, each with a test for values that are no-ops.
+    const UNSUPPORTED: &'static [(&'static str, fn(&Value) -> bool)];
+}
+
+/// Read by [`SamplingFields`] on both endpoints.
+pub const SAMPLING_FIELDS: &[&str] = &[
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "n",
+    "ignore_eos",
+];
+
+/// OpenAI fields that change nothing about the generated tokens.
+pub const IGNORED_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "prompt_cache_key",
+    "safety_identifier",
+];
+
+fn is_null(v: &Value) -> bool {
+    v.is_null()
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+fn is_one(v: &Value) -> bool {
+    v.is_null() || v.as_u64() == Some(1)
+}
+
+fn is_none_choice(v: &Value) -> bool {
+    v.is_null() || v.as_str() == Some("none")
+}
+
+fn is_text_format(v: &Value) -> bool {
+    v.is_null() || v.get("type").and_then(Value::as_str) == Some("text")
+}
+
+fn is_text_only(v: &Value) -> bool {
+    v.is_null() || *v == serde_json::json!(["text"])
+}
+
+impl RequestFields for CompletionRequest {
+    const READ: &'static [&'static str] = &[
+        "model",
+        "prompt",
+        "max_tokens",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "echo",
+    ];
+    const UNSUPPORTED: &'static [(&'static str, fn(&Value) -> bool)] = &[
+        ("best_of", is_one),
+        ("logit_bias", is_empty),
+        ("suffix", is_empty),
+    ];
+}
+
+impl RequestFields for ChatRequest {
+    const READ: &'static [&'static str] = &[
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "top_logprobs",
+    ];
+    const UNSUPPORTED: &'static [(&'static str, fn(&Value) -> bool)] = &[
+        ("logit_bias", is_empty),
+        ("tools", is_empty),
+        ("functions", is_empty),
+        ("tool_choice", is_none_choice),
+        ("function_call", is_none_choice),
+        ("response_format", is_text_format),
+        ("modalities", is_text_only),
+        ("audio", is_null),
+        ("prediction", is_null),
+        ("web_search_options", is_null),
+        ("reasoning_effort", is_null),
+        ("verbosity", is_null),
+    ];
+}
+
+/// Parses a JSON body into `T`: invalid UTF-8, invalid JSON, a body that is not an object, wrong
+/// types and the fields [`RequestFields`] refuses are all 400s with a message saying which.
+pub fn parse_body<T: serde::de::DeserializeOwned + RequestFields>(
+    bytes: &[u8],
+) -> Result<T, ApiError> {
     if std::str::from_utf8(bytes).is_err() {
         return Err(ApiError::bad_request(
             "The request body is not valid UTF-8.",
         ));
     }
-    serde_json::from_slice(bytes)
+    let body: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))?;
+    let Value::Object(fields) = &body else {
+        return Err(ApiError::bad_request(
+            "Invalid request body: expected a JSON object",
+        ));
+    };
+    for (name, value) in fields {
+        let name = name.as_str();
+        if T::READ.contains(&name)
+            || SAMPLING_FIELDS.contains(&name)
+            || IGNORED_FIELDS.contains(&name)
+        {
+            continue;
+        }
+        match T::UNSUPPORTED.iter().find(|(field, _)| *field == name) {
+            Some((_, no_op)) if no_op(value) => {}
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    name,
+                    format!("`{name}` is not supported by this server"),
+                ))
+            }
+            None => {
+                return Err(ApiError::invalid_param(
+                    name,
+                    format!("Unrecognized request argument supplied: {name}"),
+                ))
+            }
+        }
+    }
+    serde_json::from_value(body)
         .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))
 }
