@@ -167,8 +167,11 @@ pub trait RequestFields {
     /// Fields the request type reads (besides [`SAMPLING_FIELDS`]).
     const READ: &'static [&'static str];
     /// Fields of this endpoint not implemented here, each with a test for values that are no-ops.
-    const UNSUPPORTED: &'static [(&'static str, fn(&Value) -> bool)];
+    const UNSUPPORTED: &'static [Unsupported];
 }
+
+/// A field this server does not implement, and the test for values of it that are no-ops.
+pub type Unsupported = (&'static str, fn(&Value) -> bool);
 
 /// Read by [`SamplingFields`] on both endpoints.
 pub const SAMPLING_FIELDS: &[&str] = &[
@@ -234,7 +237,7 @@ impl RequestFields for CompletionRequest {
         "logprobs",
         "echo",
     ];
-    const UNSUPPORTED: &'static [(&'static str, fn(&Value) -> bool)] = &[
+    const UNSUPPORTED: &'static [Unsupported] = &[
         ("best_of", is_one),
         ("logit_bias", is_empty),
         ("suffix", is_empty),
@@ -252,7 +255,7 @@ impl RequestFields for ChatRequest {
         "logprobs",
         "top_logprobs",
     ];
-    const UNSUPPORTED: &'static [(&'static str, fn(&Value) -> bool)] = &[
+    const UNSUPPORTED: &'static [Unsupported] = &[
         ("logit_bias", is_empty),
         ("tools", is_empty),
         ("functions", is_empty),
