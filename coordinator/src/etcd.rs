@@ -9,13 +9,18 @@
 
 use std::{sync::Arc, time::Duration};
 
+use tokio::time::Instant;
+
 use anyhow::{Context, Result};
 use caravan_proto::{self as pb, etcd};
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, WatchOptions};
 use prost::Message;
 use tokio::sync::watch;
 
 use crate::registry::{Registry, WorkerInfo};
+
+/// How long a single etcd call (not a campaign or a watch) may take.
+const ETCD_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A connection to the cluster's etcd.
 #[derive(Clone)]
@@ -52,31 +57,61 @@ impl Etcd {
     /// The current leader's value (its HTTP URL), if there is one.
     pub async fn leader(&self) -> Option<String> {
         let mut client = self.client.clone();
-        let response = client
-            .leader(etcd::leader_election(&self.prefix))
-            .await
-            .ok()?;
+        let response = tokio::time::timeout(
+            ETCD_CALL_TIMEOUT,
+            client.leader(etcd::leader_election(&self.prefix)),
+        )
+        .await
+        .ok()?
+        .ok()?;
         let kv = response.kv()?;
         Some(String::from_utf8_lossy(kv.value()).into_owned())
     }
 
     /// Campaigns until this coordinator leads, announcing `url`.
+    ///
+    /// The lease is renewed every third of its TTL. A failed renewal (etcd restarting, a
+    /// dropped connection) is retried; the leadership counts as lost only when etcd says the
+    /// lease has expired, or when no renewal has succeeded for a whole TTL, counted from when
+    /// the last good one was sent, since by then etcd may have expired it and elected a standby.
     pub async fn lead(&self, url: &str) -> Result<Leadership> {
         let mut client = self.client.clone();
-        let lease = client.lease_grant(self.lease_ttl, None).await?.id();
-        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
-        let (lost_tx, lost) = watch::channel(false);
+        let lease =
+            tokio::time::timeout(ETCD_CALL_TIMEOUT, client.lease_grant(self.lease_ttl, None))
+                .await
+                .context("etcd did not answer the lease grant")??
+                .id();
+        let ttl = Duration::from_secs(self.lease_ttl as u64);
         let period = Duration::from_millis((self.lease_ttl as u64 * 1000 / 3).max(200));
+        let (lost_tx, lost) = watch::channel(false);
+        let mut renewer = client.clone();
         // Renew from the start: a standby may campaign for a long time.
         let keepalive = tokio::spawn(async move {
+            let mut stream = None;
+            let mut valid_until = Instant::now() + ttl;
             loop {
-                tokio::time::sleep(period).await;
-                let renewed = keeper.keep_alive().await.is_ok()
-                    && matches!(responses.message().await, Ok(Some(r)) if r.ttl() > 0);
-                if !renewed {
-                    let _ = lost_tx.send(true);
-                    return;
+                let sent = Instant::now();
+                let renewed = tokio::time::timeout(period, renew(&mut renewer, lease, &mut stream))
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {period:?}")));
+                match renewed {
+                    Ok(true) => valid_until = sent + ttl,
+                    Ok(false) => {
+                        tracing::error!(lease, "etcd says the leadership lease expired");
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
+                    Err(e) => {
+                        stream = None;
+                        if Instant::now() >= valid_until {
+                            tracing::error!(lease, error = %format!("{e:#}"), "the leadership lease went a whole TTL without renewal");
+                            let _ = lost_tx.send(true);
+                            return;
+                        }
+                        tracing::warn!(lease, error = %format!("{e:#}"), "renewing the leadership lease failed; retrying");
+                    }
                 }
+                tokio::time::sleep_until(sent + period).await;
             }
         });
         let mut watch_lost = lost.clone();
@@ -143,6 +178,24 @@ impl Etcd {
             }
         }
         anyhow::bail!("the etcd watch ended")
+    }
+}
+
+/// One renewal of `lease` on `stream` (opened first if there is none): whether etcd still holds
+/// the lease.
+async fn renew(
+    client: &mut Client,
+    lease: i64,
+    stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+) -> Result<bool> {
+    if stream.is_none() {
+        *stream = Some(client.lease_keep_alive(lease).await?);
+    }
+    let (keeper, responses) = stream.as_mut().expect("opened above");
+    keeper.keep_alive().await?;
+    match responses.message().await? {
+        Some(r) => Ok(r.ttl() > 0),
+        None => anyhow::bail!("the keep-alive stream ended"),
     }
 }
 

@@ -308,130 +308,158 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
     tokio::pin!(shutdown);
 
-    // With etcd: wait to lead, then follow the workers registered there.
-    let use_etcd = !args.etcd_endpoints.is_empty();
-    let mut leadership = None;
-    if use_etcd {
-        let etcd =
-            Etcd::connect(&args.etcd_endpoints, &args.etcd_prefix, args.etcd_lease_ttl).await?;
-        let url = args
-            .advertise_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{http_addr}"));
-        let leader = etcd.leader().await;
-        health.fail(match &leader {
-            Some(l) => format!("standby: the leader is {l}"),
-            None => "standby: electing a leader".to_string(),
-        });
-        eprintln!(
-            "campaigning for leadership of {} (current leader: {})",
-            args.etcd_prefix,
-            leader.as_deref().unwrap_or("none")
-        );
-        let won = tokio::select! {
-            won = etcd.lead(&url) => won?,
-            _ = &mut shutdown => {
-                http_server.abort();
-                return Ok(());
-            }
-        };
-        eprintln!("leading {} as {url}", args.etcd_prefix);
-        leadership = Some(won);
-        tokio::spawn(etcd.clone().mirror_workers(registry.clone()));
-    }
-    let mut leadership_lost = leadership.as_ref().map(|l| l.lost.clone());
-    let lost_leadership = async move {
-        match &mut leadership_lost {
-            Some(lost) => {
-                let _ = lost.wait_for(|l| *l).await;
-            }
-            None => std::future::pending().await,
+    // With etcd: wait to lead, then follow the workers registered there; a leader that loses its
+    // lease ends what is in flight with errors and campaigns again.
+    let etcd = match args.etcd_endpoints.is_empty() {
+        true => None,
+        false => {
+            Some(Etcd::connect(&args.etcd_endpoints, &args.etcd_prefix, args.etcd_lease_ttl).await?)
         }
     };
-    tokio::pin!(lost_leadership);
+    let advertise_url = args
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{http_addr}"));
     // Workers registered directly heartbeat; those in etcd live as long as their lease.
-    let stale_after = (!use_etcd).then_some(STALE_AFTER);
+    let stale_after = etcd.is_none().then_some(STALE_AFTER);
 
-    // Form a group, serve until it fails, form it again: until shutdown.
-    'serving: loop {
-        // Unique across coordinators, so a new leader's ring never meets an old one's.
-        let epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let group = tokio::select! {
-            group = form_group(&registry, &plan, args.tp, epoch, stale_after) => group,
-            _ = &mut shutdown => break 'serving,
-            _ = &mut lost_leadership => bail!("lost the leadership (etcd lease not renewed)"),
-        };
-        let group = match group {
-            Ok(group) => group,
-            Err(e) => {
-                let reason = format!("forming the worker group failed: {e:#}");
-                tracing::warn!(%reason, "retrying");
-                eprintln!("{reason}; retrying");
-                health.fail(reason);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'serving,
-                    _ = &mut shutdown => break 'serving,
-                    _ = &mut lost_leadership => bail!("lost the leadership (etcd lease not renewed)"),
-                }
-            }
-        };
-        let kv_blocks = group.kv_cache_blocks();
-        let kv_tokens = kv_blocks * block_size;
-        if kv_tokens < model.max_context {
-            bail!(
-                "the KV cache holds {kv_tokens} tokens, less than one full-context sequence ({}): \
-                 give it more memory (--kv-cache-memory) or lower --max-model-len",
-                model.max_context
+    'leading: loop {
+        let mut leadership = None;
+        let mut mirror = None;
+        if let Some(etcd) = &etcd {
+            let leader = etcd.leader().await;
+            health.fail(match &leader {
+                Some(l) => format!("standby: the leader is {l}"),
+                None => "standby: electing a leader".to_string(),
+            });
+            eprintln!(
+                "campaigning for leadership of {} (current leader: {})",
+                args.etcd_prefix,
+                leader.as_deref().unwrap_or("none")
             );
-        }
-        eprintln!(
-            "KV cache: {kv_blocks} blocks of {block_size} tokens ({kv_tokens} tokens, {:.1} MiB per rank)",
-            (kv_tokens as u64 * group.cache_bytes_per_token()) as f64 / (1u64 << 20) as f64
-        );
-        let probe = group.health_probe();
-        let members: Vec<String> = group.workers().iter().map(|w| w.id.clone()).collect();
-        *state.workers.write().unwrap_or_else(|e| e.into_inner()) = group.workers().to_vec();
-        *state.probe.write().unwrap_or_else(|e| e.into_inner()) = Some(probe.clone());
-        let engine = Engine::start(
-            group,
-            health.clone(),
-            tokenizer.clone(),
-            model.clone(),
-            BlockManager::new(kv_blocks, block_size, !args.no_prefix_caching),
-            scheduler.clone(),
-            stats.clone(),
-        );
-        *state.engine.write().unwrap_or_else(|e| e.into_inner()) = Some(engine);
-        health.set_ready();
-        println!("ready: serving {} on http://{http_addr}", model.name);
-        tracing::info!(epoch, kv_cache_tokens = kv_tokens, "ready");
-
-        tokio::select! {
-            problem = watch_group(&probe, &registry, &members, stale_after) => {
-                health.fail(problem.clone());
-                eprintln!("worker group failed: {problem}; forming it again");
-                // The engine sees the failure, ends every request in flight with an error, and
-                // stops once its handle is gone.
-                state.engine.write().unwrap_or_else(|e| e.into_inner()).take();
-                // Workers that do not answer leave the pool; the rest join the next group.
-                // (In etcd, a dead worker's registration expires with its lease.)
-                if !use_etcd {
-                    for (id, alive) in probe.liveness(&members).await {
-                        if !alive {
-                            registry.remove(&id);
-                        }
+            let won = tokio::select! {
+                won = etcd.lead(&advertise_url) => won,
+                _ = &mut shutdown => break 'leading,
+            };
+            match won {
+                Ok(won) => leadership = Some(won),
+                Err(e) => {
+                    let reason = format!("standby: campaigning failed: {e:#}");
+                    tracing::warn!(%reason, "campaigning again");
+                    health.fail(reason);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'leading,
+                        _ = &mut shutdown => break 'leading,
                     }
                 }
             }
-            _ = &mut shutdown => break 'serving,
-            _ = &mut lost_leadership => {
-                health.fail("lost the leadership");
-                state.engine.write().unwrap_or_else(|e| e.into_inner()).take();
-                bail!("lost the leadership (etcd lease not renewed)");
+            eprintln!("leading {} as {advertise_url}", args.etcd_prefix);
+            mirror = Some(AbortOnDrop(tokio::spawn(
+                etcd.clone().mirror_workers(registry.clone()),
+            )));
+        }
+        let mut leadership_lost = leadership.as_ref().map(|l| l.lost.clone());
+        let lost_leadership = async move {
+            match &mut leadership_lost {
+                Some(lost) => {
+                    let _ = lost.wait_for(|l| *l).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(lost_leadership);
+
+        // Form a group, serve until it fails, form it again: until shutdown or, with etcd, until
+        // the leadership is lost.
+        'serving: loop {
+            // Unique across coordinators, so a new leader's ring never meets an old one's.
+            let epoch = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let group = tokio::select! {
+                group = form_group(&registry, &plan, args.tp, epoch, stale_after) => group,
+                _ = &mut shutdown => break 'leading,
+                _ = &mut lost_leadership => break 'serving,
+            };
+            let group = match group {
+                Ok(group) => group,
+                Err(e) => {
+                    let reason = format!("forming the worker group failed: {e:#}");
+                    tracing::warn!(%reason, "retrying");
+                    eprintln!("{reason}; retrying");
+                    health.fail(reason);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'serving,
+                        _ = &mut shutdown => break 'leading,
+                        _ = &mut lost_leadership => break 'serving,
+                    }
+                }
+            };
+            let kv_blocks = group.kv_cache_blocks();
+            let kv_tokens = kv_blocks * block_size;
+            if kv_tokens < model.max_context {
+                bail!(
+                    "the KV cache holds {kv_tokens} tokens, less than one full-context sequence ({}): \
+                     give it more memory (--kv-cache-memory) or lower --max-model-len",
+                    model.max_context
+                );
+            }
+            eprintln!(
+                "KV cache: {kv_blocks} blocks of {block_size} tokens ({kv_tokens} tokens, {:.1} MiB per rank)",
+                (kv_tokens as u64 * group.cache_bytes_per_token()) as f64 / (1u64 << 20) as f64
+            );
+            let probe = group.health_probe();
+            let members: Vec<String> = group.workers().iter().map(|w| w.id.clone()).collect();
+            *state.workers.write().unwrap_or_else(|e| e.into_inner()) = group.workers().to_vec();
+            *state.probe.write().unwrap_or_else(|e| e.into_inner()) = Some(probe.clone());
+            let engine = Engine::start(
+                group,
+                health.clone(),
+                tokenizer.clone(),
+                model.clone(),
+                BlockManager::new(kv_blocks, block_size, !args.no_prefix_caching),
+                scheduler.clone(),
+                stats.clone(),
+            );
+            *state.engine.write().unwrap_or_else(|e| e.into_inner()) = Some(engine);
+            health.set_ready();
+            println!("ready: serving {} on http://{http_addr}", model.name);
+            tracing::info!(epoch, kv_cache_tokens = kv_tokens, "ready");
+
+            tokio::select! {
+                problem = watch_group(&probe, &registry, &members, stale_after) => {
+                    health.fail(problem.clone());
+                    eprintln!("worker group failed: {problem}; forming it again");
+                    // The engine sees the failure, ends every request in flight with an error,
+                    // and stops once its handle is gone.
+                    state.engine.write().unwrap_or_else(|e| e.into_inner()).take();
+                    // Workers that do not answer leave the pool; the rest join the next group.
+                    // (In etcd, a dead worker's registration expires with its lease.)
+                    if stale_after.is_some() {
+                        for (id, alive) in probe.liveness(&members).await {
+                            if !alive {
+                                registry.remove(&id);
+                            }
+                        }
+                    }
+                }
+                _ = &mut shutdown => break 'leading,
+                _ = &mut lost_leadership => break 'serving,
             }
         }
+        // The leadership is lost: a standby may lead (and drive the workers) by now, so stop
+        // stepping at once; what is in flight ends with an error.
+        let reason = "standby: lost the leadership (the etcd lease could not be renewed in time)";
+        eprintln!("{reason}");
+        tracing::error!(reason, "stepping down");
+        health.fail(reason);
+        state
+            .engine
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(mirror);
+        drop(leadership);
     }
 
     // Drain: stop admitting, let requests in flight finish, then end the rest explicitly.
@@ -463,6 +491,15 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     }
     http_server.abort();
     Ok(())
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Waits for `tp` live workers and forms a group of them.
