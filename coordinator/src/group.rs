@@ -264,14 +264,19 @@ impl WorkerGroup {
             .enumerate()
             .map(|(rank, client)| {
                 let mut client = client.clone();
+                let worker = &self.workers[rank];
+                let who = format!("rank {rank} ({} at {})", worker.id, worker.worker_addr);
                 let mut request = tonic::Request::new(request.clone());
                 caravan_proto::telemetry::inject(span, request.metadata_mut());
                 async move {
                     let answer = match tokio::time::timeout(timeout, client.step(request)).await {
                         Err(_) => Err(anyhow!(
-                            "rank {rank} timed out: no answer to the step within {timeout:?}"
+                            "{who} timed out: no answer to the step within {timeout:?}"
                         )),
-                        Ok(Err(status)) => Err(anyhow!("rank {rank}: {}", status.message())),
+                        Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Err(
+                            anyhow!("{who} is unreachable: {}", status.message()),
+                        ),
+                        Ok(Err(status)) => Err(anyhow!("{who}: {}", status.message())),
                         Ok(Ok(response)) => Ok(response.into_inner()),
                     };
                     (rank, answer)
@@ -290,9 +295,12 @@ impl WorkerGroup {
                 .await
                 .map_err(|_| {
                     let missing = answers.iter().position(Option::is_none).unwrap_or(0);
+                    let worker = &self.workers[missing];
                     anyhow!(
-                        "rank {missing} timed out: no answer to the step within {lag:?} of \
-                         rank {first}'s (cut off from the coordinator?)"
+                        "rank {missing} ({} at {}) timed out: no answer to the step within \
+                         {lag:?} of rank {first}'s (cut off from the coordinator?)",
+                        worker.id,
+                        worker.worker_addr
                     )
                 })?,
         } {

@@ -6,6 +6,8 @@
   stream must end with an explicit error, /health must turn 503 within 5 s, later requests get 503
   JSON errors, and the coordinator keeps answering; then the restarted worker joins a new group
   and serving resumes without restarting the coordinator.
+- Worker death during a long prefill (the 296-token prompt's step in flight): the request ends
+  with a 5xx JSON error within 5 s and the group recovers to serve that prompt correctly.
 - Drain: SIGTERM during a stream lets it finish, refuses new requests with 503, then exits.
 
 Run: .venv/bin/python -m pytest tests/python  (after `cargo build --workspace --bins`)
@@ -108,6 +110,62 @@ def test_worker_death_fails_requests_then_the_group_recovers(checkpoint, referen
             assert greedy_text(client, checkpoint.name, ref) == ref["text"]
     finally:
         coordinator.stop()
+
+
+def test_worker_killed_during_a_long_prefill_fails_the_request_then_the_group_recovers(checkpoint, reference):
+    coordinator = Coordinator(["--model", checkpoint, "--tp", 2, "--local-workers", "--port", 0])
+    try:
+        url = coordinator.wait_ready()
+        workers = children(coordinator.proc.pid)
+        assert len(workers) == 2, f"expected 2 worker processes, found {workers}"
+        longest = max(reference["batch"], key=lambda c: len(c["prompt_ids"]))
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+        with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
+            generated = metric(http, "caravan_generation_tokens_total")
+            # Rank 1 is frozen first, so the prompt's prefill step is certainly in flight (running,
+            # no token generated yet) when it is killed.
+            os.kill(workers[1], signal.SIGSTOP)
+            outcome = {}
+
+            def request():
+                try:
+                    outcome["response"] = client.completions.create(
+                        model=checkpoint.name, prompt=longest["prompt"], max_tokens=longest["max_tokens"],
+                        temperature=0)
+                except openai.APIError as e:
+                    outcome["error"] = e
+
+            thread = threading.Thread(target=request)
+            thread.start()
+            deadline = time.monotonic() + HEALTH_DEADLINE_S
+            while metric(http, "caravan_requests_running") < 1:
+                assert time.monotonic() < deadline, "the request never started running"
+                time.sleep(0.02)  # polling a gauge the scheduler sets before each step, with a deadline
+            assert metric(http, "caravan_generation_tokens_total") == generated, "prefill was already over"
+            os.kill(workers[1], signal.SIGKILL)
+            killed_at = time.monotonic()
+            thread.join(TIMEOUT_S)
+            took = time.monotonic() - killed_at
+            assert "error" in outcome, f"the request did not fail: {outcome}"
+            assert took < HEALTH_DEADLINE_S, f"the error came {took:.1f}s after the kill"
+            error = outcome["error"]
+            assert isinstance(error, openai.APIStatusError) and error.status_code >= 500, repr(error)
+            assert error.body and error.body.get("message"), error.body
+
+            wait_for_status(http, "/health", 503, max(0.1, HEALTH_DEADLINE_S - (time.monotonic() - killed_at)))
+            wait_for_status(http, "/health", 200, READY_TIMEOUT_S)
+            out = client.completions.create(model=checkpoint.name, prompt=longest["prompt"],
+                                            max_tokens=longest["max_tokens"], temperature=0)
+            assert out.choices[0].text == longest["text"]
+    finally:
+        coordinator.stop()
+
+
+def metric(http: httpx.Client, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 @pytest.mark.parametrize("how", ["sigterm", "caravanctl"])
