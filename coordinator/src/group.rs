@@ -273,9 +273,9 @@ impl WorkerGroup {
                         Err(_) => Err(anyhow!(
                             "{who} timed out: no answer to the step within {timeout:?}"
                         )),
-                        Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Err(
-                            anyhow!("{who} is unreachable: {}", status.message()),
-                        ),
+                        Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                            Err(anyhow!("{who} is unreachable: {}", status.message()))
+                        }
                         Ok(Err(status)) => Err(anyhow!("{who}: {}", status.message())),
                         Ok(Ok(response)) => Ok(response.into_inner()),
                     };
