@@ -12,6 +12,7 @@ pub mod api;
 pub mod blocks;
 pub mod engine;
 pub mod etcd;
+pub mod fuzz;
 pub mod group;
 pub mod local_workers;
 pub mod model_info;

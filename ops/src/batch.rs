@@ -72,6 +72,7 @@ pub struct StepInputs {
 }
 
 /// What a batch is checked against.
+#[derive(Debug, Clone, Copy)]
 pub struct StepLimits {
     pub vocab_size: usize,
     pub max_positions: usize,
@@ -79,26 +80,54 @@ pub struct StepLimits {
     pub num_blocks: usize,
 }
 
-impl StepInputs {
+/// One sequence of a [`StepPlan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedSequence {
+    /// Rows of this sequence's new tokens in the flat batch.
+    pub offset: usize,
+    pub len: usize,
+    /// Position of its first new token.
+    pub start_position: usize,
+    /// Cache slots of positions `0..start_position + len`.
+    pub context_slots: Vec<i64>,
+}
+
+/// A batch checked against the model and the cache, as plain indices: everything
+/// [`StepInputs`] needs, before any tensor exists. A batch that passes cannot index out of the
+/// vocabulary, the RoPE tables or the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepPlan {
+    /// `[n]` flat token ids, sequence after sequence.
+    pub tokens: Vec<i64>,
+    /// Position of each token.
+    pub positions: Vec<i64>,
+    /// Cache slot of each token.
+    pub slots: Vec<i64>,
+    /// Rows that get logits.
+    pub logit_rows: Vec<i64>,
+    pub sequences: Vec<PlannedSequence>,
+}
+
+impl StepPlan {
     pub fn new(
         batch: &[SequenceStep],
         selection: LogitsSelection,
         limits: &StepLimits,
-        rotary: &RotaryEmbedding,
-        kind: Kind,
-        device: Device,
     ) -> Result<Self> {
         if batch.is_empty() {
             return Err(Error::InvalidBatch("no sequences".into()));
         }
+        if limits.block_size == 0 {
+            return Err(Error::InvalidBatch("the cache's block size is 0".into()));
+        }
         let bs = limits.block_size;
-        let mut tokens = Vec::new();
-        let mut positions = Vec::new();
-        let mut slots = Vec::new();
-        let mut logit_rows = Vec::new();
-        let mut sequences = Vec::with_capacity(batch.len());
-        // (index in `sequences`, row, context slots) of single-token sequences.
-        let mut decode_contexts: Vec<(usize, i64, Vec<i64>)> = Vec::new();
+        let mut plan = StepPlan {
+            tokens: Vec::new(),
+            positions: Vec::new(),
+            slots: Vec::new(),
+            logit_rows: Vec::new(),
+            sequences: Vec::with_capacity(batch.len()),
+        };
         for (i, seq) in batch.iter().enumerate() {
             let len = seq.tokens.len();
             if len == 0 {
@@ -109,21 +138,21 @@ impl StepInputs {
             if let Some(bad) = seq
                 .tokens
                 .iter()
-                .find(|&&t| t < 0 || t as usize >= limits.vocab_size)
+                .find(|&&t| t < 0 || t as u64 >= limits.vocab_size as u64)
             {
                 return Err(Error::InvalidBatch(format!(
                     "sequence {i}: token id {bad} is outside the vocabulary (0..{})",
                     limits.vocab_size
                 )));
             }
-            let context = seq.start_position + len;
+            let context = seq.start_position.saturating_add(len);
             if context > limits.max_positions {
                 return Err(Error::InvalidBatch(format!(
                     "sequence {i}: {context} tokens exceed the model's context of {}",
                     limits.max_positions
                 )));
             }
-            if seq.block_table.len() * bs < context {
+            if seq.block_table.len().saturating_mul(bs) < context {
                 return Err(Error::InvalidBatch(format!(
                     "sequence {i}: block table of {} blocks cannot hold {context} tokens",
                     seq.block_table.len()
@@ -139,19 +168,50 @@ impl StepInputs {
                     limits.num_blocks
                 )));
             }
+            // Two positions of one sequence in one slot would overwrite each other's keys.
+            let mut seen = std::collections::HashSet::with_capacity(seq.block_table.len());
+            if let Some(twice) = seq.block_table.iter().find(|&&b| !seen.insert(b)) {
+                return Err(Error::InvalidBatch(format!(
+                    "sequence {i}: block {twice} appears twice in its block table"
+                )));
+            }
             let slot = |p: usize| (seq.block_table[p / bs] as usize * bs + p % bs) as i64;
-            let offset = tokens.len() as i64;
-            tokens.extend_from_slice(&seq.tokens);
-            positions.extend((seq.start_position..context).map(|p| p as i64));
-            slots.extend((seq.start_position..context).map(slot));
+            let offset = plan.tokens.len();
+            plan.tokens.extend_from_slice(&seq.tokens);
+            plan.positions
+                .extend((seq.start_position..context).map(|p| p as i64));
+            plan.slots.extend((seq.start_position..context).map(slot));
             match selection {
-                LogitsSelection::AllTokens => logit_rows.extend(offset..offset + len as i64),
-                LogitsSelection::LastTokens => logit_rows.push(offset + len as i64 - 1),
+                LogitsSelection::AllTokens => plan
+                    .logit_rows
+                    .extend((offset..offset + len).map(|r| r as i64)),
+                LogitsSelection::LastTokens => plan.logit_rows.push((offset + len - 1) as i64),
             }
-            let context_slots: Vec<i64> = (0..context).map(slot).collect();
-            if len == 1 {
-                decode_contexts.push((sequences.len(), offset, context_slots.clone()));
-            }
+            plan.sequences.push(PlannedSequence {
+                offset,
+                len,
+                start_position: seq.start_position,
+                context_slots: (0..context).map(slot).collect(),
+            });
+        }
+        Ok(plan)
+    }
+}
+
+impl StepInputs {
+    /// Checks `batch` (see [`StepPlan`]) and builds its tensors on `device`.
+    pub fn new(
+        batch: &[SequenceStep],
+        selection: LogitsSelection,
+        limits: &StepLimits,
+        rotary: &RotaryEmbedding,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        let plan = StepPlan::new(batch, selection, limits)?;
+        let mut sequences = Vec::with_capacity(plan.sequences.len());
+        for seq in &plan.sequences {
+            let (len, context) = (seq.len, seq.context_slots.len());
             let (mask, causal) = if len == 1 {
                 (None, false)
             } else if len == context {
@@ -166,31 +226,39 @@ impl StepInputs {
                 (Some(keys.f_le_tensor(&limit)?), false)
             };
             sequences.push(SequenceAttention {
-                offset,
+                offset: seq.offset as i64,
                 len: len as i64,
-                context_slots: Tensor::f_from_slice(&context_slots)?.f_to_device(device)?,
+                context_slots: Tensor::f_from_slice(&seq.context_slots)?.f_to_device(device)?,
                 mask,
                 causal,
             });
         }
-        let decodes = if decode_contexts.len() >= 2 {
-            let longest = decode_contexts
+        // Single-token sequences attend in one batched call when there are two or more.
+        let singles: Vec<usize> = (0..plan.sequences.len())
+            .filter(|&i| plan.sequences[i].len == 1)
+            .collect();
+        let decodes = if singles.len() >= 2 {
+            let longest = singles
                 .iter()
-                .map(|(_, _, c)| c.len())
+                .map(|&i| plan.sequences[i].context_slots.len())
                 .max()
                 .unwrap_or(1);
-            let d = decode_contexts.len();
+            let d = singles.len();
             let mut slots = Vec::with_capacity(d * longest);
             let mut mask = Vec::with_capacity(d * longest);
-            for (_, _, context) in &decode_contexts {
+            for &i in &singles {
+                let context = &plan.sequences[i].context_slots;
                 slots.extend_from_slice(context);
                 slots.extend(std::iter::repeat_n(context[0], longest - context.len()));
                 mask.extend(std::iter::repeat_n(true, context.len()));
                 mask.extend(std::iter::repeat_n(false, longest - context.len()));
             }
-            let rows: Vec<i64> = decode_contexts.iter().map(|(_, o, _)| *o).collect();
+            let rows: Vec<i64> = singles
+                .iter()
+                .map(|&i| plan.sequences[i].offset as i64)
+                .collect();
             Some(DecodeBatch {
-                members: decode_contexts.iter().map(|(i, _, _)| *i).collect(),
+                members: singles,
                 rows: Tensor::f_from_slice(&rows)?.f_to_device(device)?,
                 slots: Tensor::f_from_slice(&slots)?.f_to_device(device)?,
                 mask: Tensor::f_from_slice(&mask)?
@@ -201,14 +269,14 @@ impl StepInputs {
         } else {
             None
         };
-        let positions = Tensor::f_from_slice(&positions)?.f_to_device(device)?;
+        let positions = Tensor::f_from_slice(&plan.positions)?.f_to_device(device)?;
         let (cos, sin) = rotary.tables(&positions, kind)?;
         Ok(StepInputs {
             decodes,
-            tokens: Tensor::f_from_slice(&tokens)?.f_to_device(device)?,
-            slot_mapping: Tensor::f_from_slice(&slots)?.f_to_device(device)?,
+            tokens: Tensor::f_from_slice(&plan.tokens)?.f_to_device(device)?,
+            slot_mapping: Tensor::f_from_slice(&plan.slots)?.f_to_device(device)?,
             sequences,
-            logit_rows: Tensor::f_from_slice(&logit_rows)?.f_to_device(device)?,
+            logit_rows: Tensor::f_from_slice(&plan.logit_rows)?.f_to_device(device)?,
             cos,
             sin,
         })

@@ -227,15 +227,7 @@ impl Engine {
             )));
         }
         loaded.next_step += 1;
-        let batch: Vec<SequenceStep> = req
-            .sequences
-            .iter()
-            .map(|s| SequenceStep {
-                tokens: s.tokens.clone(),
-                start_position: s.start_position as usize,
-                block_table: s.block_table.clone(),
-            })
-            .collect();
+        let batch = sequence_steps(&req);
         let logits = tracing::info_span!(
             "forward",
             tokens = batch.iter().map(|s| s.tokens.len()).sum::<usize>()
@@ -290,6 +282,18 @@ impl Engine {
             collective_us: loaded.comm.take_busy_micros(),
         })
     }
+}
+
+/// The batch a step request asks the model for (checked by the model against its limits).
+pub fn sequence_steps(req: &pb::StepRequest) -> Vec<SequenceStep> {
+    req.sequences
+        .iter()
+        .map(|s| SequenceStep {
+            tokens: s.tokens.clone(),
+            start_position: s.start_position as usize,
+            block_table: s.block_table.clone(),
+        })
+        .collect()
 }
 
 fn to_params(p: Option<&pb::SamplingParams>) -> SamplingParams {

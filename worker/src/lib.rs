@@ -6,6 +6,7 @@
 //! rank of a fixed generation job and [`local_group`] starts a group as local processes.
 
 pub mod engine;
+pub mod fuzz;
 pub mod generate;
 pub mod local_group;
 pub mod membership;
