@@ -20,7 +20,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use half::{bf16, f16};
 use safetensors::{tensor::Metadata, Dtype};
 use serde_json::{json, Value};
@@ -101,23 +101,20 @@ struct HeadCounts {
 }
 
 fn read_head_counts(config: &Value, path: &Path) -> Result<HeadCounts> {
-    let field = |name: &str| config[name].as_u64().map(|v| v as usize).filter(|&v| v > 0);
-    let missing = |name: &str| anyhow!("{}: missing or invalid {name}", path.display());
-    let q_heads = field("num_attention_heads").ok_or_else(|| missing("num_attention_heads"))?;
-    let hidden = field("hidden_size").ok_or_else(|| missing("hidden_size"))?;
-    let layers = field("num_hidden_layers").ok_or_else(|| missing("num_hidden_layers"))?;
-    let kv_heads = field("num_key_value_heads").unwrap_or(q_heads);
-    let head_dim = field("head_dim").unwrap_or(hidden / q_heads);
+    let shape = super::plan::ModelShape::from_config(config)
+        .with_context(|| format!("reading {}", path.display()))?;
     ensure!(
-        q_heads % kv_heads == 0,
-        "{}: num_key_value_heads {kv_heads} does not divide num_attention_heads {q_heads}",
-        path.display()
+        shape.q_heads % shape.kv_heads == 0,
+        "{}: num_key_value_heads {} does not divide num_attention_heads {}",
+        path.display(),
+        shape.kv_heads,
+        shape.q_heads
     );
     Ok(HeadCounts {
-        q_heads,
-        kv_heads,
-        head_dim,
-        layers,
+        q_heads: shape.q_heads as usize,
+        kv_heads: shape.kv_heads as usize,
+        head_dim: shape.head_dim as usize,
+        layers: shape.layers as usize,
     })
 }
 
