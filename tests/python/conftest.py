@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -284,3 +285,55 @@ def greedy_text(client, model: str, ref: dict) -> str:
     out = client.completions.create(model=model, prompt=ref["prompt"], temperature=0,
                                     max_tokens=len(ref["gen_ids"]))
     return out.choices[0].text
+
+
+class Load:
+    """Client threads streaming the greedy reference completions until stopped; every request's
+    outcome is kept: the text and finish reason, or the exception."""
+
+    def __init__(self, url, model, refs, threads=3, timeout_s=60.0):
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=timeout_s, max_retries=0)
+        self.model, self.refs = model, refs
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.done = threading.Condition(self.lock)
+        self.results = []  # (ref, text, finish_reason, error)
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i):
+        n = i
+        while not self.stop.is_set():
+            ref = self.refs[n % len(self.refs)]
+            n += 1
+            text, finish, error = "", None, None
+            try:
+                stream = self.client.completions.create(model=self.model, prompt=ref["prompt"],
+                                                        max_tokens=len(ref["gen_ids"]), temperature=0,
+                                                        stream=True)
+                for chunk in stream:
+                    text += chunk.choices[0].text
+                    finish = chunk.choices[0].finish_reason or finish
+            except openai.APIError as e:
+                error = e
+            with self.lock:
+                self.results.append((ref, text, finish, error))
+                self.done.notify_all()
+            if error is not None:
+                self.stop.wait(0.1)  # back off while the server refuses, rather than spin
+
+    def wait_for(self, count, deadline_s):
+        with self.lock:
+            assert self.done.wait_for(lambda: len(self.results) >= count, deadline_s), \
+                f"only {len(self.results)} of {count} requests finished in {deadline_s} s"
+
+    def count(self):
+        with self.lock:
+            return len(self.results)
+
+    def finish(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+        return self.results

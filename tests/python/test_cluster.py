@@ -6,6 +6,8 @@
   stream must end with an explicit error, /health must turn 503 within 5 s, later requests get 503
   JSON errors, and the coordinator keeps answering; then the restarted worker joins a new group
   and serving resumes without restarting the coordinator.
+- Worker death under load (four clients streaming): every request either completes exactly as
+  transformers does or ends with an explicit error; the group recovers under the same load.
 - Worker death during a long prefill (the 296-token prompt's step in flight): the request ends
   with a 5xx JSON error within 5 s and the group recovers to serve that prompt correctly.
 - Drain: SIGTERM during a stream lets it finish, refuses new requests with 503, then exits.
@@ -23,7 +25,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import READY_TIMEOUT_S, Coordinator, greedy_text, bin_path, children, ctl_status, free_port, wait_for_status
+from conftest import READY_TIMEOUT_S, Coordinator, Load, greedy_text, bin_path, children, ctl_status, free_port, wait_for_status
 
 TIMEOUT_S = 60.0
 HEALTH_DEADLINE_S = 5.0
@@ -109,6 +111,40 @@ def test_worker_death_fails_requests_then_the_group_recovers(checkpoint, referen
             ref = reference["completions"][0]
             assert greedy_text(client, checkpoint.name, ref) == ref["text"]
     finally:
+        coordinator.stop()
+
+
+def test_worker_killed_under_load_ends_every_request_explicitly_then_the_group_recovers(checkpoint, reference):
+    coordinator = Coordinator(["--model", checkpoint, "--tp", 2, "--local-workers", "--port", 0])
+    load = None
+    try:
+        url = coordinator.wait_ready()
+        workers = children(coordinator.proc.pid)
+        assert len(workers) == 2, f"expected 2 worker processes, found {workers}"
+        load = Load(url, checkpoint.name, reference["completions"], threads=4)
+        load.wait_for(4, TIMEOUT_S)
+        os.kill(workers[1], signal.SIGKILL)
+        killed = load.count()
+        with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
+            wait_for_status(http, "/health", 503, HEALTH_DEADLINE_S)
+            wait_for_status(http, "/health", 200, READY_TIMEOUT_S)
+        # Serving resumes under the same load.
+        recovered = load.count()
+        load.wait_for(recovered + 4, TIMEOUT_S)
+        results = load.finish()
+        load = None
+        silent = [(r["prompt"][:30], text) for r, text, finish, e in results if e is None and finish is None]
+        assert not silent, f"streams that ended without a finish reason or an error: {silent[:3]}"
+        wrong = [r["prompt"][:30] for r, text, finish, e in results if e is None and text != r["text"]]
+        assert not wrong, f"completed streams that differ from transformers: {wrong[:3]}"
+        errors = [str(e) for _, _, _, e in results if e is not None]
+        assert errors, "no request was in flight or refused when the worker died"
+        after = [e for _, _, _, e in results[recovered:] if e is None]
+        assert len(after) >= 4, f"only {len(after)} requests succeeded after recovery"
+        assert killed < len(results)
+    finally:
+        if load is not None:
+            load.finish()
         coordinator.stop()
 
 

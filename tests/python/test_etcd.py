@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 
@@ -25,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import READY_TIMEOUT_S, Coordinator, greedy_text, bin_path, ctl_status, free_port, wait_for_status
+from conftest import READY_TIMEOUT_S, Coordinator, Load, greedy_text, bin_path, ctl_status, free_port, wait_for_status
 
 TIMEOUT_S = 60.0
 TAKEOVER_DEADLINE_S = 10.0
@@ -163,52 +162,6 @@ def test_standby_takes_over_and_groups_reform_from_etcd(etcd_url, checkpoint, re
             if w.poll() is None:
                 w.kill()
             w.wait()
-
-
-class Load:
-    """Client threads streaming the greedy reference completions until stopped; every request's
-    outcome is kept: the text and finish reason, or the exception."""
-
-    def __init__(self, url, model, refs, threads=3):
-        self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
-        self.model, self.refs = model, refs
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.done = threading.Condition(self.lock)
-        self.results = []  # (ref, text, finish_reason, error)
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, i):
-        n = i
-        while not self.stop.is_set():
-            ref = self.refs[n % len(self.refs)]
-            n += 1
-            text, finish, error = "", None, None
-            try:
-                stream = self.client.completions.create(model=self.model, prompt=ref["prompt"],
-                                                        max_tokens=len(ref["gen_ids"]), temperature=0,
-                                                        stream=True)
-                for chunk in stream:
-                    text += chunk.choices[0].text
-                    finish = chunk.choices[0].finish_reason or finish
-            except openai.APIError as e:
-                error = e
-            with self.lock:
-                self.results.append((ref, text, finish, error))
-                self.done.notify_all()
-
-    def wait_for(self, count, deadline_s):
-        with self.lock:
-            assert self.done.wait_for(lambda: len(self.results) >= count, deadline_s), \
-                f"only {len(self.results)} of {count} requests finished in {deadline_s} s"
-
-    def finish(self):
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-        return self.results
 
 
 def test_etcd_restart_under_load_loses_nothing(own_etcd, checkpoint, reference):
