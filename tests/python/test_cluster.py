@@ -2,6 +2,8 @@
 
 - Remote workers: a coordinator without `--local-workers` answers 503 until the workers it waits for
   register over gRPC, then serves the transformers reference outputs.
+- A worker in a memory-limited cgroup (a pod's `limits.memory`) reports the cgroup's headroom,
+  not the host's available memory, so the KV cache it is given fits the limit.
 - Worker death: SIGKILL one worker of a local TP-2 group in the middle of a streamed completion; the
   stream must end with an explicit error, /health must turn 503 within 5 s, later requests get 503
   JSON errors, and the coordinator keeps answering; then the restarted worker joins a new group
@@ -20,6 +22,8 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import httpx
 import openai
@@ -63,6 +67,66 @@ def test_remote_workers_register_then_serve(checkpoint, reference):
         for w in workers:
             w.kill()
             w.wait()
+
+
+class MemoryCgroup:
+    """A child memory cgroup with a limit (cgroup v1's memory controller, or v2 where the root
+    delegates memory), like a Kubernetes pod's `limits.memory`. Needs root."""
+
+    def __init__(self, limit_bytes):
+        if os.geteuid() != 0:
+            pytest.fail("the cgroup test needs root to create a memory cgroup", pytrace=False)
+        name = f"caravan-test-{uuid.uuid4().hex[:8]}"
+        v1, v2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
+        if (v1 / "cgroup.procs").exists():
+            self.dir, limit_file = v1 / name, "memory.limit_in_bytes"
+        elif "memory" in (v2 / "cgroup.subtree_control").read_text():
+            self.dir, limit_file = v2 / name, "memory.max"
+        else:
+            pytest.fail("no writable memory cgroup (v1 memory controller, or v2 with memory delegated)",
+                        pytrace=False)
+        self.dir.mkdir()
+        (self.dir / limit_file).write_text(str(limit_bytes))
+        self.procs = self.dir / "cgroup.procs"
+
+    def close(self):
+        self.dir.rmdir()
+
+
+def host_available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no MemAvailable in /proc/meminfo")
+
+
+def test_a_worker_in_a_memory_limited_cgroup_sizes_from_the_limit_not_the_host(checkpoint, reference):
+    limit = 1 << 30
+    assert host_available_memory() > 2 * limit, "the host must have more memory than the limit for this test"
+    cgroup = MemoryCgroup(limit)
+    grpc_port = free_port()
+    coordinator = Coordinator(["--model", checkpoint, "--tp", 1, "--port", 0,
+                               "--grpc-addr", f"127.0.0.1:{grpc_port}"])
+    worker = None
+    try:
+        # The worker joins the cgroup before it starts, as a container's process would be.
+        worker = subprocess.Popen(
+            ["sh", "-c", f'echo $$ > {cgroup.procs} && exec "$0" "$@"', str(bin_path("caravan-worker")),
+             "--coordinator", f"http://127.0.0.1:{grpc_port}", "--listen", "127.0.0.1:0"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        url = coordinator.wait_ready()
+        with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
+            [registered] = http.get("/admin/workers").json()["workers"]
+        assert 0 < registered["memory_bytes"] <= limit, registered
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+        ref = reference["completions"][0]
+        assert greedy_text(client, checkpoint.name, ref) == ref["text"]
+    finally:
+        coordinator.stop()
+        if worker is not None:
+            worker.kill()
+            worker.wait()
+        cgroup.close()
 
 
 def test_worker_death_fails_requests_then_the_group_recovers(checkpoint, reference):

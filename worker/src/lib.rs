@@ -8,6 +8,7 @@
 pub mod engine;
 pub mod fuzz;
 pub mod generate;
+pub mod host;
 pub mod local_group;
 pub mod membership;
 pub mod sampling;

@@ -149,9 +149,9 @@ async fn run(args: Args) -> Result<()> {
         .name("caravan-model".into())
         .spawn(move || engine.run(receiver))?;
     let identity = WorkerIdentity {
-        host: hostname(),
+        host: caravan_worker::host::hostname(),
         device: args.device.clone(),
-        memory_bytes: available_memory(),
+        memory_bytes: caravan_worker::host::available_memory(),
         ring_addr: advertised_ring.clone(),
     };
     let service = WorkerService::new(commands, status, identity.clone());
@@ -296,25 +296,6 @@ fn not_listening_yet(error: &tonic::transport::Error) -> bool {
     }
     // A connect timeout carries no io::Error.
     error.to_string().contains("timed out")
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// MemAvailable from /proc/meminfo, in bytes (0 when unknown).
-fn available_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// `host:port`, bracketing IPv6 literals.
