@@ -10,16 +10,19 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-seconds="${1:-60}"
-shift || true
+seconds=60
+if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then
+  seconds="$1"
+  shift
+fi
+[ "$seconds" -gt 0 ] || { echo "SECONDS_PER_TARGET must be positive" >&2; exit 2; }
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(request chat_template detokenize step_plan)
 
 bash scripts/setup.sh
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-# The detokenize target reads the serving fixture's tokenizer.
-[ -f fixtures/serving/tokenizer.json ] || .venv/bin/python python/make_fixtures.py --out fixtures
+# (setup.sh also builds models/llama2-tokenizer, which the detokenize target reads.)
 export LD_LIBRARY_PATH="$root/.venv/libtorch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 cd fuzz
@@ -36,7 +39,7 @@ for target in "${targets[@]}"; do
   [ "$target" = detokenize ] && max_len=256
   status=0
   cargo +nightly fuzz run --sanitizer none "$target" "corpus/$target" "seeds/$target" -- \
-    -max_total_time="$seconds" -max_len="$max_len" -print_final_stats=1 "${extra[@]}" >"$log" 2>&1 || status=$?
+    -max_total_time="$seconds" -max_len="$max_len" -print_final_stats=1 ${extra[@]+"${extra[@]}"} >"$log" 2>&1 || status=$?
   # libFuzzer's chatter stays in the log; these lines say what ran and what it found.
   grep -E '^(stat::number_of_executed_units|stat::new_units_added)|panicked|Failing input|Test unit written|SUMMARY' "$log" || true
   if [ "$status" -ne 0 ]; then

@@ -24,7 +24,7 @@ use std::{
 };
 
 use caravan_proto as pb;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::{
     blocks::{BlockManager, HashChain},
@@ -107,6 +107,7 @@ pub struct SchedulerConfig {
 #[derive(Clone)]
 pub struct EngineHandle {
     requests: mpsc::UnboundedSender<GenerationRequest>,
+    retire: Arc<watch::Sender<bool>>,
     queued: Arc<AtomicUsize>,
     max_waiting: usize,
     stats: Arc<EngineStats>,
@@ -120,6 +121,13 @@ pub enum SubmitError {
 }
 
 impl EngineHandle {
+    /// Stops the engine for good (its group failed or was replaced, or this coordinator stepped
+    /// down): a step in flight is abandoned, every request ends with an error, and the engine
+    /// no longer touches the shared health, which belongs to the next group.
+    pub fn retire(&self) {
+        let _ = self.retire.send(true);
+    }
+
     pub fn submit(&self, request: GenerationRequest) -> Result<(), SubmitError> {
         let admitted = self
             .queued
@@ -194,6 +202,8 @@ pub struct Engine {
     config: SchedulerConfig,
     queued: Arc<AtomicUsize>,
     stats: Arc<EngineStats>,
+    /// Turns true when the handle's owner retires this engine.
+    retired: watch::Receiver<bool>,
     waiting: VecDeque<Sequence>,
     /// In admission order: preemption takes from the back.
     running: Vec<Sequence>,
@@ -212,11 +222,13 @@ impl Engine {
         stats: Arc<EngineStats>,
     ) -> EngineHandle {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (retire, retired) = watch::channel(false);
         let queued = Arc::new(AtomicUsize::new(0));
         EngineStats::set(&stats.kv_blocks_total, blocks.total_blocks());
         EngineStats::set(&stats.block_size, blocks.block_size());
         let handle = EngineHandle {
             requests: tx,
+            retire: Arc::new(retire),
             queued: queued.clone(),
             max_waiting: config.max_waiting.max(1),
             stats: stats.clone(),
@@ -230,6 +242,7 @@ impl Engine {
             config,
             queued,
             stats,
+            retired,
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
@@ -240,11 +253,25 @@ impl Engine {
 
     async fn run(mut self, mut requests: mpsc::UnboundedReceiver<GenerationRequest>) {
         loop {
+            if *self.retired.borrow() {
+                // Nothing submitted is dropped unanswered: what is queued fails too.
+                requests.close();
+                while let Ok(r) = requests.try_recv() {
+                    self.enqueue(r);
+                }
+                self.fail_all(&self.retired_reason());
+                return;
+            }
             if self.running.is_empty() && self.waiting.is_empty() {
                 self.publish_stats();
-                match requests.recv().await {
-                    Some(r) => self.enqueue(r),
-                    None => return,
+                let mut retired = self.retired.clone();
+                tokio::select! {
+                    biased;
+                    _ = retired.wait_for(|r| *r) => continue,
+                    next = requests.recv() => match next {
+                        Some(r) => self.enqueue(r),
+                        None => return,
+                    },
                 }
             }
             while let Ok(r) = requests.try_recv() {
@@ -302,6 +329,10 @@ impl Engine {
         EngineStats::set(&s.running, self.running.len());
         EngineStats::set(&s.kv_blocks_used, self.blocks.used_blocks());
         EngineStats::set(&s.kv_blocks_cached, self.blocks.cached_blocks());
+    }
+
+    fn retired_reason(&self) -> String {
+        format!("the worker group stopped: {}", self.health.reason())
     }
 
     fn fail_all(&mut self, reason: &str) {
@@ -495,7 +526,18 @@ impl Engine {
             span.follows_from(&other.request.span);
         }
         let started = std::time::Instant::now();
-        let sampled = match self.group.step(sequences, &span).await {
+        let mut retired = self.retired.clone();
+        let result = tokio::select! {
+            biased;
+            _ = retired.wait_for(|r| *r) => None,
+            result = self.group.step(sequences, &span) => Some(result),
+        };
+        let Some(result) = result else {
+            // Abandoned: the step's answers would no longer mean anything.
+            self.fail_all(&self.retired_reason());
+            return;
+        };
+        let sampled = match result {
             Ok((tokens, timings)) => {
                 let s = &self.stats;
                 EngineStats::add(&s.step_micros, started.elapsed().as_micros() as usize);
@@ -511,7 +553,10 @@ impl Engine {
             }
             Err(e) => {
                 let reason = format!("step failed: {e:#}");
-                self.health.fail(reason.clone());
+                // A retired engine's failure is not the current group's.
+                if !*self.retired.borrow() {
+                    self.health.fail(reason.clone());
+                }
                 self.fail_all(&reason);
                 return;
             }

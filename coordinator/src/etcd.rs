@@ -31,9 +31,25 @@ pub struct Etcd {
 }
 
 /// Held while this coordinator leads; `lost` turns true if the lease cannot be renewed.
+/// Dropping it stops the renewals (the lease then expires after its TTL); [`Self::resign`]
+/// hands the leadership over at once.
 pub struct Leadership {
     pub lost: watch::Receiver<bool>,
     keepalive: tokio::task::JoinHandle<()>,
+    client: Client,
+    lease: i64,
+}
+
+impl Leadership {
+    /// Revokes the lease, so a standby leads without waiting for it to expire (best effort).
+    pub async fn resign(mut self) {
+        self.keepalive.abort();
+        match tokio::time::timeout(ETCD_CALL_TIMEOUT, self.client.lease_revoke(self.lease)).await {
+            Ok(Ok(_)) => tracing::info!(lease = self.lease, "resigned the leadership"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "revoking the leadership lease"),
+            Err(_) => tracing::warn!("revoking the leadership lease: etcd did not answer"),
+        }
+    }
 }
 
 impl Drop for Leadership {
@@ -91,9 +107,12 @@ impl Etcd {
             let mut valid_until = Instant::now() + ttl;
             loop {
                 let sent = Instant::now();
-                let renewed = tokio::time::timeout(period, renew(&mut renewer, lease, &mut stream))
-                    .await
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {period:?}")));
+                // Never wait past the lease's possible expiry for an answer.
+                let patience = period.min(valid_until.saturating_duration_since(sent));
+                let renewed =
+                    tokio::time::timeout(patience, renew(&mut renewer, lease, &mut stream))
+                        .await
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {patience:?}")));
                 match renewed {
                     Ok(true) => valid_until = sent + ttl,
                     Ok(false) => {
@@ -114,14 +133,28 @@ impl Etcd {
                 tokio::time::sleep_until(sent + period).await;
             }
         });
-        let mut watch_lost = lost.clone();
-        tokio::select! {
+        // From here on, dropping `leadership` (a failed or abandoned campaign) stops the renewals.
+        let leadership = Leadership {
+            lost,
+            keepalive,
+            client: client.clone(),
+            lease,
+        };
+        let mut watch_lost = leadership.lost.clone();
+        let campaign = tokio::select! {
             result = client.campaign(etcd::leader_election(&self.prefix), url, lease) => {
-                result.context("campaigning for leadership")?;
+                result.context("campaigning for leadership")
             }
-            _ = watch_lost.wait_for(|l| *l) => anyhow::bail!("lost the etcd lease while campaigning"),
+            _ = watch_lost.wait_for(|l| *l) => Err(anyhow::anyhow!("lost the etcd lease while campaigning")),
+        };
+        match campaign {
+            Ok(_) => Ok(leadership),
+            Err(e) => {
+                // Revoking also withdraws the candidacy the campaign may have left in etcd.
+                leadership.resign().await;
+                Err(e)
+            }
         }
-        Ok(Leadership { lost, keepalive })
     }
 
     /// Mirrors the workers registered in etcd into `registry`, until the task is dropped.

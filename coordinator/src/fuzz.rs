@@ -104,15 +104,15 @@ pub fn chat_template(data: &[u8]) -> bool {
     }
 }
 
-/// The tokenizer the detokenization target uses: `CARAVAN_FUZZ_TOKENIZER_DIR`, else the serving
-/// fixture's (`fixtures/serving`, made by `python/make_fixtures.py`).
+/// The tokenizer the detokenization target uses: `CARAVAN_FUZZ_TOKENIZER_DIR`, else the Llama 2
+/// tokenizer `scripts/setup.sh` builds into `models/llama2-tokenizer`.
 fn tokenizer() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
     TOKENIZER.get_or_init(|| {
         let dir = std::env::var_os("CARAVAN_FUZZ_TOKENIZER_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/serving")
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/llama2-tokenizer")
             });
         Tokenizer::load(&dir).expect("the fuzz tokenizer (set CARAVAN_FUZZ_TOKENIZER_DIR)")
     })

@@ -95,6 +95,13 @@ impl GroupHealth {
         self.ready.store(false, Ordering::Release);
     }
 
+    /// Not ready for a reason that is not a failure of the group (standby, campaigning): the
+    /// reason replaces whatever was there.
+    pub fn set_not_ready(&self, reason: impl Into<String>) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason.into();
+        self.ready.store(false, Ordering::Release);
+    }
+
     /// Marks the group unusable (keeps the first reason).
     pub fn fail(&self, reason: impl Into<String>) {
         let mut r = self.reason.lock().expect("health lock");

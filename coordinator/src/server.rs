@@ -18,7 +18,7 @@ use crate::{
     api::{self, AppState, Control},
     blocks::BlockManager,
     engine::{Engine, SchedulerConfig},
-    etcd::Etcd,
+    etcd::{Etcd, Leadership},
     group::{GroupHealth, HealthProbe, KvCacheSize, ShardPlan, WorkerGroup},
     local_workers::LocalWorkers,
     model_info::ModelInfo,
@@ -323,12 +323,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     // Workers registered directly heartbeat; those in etcd live as long as their lease.
     let stale_after = etcd.is_none().then_some(STALE_AFTER);
 
+    // Held until the drain below is over: a standby must not take the workers while requests
+    // still finish here.
+    let mut leadership: Option<Leadership> = None;
+    let mut mirror: Option<AbortOnDrop> = None;
     'leading: loop {
-        let mut leadership = None;
-        let mut mirror = None;
         if let Some(etcd) = &etcd {
             let leader = etcd.leader().await;
-            health.fail(match &leader {
+            health.set_not_ready(match &leader {
                 Some(l) => format!("standby: the leader is {l}"),
                 None => "standby: electing a leader".to_string(),
             });
@@ -346,7 +348,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                 Err(e) => {
                     let reason = format!("standby: campaigning failed: {e:#}");
                     tracing::warn!(%reason, "campaigning again");
-                    health.fail(reason);
+                    health.set_not_ready(reason);
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'leading,
                         _ = &mut shutdown => break 'leading,
@@ -430,9 +432,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                 problem = watch_group(&probe, &registry, &members, stale_after) => {
                     health.fail(problem.clone());
                     eprintln!("worker group failed: {problem}; forming it again");
-                    // The engine sees the failure, ends every request in flight with an error,
-                    // and stops once its handle is gone.
-                    state.engine.write().unwrap_or_else(|e| e.into_inner()).take();
+                    // Every request in flight ends with an error; the engine stops.
+                    retire_engine(&state);
                     // Workers that do not answer leave the pool; the rest join the next group.
                     // (In etcd, a dead worker's registration expires with its lease.)
                     if stale_after.is_some() {
@@ -452,14 +453,20 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         let reason = "standby: lost the leadership (the etcd lease could not be renewed in time)";
         eprintln!("{reason}");
         tracing::error!(reason, "stepping down");
-        health.fail(reason);
+        health.set_not_ready(reason);
+        retire_engine(&state);
         state
-            .engine
+            .workers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        state
+            .probe
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        drop(mirror);
-        drop(leadership);
+        mirror = None;
+        leadership = None;
     }
 
     // Drain: stop admitting, let requests in flight finish, then end the rest explicitly.
@@ -484,6 +491,11 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     }
     health.shut_down();
     control.drained.store(true, Ordering::Release);
+    // Hand the leadership over now rather than when the lease runs out.
+    drop(mirror);
+    if let Some(leadership) = leadership {
+        leadership.resign().await;
+    }
     tracing::info!("shutting down");
     let _ = stop_workers.send(true);
     if let Some(supervisor) = supervisor {
@@ -491,6 +503,18 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     }
     http_server.abort();
     Ok(())
+}
+
+/// Stops the current engine, if any (see [`EngineHandle::retire`]).
+fn retire_engine(state: &AppState) {
+    if let Some(engine) = state
+        .engine
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        engine.retire();
+    }
 }
 
 /// Aborts a background task when dropped.

@@ -315,7 +315,7 @@ class Load:
                 for chunk in stream:
                     text += chunk.choices[0].text
                     finish = chunk.choices[0].finish_reason or finish
-            except openai.APIError as e:
+            except Exception as e:  # noqa: BLE001 - a dropped connection (httpx) counts as an error too
                 error = e
             with self.lock:
                 self.results.append((ref, text, finish, error))

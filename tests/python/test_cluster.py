@@ -86,11 +86,18 @@ class MemoryCgroup:
             pytest.fail("no writable memory cgroup (v1 memory controller, or v2 with memory delegated)",
                         pytrace=False)
         self.dir.mkdir()
-        (self.dir / limit_file).write_text(str(limit_bytes))
         self.procs = self.dir / "cgroup.procs"
+        try:
+            (self.dir / limit_file).write_text(str(limit_bytes))
+        except OSError:
+            self.close()
+            raise
 
     def close(self):
-        self.dir.rmdir()
+        try:
+            self.dir.rmdir()
+        except OSError as e:  # still busy: leave it rather than hide the test's own failure
+            print(f"could not remove {self.dir}: {e}")
 
 
 def host_available_memory() -> int:
@@ -104,11 +111,11 @@ def test_a_worker_in_a_memory_limited_cgroup_sizes_from_the_limit_not_the_host(c
     limit = 1 << 30
     assert host_available_memory() > 2 * limit, "the host must have more memory than the limit for this test"
     cgroup = MemoryCgroup(limit)
-    grpc_port = free_port()
-    coordinator = Coordinator(["--model", checkpoint, "--tp", 1, "--port", 0,
-                               "--grpc-addr", f"127.0.0.1:{grpc_port}"])
-    worker = None
+    coordinator, worker = None, None
     try:
+        grpc_port = free_port()
+        coordinator = Coordinator(["--model", checkpoint, "--tp", 1, "--port", 0,
+                                   "--grpc-addr", f"127.0.0.1:{grpc_port}"])
         # The worker joins the cgroup before it starts, as a container's process would be.
         worker = subprocess.Popen(
             ["sh", "-c", f'echo $$ > {cgroup.procs} && exec "$0" "$@"', str(bin_path("caravan-worker")),
@@ -122,7 +129,8 @@ def test_a_worker_in_a_memory_limited_cgroup_sizes_from_the_limit_not_the_host(c
         ref = reference["completions"][0]
         assert greedy_text(client, checkpoint.name, ref) == ref["text"]
     finally:
-        coordinator.stop()
+        if coordinator is not None:
+            coordinator.stop()
         if worker is not None:
             worker.kill()
             worker.wait()

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 
@@ -209,30 +210,51 @@ def test_etcd_outage_longer_than_the_lease_steps_the_leader_down_then_it_leads_a
         own_etcd, checkpoint, reference):
     ttl = 2
     prefix = f"/caravan-test-{uuid.uuid4().hex[:8]}"
+    # Two sequences at a time, so six long streams take far longer than the lease.
     leader = Coordinator(["--model", checkpoint, "--tp", 2, "--etcd-endpoints", own_etcd.url, "--etcd-prefix", prefix,
-                          "--etcd-lease-ttl", ttl, "--grpc-addr", "127.0.0.1:0", "--port", 0])
+                          "--etcd-lease-ttl", ttl, "--grpc-addr", "127.0.0.1:0", "--port", 0,
+                          "--max-batch-size", 2])
     workers = [start_worker(own_etcd.url, prefix, ttl) for _ in range(2)]
     try:
         url = leader.wait_ready()
         ref = reference["completions"][0]
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
-        with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
-            stream = client.completions.create(model=checkpoint.name, prompt="Once upon a time", max_tokens=400,
-                                               temperature=0, stream=True, extra_body={"ignore_eos": True})
+        outcomes, lock, first_chunk = [], threading.Lock(), threading.Event()
+
+        def stream():
             chunks, finish, error = 0, None, None
             try:
-                for chunk in stream:
+                for chunk in client.completions.create(model=checkpoint.name, prompt="Once upon a time",
+                                                       max_tokens=400, temperature=0, stream=True,
+                                                       extra_body={"ignore_eos": True}):
                     chunks += 1
+                    first_chunk.set()
                     finish = chunk.choices[0].finish_reason or finish
-                    if chunks == 1:
-                        own_etcd.stop()
-                        stopped_at = time.monotonic()
-            except openai.APIError as e:
+            except Exception as e:  # noqa: BLE001 - any way a stream can end counts
                 error = e
-            # Whether it finished before the leader stepped down or not, it did not end silently.
-            assert error is not None or finish == "length", f"stream ended after {chunks} chunks with neither"
-            health = wait_for_status(http, "/health", 503, max(0.1, ttl + 3 - (time.monotonic() - stopped_at)))
+            with lock:
+                outcomes.append((chunks, finish, error))
+
+        threads = [threading.Thread(target=stream) for _ in range(6)]
+        for t in threads:
+            t.start()
+        with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
+            assert first_chunk.wait(TIMEOUT_S), "no stream started"
+            own_etcd.stop()
+            stopped_at = time.monotonic()
+            health = wait_for_status(http, "/health", 503, ttl + 3)
             assert health.json()["reason"].startswith("standby"), health.text
+            for t in threads:
+                t.join(TIMEOUT_S)
+            # Every stream finished before the step-down or ended with an explicit error event;
+            # with 6 x 400 tokens two at a time, some were cut by it.
+            assert len(outcomes) == 6
+            silent = [o for o in outcomes if o[2] is None and o[1] != "length"]
+            assert not silent, f"streams that ended with neither a finish nor an error: {silent}"
+            errors = [o for o in outcomes if o[2] is not None]
+            assert errors, f"no stream was ended by the step-down: {outcomes}"
+            assert all(isinstance(e, openai.APIError) for _, _, e in errors), [repr(e) for _, _, e in errors]
+            assert time.monotonic() - stopped_at < TIMEOUT_S
             refused = http.post("/v1/completions", json={"model": checkpoint.name, "prompt": "Hi", "max_tokens": 2})
             assert refused.status_code == 503 and refused.json()["error"]["message"], refused.text
 
@@ -242,6 +264,66 @@ def test_etcd_outage_longer_than_the_lease_steps_the_leader_down_then_it_leads_a
             assert leader.proc.poll() is None and all(w.poll() is None for w in workers)
     finally:
         leader.stop()
+        for w in workers:
+            w.kill()
+            w.wait()
+
+
+def test_a_draining_leader_keeps_the_lead_until_drained_then_hands_it_over(own_etcd, checkpoint, reference):
+    """SIGTERM on the leader: its streams finish on its workers (a standby must not take them
+    mid-drain), then it revokes its lease so the standby leads at once, not a TTL later."""
+    ttl = 10
+    prefix = f"/caravan-test-{uuid.uuid4().hex[:8]}"
+    common = ["--model", checkpoint, "--tp", 2, "--etcd-endpoints", own_etcd.url, "--etcd-prefix", prefix,
+              "--etcd-lease-ttl", ttl, "--grpc-addr", "127.0.0.1:0", "--max-batch-size", 1]
+    port_a, port_b = free_port(), free_port()
+    leader = Coordinator([*common, "--port", port_a, "--drain-timeout", 120])
+    workers = [start_worker(own_etcd.url, prefix) for _ in range(2)]
+    standby = None
+    try:
+        url_a = leader.wait_ready()
+        standby = Coordinator([*common, "--port", port_b])
+        url_b = f"http://127.0.0.1:{port_b}"
+        client = openai.OpenAI(base_url=url_a + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+        outcomes, lock, first_chunk = [], threading.Lock(), threading.Event()
+
+        def stream():
+            finish, error = None, None
+            try:
+                for chunk in client.completions.create(model=checkpoint.name, prompt="Once upon a time",
+                                                       max_tokens=250, temperature=0, stream=True,
+                                                       extra_body={"ignore_eos": True}):
+                    first_chunk.set()
+                    finish = chunk.choices[0].finish_reason or finish
+            except Exception as e:  # noqa: BLE001 - any way a stream can end counts
+                error = e
+            with lock:
+                outcomes.append((finish, error))
+
+        # One sequence at a time: three long streams take longer than a TTL to drain.
+        threads = [threading.Thread(target=stream) for _ in range(3)]
+        for t in threads:
+            t.start()
+        with httpx.Client(base_url=url_b, timeout=TIMEOUT_S) as http_b:
+            health = wait_for_status(http_b, "/health", 503, READY_TIMEOUT_S)
+            assert health.json()["reason"].startswith("standby"), health.text
+            assert first_chunk.wait(TIMEOUT_S), "no stream started"
+            leader.proc.send_signal(signal.SIGTERM)
+            for t in threads:
+                t.join(TIMEOUT_S)
+            assert outcomes == [("length", None)] * 3, outcomes
+            drained = time.monotonic()
+            leader.proc.wait(TIMEOUT_S)
+            exited = time.monotonic()
+            assert exited - drained < 5, "the leader did not exit once drained"
+            wait_for_status(http_b, "/health", 200, READY_TIMEOUT_S)
+            took = time.monotonic() - exited
+            assert took < ttl - 2, f"the standby led {took:.1f}s after the leader exited: the lease was not revoked"
+            assert greedy_matches(url_b, checkpoint.name, reference["completions"][0])
+    finally:
+        leader.stop()
+        if standby is not None:
+            standby.stop()
         for w in workers:
             w.kill()
             w.wait()
