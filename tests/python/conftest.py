@@ -337,3 +337,13 @@ class Load:
         for t in self.threads:
             t.join()
         return self.results
+
+
+def metrics(http: httpx.Client) -> dict:
+    """The coordinator's /metrics, sample name (with labels) to value."""
+    out = {}
+    for line in http.get("/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out

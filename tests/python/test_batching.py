@@ -19,19 +19,10 @@ import httpx
 import openai
 import pytest
 
-from conftest import Coordinator
+from conftest import Coordinator, metrics
 
 TIMEOUT_S = 120.0
 IDLE_DEADLINE_S = 10.0
-
-
-def metrics(http: httpx.Client) -> dict:
-    out = {}
-    for line in http.get("/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def wait_for_metric(http, name, predicate, deadline_s=IDLE_DEADLINE_S):

@@ -29,7 +29,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import READY_TIMEOUT_S, Coordinator, Load, greedy_text, bin_path, children, ctl_status, free_port, wait_for_status
+from conftest import READY_TIMEOUT_S, Coordinator, Load, metrics, greedy_text, bin_path, children, ctl_status, free_port, wait_for_status
 
 TIMEOUT_S = 60.0
 HEALTH_DEADLINE_S = 5.0
@@ -229,7 +229,7 @@ def test_worker_killed_during_a_long_prefill_fails_the_request_then_the_group_re
         longest = max(reference["batch"], key=lambda c: len(c["prompt_ids"]))
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
         with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
-            generated = metric(http, "caravan_generation_tokens_total")
+            generated = metrics(http)["caravan_generation_tokens_total"]
             # Rank 1 is frozen first, so the prompt's prefill step is certainly in flight (running,
             # no token generated yet) when it is killed.
             os.kill(workers[1], signal.SIGSTOP)
@@ -246,10 +246,10 @@ def test_worker_killed_during_a_long_prefill_fails_the_request_then_the_group_re
             thread = threading.Thread(target=request)
             thread.start()
             deadline = time.monotonic() + HEALTH_DEADLINE_S
-            while metric(http, "caravan_requests_running") < 1:
+            while metrics(http)["caravan_requests_running"] < 1:
                 assert time.monotonic() < deadline, "the request never started running"
                 time.sleep(0.02)  # polling a gauge the scheduler sets before each step, with a deadline
-            assert metric(http, "caravan_generation_tokens_total") == generated, "prefill was already over"
+            assert metrics(http)["caravan_generation_tokens_total"] == generated, "prefill was already over"
             os.kill(workers[1], signal.SIGKILL)
             killed_at = time.monotonic()
             thread.join(TIMEOUT_S)
@@ -267,13 +267,6 @@ def test_worker_killed_during_a_long_prefill_fails_the_request_then_the_group_re
             assert out.choices[0].text == longest["text"]
     finally:
         coordinator.stop()
-
-
-def metric(http: httpx.Client, name: str) -> float:
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 @pytest.mark.parametrize("how", ["sigterm", "caravanctl"])

@@ -3,7 +3,8 @@ counters and histograms must move by exactly what the requests did."""
 import httpx
 import pytest
 
-from test_batching import Served, metrics, wait_for_metric
+from conftest import metrics
+from test_batching import Served, wait_for_metric
 
 N = 3
 MAX_TOKENS = 5
