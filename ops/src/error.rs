@@ -39,6 +39,8 @@ pub enum Error {
         peer: usize,
         timeout_ms: u128,
     },
+    #[error("cannot start {threads} compute threads: {reason}")]
+    Threads { threads: usize, reason: String },
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
 }
@@ -58,6 +60,7 @@ impl Error {
             Error::InvalidBatch(_) => "invalid_batch",
             Error::Collective { .. } => "collective",
             Error::CollectiveTimeout { .. } => "collective_timeout",
+            Error::Threads { .. } => "threads",
             Error::Torch(_) => "torch",
         }
     }

@@ -2,12 +2,13 @@
 //!
 //! The pieces, in the order data meets them: [`config`] (what the checkpoint says),
 //! [`parallel`] (which slices a rank owns), [`weights`] (mmap and slice safetensors), [`comm`]
-//! (collectives: single, TCP ring), [`layers`] (one file per block), [`kv_cache`] and [`batch`]
+//! (collectives: single, TCP ring), [`cpu`] (threads and decode products), [`layers`] (one file per block), [`kv_cache`] and [`batch`]
 //! (what a step reads and writes), and [`llama`] (the model).
 
 pub mod batch;
 pub mod comm;
 pub mod config;
+pub mod cpu;
 pub mod dtype;
 pub mod error;
 pub mod kv_cache;

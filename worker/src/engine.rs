@@ -131,7 +131,8 @@ impl Engine {
             ShardLayout::new(&config, rank, world, vocab).map_err(|e| invalid(e.to_string()))?;
         let checkpoint = Checkpoint::open(path).map_err(|e| invalid(e.to_string()))?;
         if req.threads > 0 {
-            tch::set_num_threads(req.threads as i32);
+            caravan_ops::cpu::set_threads(req.threads as usize)
+                .map_err(|e| invalid(e.to_string()))?;
         }
         let timeout = std::time::Duration::from_millis(req.collective_timeout_ms.max(1) as u64);
         let comm = if world == 1 {

@@ -88,7 +88,7 @@ impl LmHead {
 
     /// `x` (`[m, hidden]`) to `[m, vocab]` logits in f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let local = x.f_linear::<Tensor>(&self.weight, None)?;
+        let local = super::linear::project(x, &self.weight)?;
         let logits = if self.parallel {
             // [t, m, vocab/t] -> [m, t, vocab/t] -> [m, vocab], rank order = vocabulary order.
             let gathered = self.comm.all_gather(&local)?;

@@ -10,6 +10,7 @@ use tch::Tensor;
 
 use crate::{
     comm::Communicator,
+    cpu,
     weights::{Slice, WeightLoader, WeightSpec},
     Result,
 };
@@ -23,12 +24,12 @@ impl ColumnParallelLinear {
     /// Loads rows `rows` of the `[out, in]` weight `spec`.
     pub fn load(loader: &WeightLoader, spec: &WeightSpec, rows: Range<usize>) -> Result<Self> {
         Ok(ColumnParallelLinear {
-            weight: loader.load(spec, Slice::Rows(rows))?,
+            weight: loader.load(spec, Slice::Rows(rows))?.f_contiguous()?,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear::<Tensor>(&self.weight, None)?)
+        project(x, &self.weight)
     }
 }
 
@@ -47,7 +48,7 @@ impl RowParallelLinear {
         comm: Arc<Communicator>,
     ) -> Result<Self> {
         Ok(RowParallelLinear {
-            weight: loader.load(spec, Slice::Columns(columns))?,
+            weight: loader.load(spec, Slice::Columns(columns))?.f_contiguous()?,
             comm,
         })
     }
@@ -55,7 +56,15 @@ impl RowParallelLinear {
     /// `x` holds this rank's slice of the input features; the result is the full output,
     /// identical on every rank.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let partial = x.f_linear::<Tensor>(&self.weight, None)?;
+        let partial = project(x, &self.weight)?;
         self.comm.all_reduce_sum(partial)
+    }
+}
+
+/// `x W^T`: a decode step's few rows through [`cpu::gemv`], everything else through libtorch.
+pub(crate) fn project(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    match cpu::gemv::linear(x, weight)? {
+        Some(y) => Ok(y),
+        None => Ok(x.f_linear::<Tensor>(weight, None)?),
     }
 }

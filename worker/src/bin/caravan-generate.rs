@@ -83,7 +83,11 @@ fn parse_ids(s: &str) -> Result<Vec<i64>, String> {
 }
 
 fn main() -> ExitCode {
+    let restart = caravan_ops::cpu::restart_with_passive_openmp();
     let _telemetry = telemetry::init("warn", "text", None);
+    if let Err(e) = restart {
+        tracing::warn!("running with spinning OpenMP threads (slower decode): cannot restart: {e}");
+    }
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,7 +128,7 @@ fn run(args: Args) -> Result<()> {
     match (args.rank, args.world_size) {
         (Some(rank), Some(world_size)) => {
             let in_rank = |e: anyhow::Error| e.context(format!("rank {rank}"));
-            tch::set_num_threads(threads as i32);
+            caravan_ops::cpu::set_threads(threads)?;
             let rendezvous =
                 local_group::join_from_stdio(&args.ring_host, world_size).map_err(in_rank)?;
             let comm = match &rendezvous.backend {
@@ -152,7 +156,7 @@ fn run(args: Args) -> Result<()> {
             local_group::run(args.tp, &forwarded, &backend)
         }
         _ => {
-            tch::set_num_threads(threads as i32);
+            caravan_ops::cpu::set_threads(threads)?;
             let report = generate::run_rank(&job, Communicator::Single)?;
             print!("{}", report.render());
             Ok(())

@@ -75,6 +75,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    let restart = caravan_ops::cpu::restart_with_passive_openmp();
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -96,6 +97,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = restart {
+        tracing::warn!("running with spinning OpenMP threads (slower decode): cannot restart: {e}");
+    }
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
