@@ -8,6 +8,10 @@
 #   docker build --build-arg VARIANT=cuda -t caravan:dev-cuda .     # GPU (CUDA 13, NCCL)
 #
 # VARIANT=cpu takes torch's CPU-only wheel from https://download.pytorch.org/whl/cpu.
+# TORCH_INDEX_URL, when set, replaces the variant's package index (e.g. a PyPI-only mirror:
+# --build-arg TORCH_INDEX_URL=https://pypi.org/simple). PyPI has no CPU-only torch wheel, so a
+# VARIANT=cpu image built that way carries the CUDA wheel and its nvidia-* libraries too
+# (about 4.6 GB installed).
 # VARIANT=cuda takes PyPI's default torch wheel, built for CUDA 13, which brings the CUDA runtime
 # libraries and NCCL as nvidia-* wheels (about 5 GB installed), and builds the worker with the `cuda`
 # feature (NCCL communicator, libtorch_cuda linked). The host needs only the NVIDIA driver; the
@@ -21,6 +25,8 @@ FROM rust:1-bookworm AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG VARIANT
 ARG TORCH_VERSION
+# Package index for torch; empty means the variant's own (see the top of this file).
+ARG TORCH_INDEX_URL=""
 # Parallel rustc jobs; empty means one per CPU (.cargo/config.toml's `jobs = 2` suits the
 # project's small development machines, not an image build).
 ARG BUILD_JOBS=""
@@ -42,6 +48,7 @@ RUN set -eux; \
       cuda) index_url="" ;; \
       *)    echo "VARIANT must be cpu or cuda, not '$VARIANT'" >&2; exit 1 ;; \
     esac; \
+    index_url="${TORCH_INDEX_URL:-$index_url}"; \
     python3 -m venv /opt/venv; \
     /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
       ${index_url:+--index-url "$index_url"} "torch==${TORCH_VERSION}"; \

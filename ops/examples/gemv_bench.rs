@@ -43,7 +43,7 @@ fn main() -> caravan_ops::Result<()> {
         bytes as f64 / 1e6
     );
     println!("rows | ours ms | ours GB/s | libtorch ms | libtorch GB/s");
-    for m in [1, 2, 4, 8, 16] {
+    for m in [1, 2, 4, 8, 16, 32, 64, 128] {
         let xs: Vec<Tensor> = shapes
             .iter()
             .map(|&(_, k)| Tensor::randn([m, k], (Kind::Float, Device::Cpu)).to_kind(kind))
@@ -62,8 +62,8 @@ fn main() -> caravan_ops::Result<()> {
         };
         let (ours, torch) = (time(true)?, time(false)?);
         let gbs = |t: f64| bytes as f64 / t / 1e9;
-        let note = if m > cpu::gemv::MAX_ROWS {
-            " (above MAX_ROWS: libtorch both)"
+        let note = if m > cpu::gemv::MAX_F32_ROWS && kind == Kind::Float {
+            " (above MAX_F32_ROWS: libtorch both)"
         } else {
             ""
         };

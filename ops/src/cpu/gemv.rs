@@ -5,12 +5,16 @@ use tch::{Device, Kind, Tensor};
 
 use crate::Result;
 
-/// The most rows of `x` this path takes. Beyond it libtorch's GEMM, which tiles over rows of `x`,
-/// wins (measured: `cargo test --release -p caravan-ops gemv_speed -- --ignored --nocapture`).
-pub const MAX_ROWS: i64 = 8;
+/// The most rows of `x` this path takes with f32 weights: up to here it beats libtorch's GEMM,
+/// beyond it (prefill) libtorch's tiling wins. With bf16 and f16 weights it takes any number:
+/// libtorch converts them on the fly on CPUs without AVX-512 BF16/FP16 and is 3-5x slower at
+/// every size measured (1 to 128 rows). Measured with
+/// `cargo run --release -p caravan-ops --example gemv_bench -- 2 f32` (and `bf16`).
+pub const MAX_F32_ROWS: i64 = 32;
 
 /// `x W^T` (`x`: `[m, k]`, `weight`: `[n, k]`, no bias) when this path applies: a CPU weight in
-/// f32, bf16 or f16, `m <= MAX_ROWS`, and a CPU with AVX2. `None` otherwise, for libtorch.
+/// f32 (at most [`MAX_F32_ROWS`] rows of `x`), bf16 or f16, and a CPU with AVX2. `None`
+/// otherwise, for libtorch.
 /// The result has `x`'s dtype; products accumulate in f32.
 pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     if !applies(x, weight) {
@@ -26,21 +30,26 @@ fn applies(x: &Tensor, weight: &Tensor) -> bool {
         && x.device() == Device::Cpu
         && ws.len() == 2
         && xs.len() == 2
-        && (1..=MAX_ROWS).contains(&xs[0])
+        && xs[0] >= 1
+        && (xs[0] <= MAX_F32_ROWS || weight.kind() != Kind::Float)
         && xs[1] == ws[1]
         && ws[1] > 0
         && weight.is_contiguous()
-        && matches!(weight.kind(), Kind::Float | Kind::BFloat16 | Kind::Half)
+        && is_float(weight.kind())
+        && is_float(x.kind())
+}
+
+fn is_float(kind: Kind) -> bool {
+    matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use half::{bf16, f16};
-    use rayon::prelude::*;
-    use tch::{Kind, Tensor};
+    use tch::{Device, Kind, Tensor};
 
     use crate::{
-        cpu::{pool, x86},
+        cpu::{elements, elements_mut, pool, x86, Scalar},
         Result,
     };
 
@@ -49,54 +58,73 @@ mod imp {
         *AVAILABLE.get_or_init(x86::available)
     }
 
+    /// Reads `x` and `weight` in place and writes the result straight into a fresh tensor: one
+    /// libtorch call per product (the allocation), where `x.linear(w)` plus conversions took six.
     pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let (m, k) = (x.size()[0] as usize, x.size()[1] as usize);
-        let n = weight.size()[0] as usize;
-        let xs = Vec::<f32>::try_from(x.f_to_kind(Kind::Float)?.f_contiguous()?.f_view(-1)?)?;
-        let mut y = vec![0f32; n * m];
+        let x = x.f_contiguous()?;
+        let (m, n) = (x.size()[0], weight.size()[0]);
+        let mut y = Tensor::f_empty([m, n], (x.kind(), Device::Cpu))?;
         match weight.kind() {
-            Kind::Float => split(weights::<f32>(weight), k, &xs, m, &mut y),
-            Kind::BFloat16 => split(weights::<bf16>(weight), k, &xs, m, &mut y),
-            _ => split(weights::<f16>(weight), k, &xs, m, &mut y),
+            Kind::Float => with_x::<f32>(weight, &x, &mut y),
+            Kind::BFloat16 => with_x::<bf16>(weight, &x, &mut y),
+            _ => with_x::<f16>(weight, &x, &mut y),
         }
-        // y is [n, m]; the caller wants [m, n].
-        let y = Tensor::from_slice(&y).f_view([n as i64, m as i64])?;
-        let y = if m == 1 {
-            y.f_view([1, n as i64])?
-        } else {
-            y.f_transpose(0, 1)?.f_contiguous()?
-        };
-        Ok(if x.kind() == Kind::Float {
-            y
-        } else {
-            y.f_to_kind(x.kind())?
-        })
+        Ok(y)
     }
 
-    /// The elements of a contiguous CPU `weight` whose kind matches `W` (checked by the caller).
-    fn weights<W: x86::Element>(weight: &Tensor) -> &[W] {
-        debug_assert!(
-            weight.is_contiguous() && weight.kind().elt_size_in_bytes() == size_of::<W>()
-        );
-        // SAFETY: `weight` is a contiguous CPU tensor of `numel` elements of W's layout (f32,
-        // bf16 and f16 are plain 4- and 2-byte values), alive for the borrow. Weights are never
-        // written after loading, so nothing mutates them while this slice exists.
-        unsafe { std::slice::from_raw_parts(weight.data_ptr() as *const W, weight.numel()) }
+    fn with_x<W: x86::Element>(weight: &Tensor, x: &Tensor, y: &mut Tensor) {
+        match x.kind() {
+            Kind::Float => product::<W, f32>(weight, x, y),
+            Kind::BFloat16 => product::<W, bf16>(weight, x, y),
+            _ => product::<W, f16>(weight, x, y),
+        }
     }
 
-    /// Runs the kernel over `w`'s rows, one contiguous block of rows per pool thread.
-    fn split<W: x86::Element>(w: &[W], k: usize, x: &[f32], m: usize, y: &mut [f32]) {
-        let x = &x86::arrange::<W>(x, k);
-        // SAFETY (both calls): `available()` was checked by `applies`.
+    /// `y = x W^T` with `x` and `y` in `X`.
+    fn product<W: x86::Element, X: Scalar>(weight: &Tensor, x: &Tensor, y: &mut Tensor) {
+        let k = weight.size()[1] as usize;
+        let m = x.size()[0] as usize;
+        let x = x86::arrange::<W, X>(elements::<X>(x), k);
+        split(elements::<W>(weight), k, &x, m, elements_mut::<X>(y));
+    }
+
+    /// `out` (`[m, n]`) from the kernel, which writes `[n, m]`: the same thing for one row of
+    /// `x`, else through an f32 buffer (each value is rounded to `O` once either way).
+    fn split<W: x86::Element, O: Scalar>(w: &[W], k: usize, x: &[f32], m: usize, out: &mut [O]) {
+        if m == 1 {
+            return run_rows(w, k, x, 1, out);
+        }
+        let n = w.len() / k;
+        let mut transposed = vec![0f32; n * m];
+        run_rows(w, k, x, m, &mut transposed);
+        for (r, row) in transposed.chunks(m).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                out[i * n + r] = O::from_f32(v);
+            }
+        }
+    }
+
+    /// The kernel over `w`'s rows, one contiguous block of rows per thread: the calling thread
+    /// takes the first block and the pool's threads the others, so a product wakes one thread
+    /// fewer than it uses.
+    fn run_rows<W: x86::Element, O: Scalar>(w: &[W], k: usize, x: &[f32], m: usize, y: &mut [O]) {
+        // SAFETY (every call below): `available()` was checked by `applies`.
         let Some(pool) = pool() else {
             return unsafe { x86::rows(w, k, x, m, y) };
         };
         let n = w.len() / k;
-        let rows = n.div_ceil(pool.current_num_threads()).next_multiple_of(4);
-        pool.install(|| {
-            y.par_chunks_mut(rows * m)
-                .zip(w.par_chunks(rows * k))
-                .for_each(|(y, w)| unsafe { x86::rows(w, k, x, m, y) })
+        let rows = n
+            .div_ceil(pool.current_num_threads() + 1)
+            .next_multiple_of(4);
+        let mut blocks = y.chunks_mut(rows * m).zip(w.chunks(rows * k));
+        let first = blocks.next();
+        pool.in_place_scope(|scope| {
+            for (y, w) in blocks {
+                scope.spawn(move |_| unsafe { x86::rows(w, k, x, m, y) });
+            }
+            if let Some((y, w)) = first {
+                unsafe { x86::rows(w, k, x, m, y) }
+            }
         });
     }
 }
@@ -137,7 +165,7 @@ mod tests {
                     (1, 1, 1),
                     (1, 37, 70),
                     (3, 64, 1024),
-                    (8, 261, 19),
+                    (32, 261, 19),
                     (2, 5, 8),
                 ] {
                     let (x, w) = (random(&[m, k], kind), random(&[n, k], kind));
@@ -183,10 +211,37 @@ mod tests {
         assert!(alone.equal(&batched.narrow(0, 5, 1)));
     }
 
+    /// 16-bit weights take any number of rows (prefill too); f32 stops at MAX_F32_ROWS.
+    #[test]
+    fn sixteen_bit_weights_take_prefill_sizes() {
+        if !imp::available() {
+            eprintln!("skipped: this CPU has no AVX2/FMA/F16C");
+            return;
+        }
+        tch::manual_seed(4);
+        let (x, w) = (
+            random(&[100, 48], Kind::BFloat16),
+            random(&[40, 48], Kind::BFloat16),
+        );
+        let ours = linear(&x, &w)
+            .unwrap()
+            .expect("applies to bf16 at 100 rows");
+        let want = x
+            .to_kind(Kind::Float)
+            .linear::<Tensor>(&w.to_kind(Kind::Float), None);
+        let diff = (ours.to_kind(Kind::Float) - &want)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff <= 2e-2 * want.abs().max().double_value(&[]).max(1.0));
+        let x32 = x.to_kind(Kind::Float);
+        assert!(linear(&x32, &w.to_kind(Kind::Float)).unwrap().is_none());
+    }
+
     #[test]
     fn declines_what_it_does_not_cover() {
         let w = Tensor::zeros([4, 8], (Kind::Float, Device::Cpu));
-        let many = Tensor::zeros([MAX_ROWS + 1, 8], (Kind::Float, Device::Cpu));
+        let many = Tensor::zeros([MAX_F32_ROWS + 1, 8], (Kind::Float, Device::Cpu));
         assert!(linear(&many, &w).unwrap().is_none());
         let wrong_width = Tensor::zeros([1, 7], (Kind::Float, Device::Cpu));
         assert!(linear(&wrong_width, &w).unwrap().is_none());

@@ -8,10 +8,14 @@
 //! stay with libtorch.
 
 pub mod gemv;
+pub mod rows;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 use std::sync::{Arc, Mutex};
+
+use half::{bf16, f16};
+use tch::{Device, Kind, Tensor};
 
 static POOL: Mutex<Option<Arc<rayon::ThreadPool>>> = Mutex::new(None);
 
@@ -20,9 +24,10 @@ static POOL: Mutex<Option<Arc<rayon::ThreadPool>>> = Mutex::new(None);
 pub fn set_threads(threads: usize) -> crate::Result<()> {
     let threads = threads.max(1);
     tch::set_num_threads(threads as i32);
+    // The thread that calls a product computes its share, so the pool holds the others.
     let pool = if threads > 1 {
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
+            .num_threads(threads - 1)
             .thread_name(|i| format!("caravan-gemv-{i}"))
             .build()
             .map_err(|e| crate::Error::Threads {
@@ -63,4 +68,79 @@ pub fn restart_with_passive_openmp() -> std::io::Result<()> {
 /// The pool set by [`set_threads`], or `None` for one thread (the caller's).
 fn pool() -> Option<Arc<rayon::ThreadPool>> {
     POOL.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// An element type CPU tensors hold that the kernels here read and write through f32.
+pub trait Scalar: Copy + Send + Sync + 'static {
+    const KIND: Kind;
+    fn to_f32(self) -> f32;
+    fn from_f32(value: f32) -> Self;
+}
+
+impl Scalar for f32 {
+    const KIND: Kind = Kind::Float;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(value: f32) -> Self {
+        value
+    }
+}
+
+impl Scalar for bf16 {
+    const KIND: Kind = Kind::BFloat16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    /// Round to nearest even, as libtorch converts.
+    #[inline(always)]
+    fn from_f32(value: f32) -> Self {
+        bf16::from_f32(value)
+    }
+}
+
+impl Scalar for f16 {
+    const KIND: Kind = Kind::Half;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(value: f32) -> Self {
+        f16::from_f32(value)
+    }
+}
+
+/// Whether `t` is a contiguous CPU tensor that [`elements`] can read as `kind`.
+fn is_plain(t: &Tensor, kind: Kind) -> bool {
+    t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous()
+}
+
+/// The elements of `t`, which must be a contiguous CPU tensor of `T::KIND` (panics otherwise).
+fn elements<T: Scalar>(t: &Tensor) -> &[T] {
+    assert!(
+        is_plain(t, T::KIND),
+        "not a contiguous CPU {:?} tensor",
+        T::KIND
+    );
+    // SAFETY: `t` is contiguous on the CPU and holds `numel` values of `T`'s layout (f32, bf16
+    // and f16 are plain 4- and 2-byte values), alive for the borrow. Callers only pass tensors
+    // nothing writes meanwhile: weights after loading, and a step's own activations.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel()) }
+}
+
+/// The elements of `t`, mutably: `t` must be a contiguous CPU tensor of `T::KIND` that nothing
+/// else references (a fresh output).
+fn elements_mut<T: Scalar>(t: &mut Tensor) -> &mut [T] {
+    assert!(
+        is_plain(t, T::KIND),
+        "not a contiguous CPU {:?} tensor",
+        T::KIND
+    );
+    // SAFETY: as in `elements`; the exclusive borrow of a tensor the caller just allocated means
+    // no other view reads or writes its storage meanwhile.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
 }

@@ -5,11 +5,12 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
+use super::Scalar;
+
 /// A weight element type the kernel can widen to f32, sixteen at a time.
-pub trait Element: Copy + Send + Sync + 'static {
+pub trait Element: Scalar {
     /// Whether [`Element::load16`] returns the elements interleaved (see [`arrange`]).
     const INTERLEAVED: bool;
-    fn to_f32(self) -> f32;
     /// Sixteen consecutive elements at `p`, widened to f32: elements 0..8 and 8..16, or, when
     /// `INTERLEAVED`, elements 0..4 ++ 8..12 and 4..8 ++ 12..16.
     ///
@@ -21,10 +22,6 @@ pub trait Element: Copy + Send + Sync + 'static {
 impl Element for f32 {
     const INTERLEAVED: bool = false;
     #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
-    #[inline(always)]
     unsafe fn load16(p: *const f32) -> (__m256, __m256) {
         unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
     }
@@ -32,10 +29,6 @@ impl Element for f32 {
 
 impl Element for bf16 {
     const INTERLEAVED: bool = true;
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
     /// bf16 is the top half of an f32: interleaving zeros below each element widens it in one
     /// instruction per eight, at the price of the lane order `unpack` gives.
     #[inline(always)]
@@ -54,10 +47,6 @@ impl Element for bf16 {
 impl Element for f16 {
     const INTERLEAVED: bool = false;
     #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    #[inline(always)]
     unsafe fn load16(p: *const f16) -> (__m256, __m256) {
         unsafe {
             (
@@ -68,10 +57,10 @@ impl Element for f16 {
     }
 }
 
-/// The activation rows (`[m, k]`) in the order `W::load16` returns weights: unchanged, or each
-/// full block of sixteen interleaved as 0..4, 8..12, 4..8, 12..16.
-pub fn arrange<W: Element>(x: &[f32], k: usize) -> Vec<f32> {
-    let mut out = x.to_vec();
+/// The activation rows (`[m, k]`) as f32, in the order `W::load16` returns weights: unchanged,
+/// or each full block of sixteen interleaved as 0..4, 8..12, 4..8, 12..16.
+pub fn arrange<W: Element, X: Scalar>(x: &[X], k: usize) -> Vec<f32> {
+    let mut out: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
     if W::INTERLEAVED {
         let body = k - k % 16;
         for (row, out) in x.chunks(k).zip(out.chunks_mut(k)) {
@@ -80,7 +69,7 @@ pub fn arrange<W: Element>(x: &[f32], k: usize) -> Vec<f32> {
                     .iter()
                     .enumerate()
                 {
-                    out[i] = block[j];
+                    out[i] = block[j].to_f32();
                 }
             }
         }
@@ -96,7 +85,7 @@ pub fn available() -> bool {
 }
 
 /// `y[r * m + i] = w[r] · x[i]` for every row `r` of `w` (`[rows, k]`) and row `i` of `x`
-/// (`[m, k]`, laid out by [`arrange`]); `y` is `[rows, m]`.
+/// (`[m, k]`, laid out by [`arrange`]); `y` is `[rows, m]`, rounded to `O`.
 ///
 /// Each output is computed the same way whatever `m` and whatever rows share its block (two
 /// eight-lane sums over `k` in order, a fixed horizontal sum, then the tail in order), so a
@@ -105,7 +94,7 @@ pub fn available() -> bool {
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C ([`available`]).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn rows<W: Element>(w: &[W], k: usize, x: &[f32], m: usize, y: &mut [f32]) {
+pub unsafe fn rows<W: Element, O: Scalar>(w: &[W], k: usize, x: &[f32], m: usize, y: &mut [O]) {
     let n = w.len() / k;
     assert!(w.len() == n * k && x.len() == m * k && y.len() == n * m);
     let body = k - k % 16;
@@ -133,7 +122,7 @@ pub unsafe fn rows<W: Element>(w: &[W], k: usize, x: &[f32], m: usize, y: &mut [
             }
             for j in 0..4 {
                 let row = &w[(r + j) * k..(r + j + 1) * k];
-                y[(r + j) * m + i] = finish(acc[j], &row[body..], &xi[body..]);
+                y[(r + j) * m + i] = O::from_f32(finish(acc[j], &row[body..], &xi[body..]));
             }
         }
         r += 4;
@@ -153,7 +142,7 @@ pub unsafe fn rows<W: Element>(w: &[W], k: usize, x: &[f32], m: usize, y: &mut [
                 }
                 c += 16;
             }
-            y[r * m + i] = finish(acc, &row[body..], &xi[body..]);
+            y[r * m + i] = O::from_f32(finish(acc, &row[body..], &xi[body..]));
         }
         r += 1;
     }

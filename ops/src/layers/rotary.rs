@@ -55,6 +55,9 @@ impl RotaryEmbedding {
 
     /// Rotates `x` (`[n, heads, head_dim]`) by the tables from [`RotaryEmbedding::tables`].
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::cpu::rows::rotary(x, cos, sin)? {
+            return Ok(y);
+        }
         let half = x.size()[2] / 2;
         let x1 = x.f_narrow(2, 0, half)?;
         let x2 = x.f_narrow(2, half, half)?;
