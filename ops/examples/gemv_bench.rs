@@ -26,13 +26,22 @@ fn main() -> caravan_ops::Result<()> {
         shapes.extend([(2816, 1024), (2816, 1024), (1024, 2816)]);
     }
     shapes.push((32000, 1024));
+    if std::env::var_os("GEMV_BENCH_CACHED").is_some() {
+        // Compute only: every product reads the same cache-resident 128-row weight.
+        shapes.iter_mut().for_each(|s| *s = (128, 1024));
+    }
     if std::env::var_os("GEMV_BENCH_TINY").is_some() {
         // Fixed costs only: the same number of calls on 16-row weights.
         shapes.iter_mut().for_each(|s| *s = (16, s.1));
     }
+    let cached = std::env::var_os("GEMV_BENCH_CACHED").is_some();
+    let first = Tensor::randn([shapes[0].0, shapes[0].1], (Kind::Float, Device::Cpu)).to_kind(kind);
     let weights: Vec<Tensor> = shapes
         .iter()
-        .map(|&(n, k)| Tensor::randn([n, k], (Kind::Float, Device::Cpu)).to_kind(kind))
+        .map(|&(n, k)| match cached {
+            true => first.shallow_clone(),
+            false => Tensor::randn([n, k], (Kind::Float, Device::Cpu)).to_kind(kind),
+        })
         .collect();
     let bytes: i64 = weights
         .iter()
