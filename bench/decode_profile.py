@@ -5,7 +5,7 @@
    the step's wall time, of which the worker's forward + sampling ("worker compute") and its
    collectives; the rest is outside the worker (gRPC, scheduling, detokenization). TP 1 with all
    threads, and TP 2 with the threads split between two worker processes.
-2. The weight-GEMV floor in libtorch: one decode token's matrix-vector products alone (8 layers of
+2. The weight-GEMV floor in libtorch, and Caravan's own kernel (ops/src/cpu, the path decode takes): one decode token's matrix-vector products alone (8 layers of
    q, k, v, o, gate, up, down, then the LM head; f32 weights read once each, as in decode), with
    the same libtorch. Timed with 1 and with all intra-op threads, and with each weight's rows split
    in two halves run at once on two threads of a pool (intra-op threads 1), to show whether a
@@ -118,6 +118,20 @@ def gemv_floor(threads):
     return weight_bytes, rows
 
 
+def caravan_gemv(threads):
+    """One token's products through Caravan's own kernel (ops/src/cpu), from the gemv_bench example:
+    (dtype, ours ms, ours GB/s, libtorch ms, libtorch GB/s) at one row of activations."""
+    subprocess.run(["cargo", "build", "--quiet", "--release", "-p", "caravan-ops", "--example", "gemv_bench"],
+                   cwd=REPO, check=True)
+    rows = []
+    for dtype in ("f32", "bf16"):
+        out = subprocess.run([str(REPO / "target" / "release" / "examples" / "gemv_bench"), str(threads), dtype],
+                             cwd=REPO, check=True, capture_output=True, text=True).stdout
+        cells = next(l for l in out.splitlines() if l.split("|")[0].strip() == "1").split("|")
+        rows.append((dtype, *(float(c) for c in cells[1:5])))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -147,6 +161,12 @@ def main():
     print("|---|---|---|---|")
     for label, ms, gbps in rows:
         print(f"| {label} | {ms:.2f} | {gbps:.1f} | {1e3 / ms:.1f} |")
+    log("Caravan's GEMV")
+    for dtype, ours_ms, ours_gbs, torch_ms, torch_gbs in caravan_gemv(args.threads):
+        print(f"| Caravan `cpu::gemv`, {dtype} weights, {args.threads} threads | {ours_ms:.2f} | {ours_gbs:.1f} "
+              f"| {1e3 / ours_ms:.1f} |")
+        print(f"| libtorch `linear`, {dtype} weights, {args.threads} threads (same run) | {torch_ms:.2f} "
+              f"| {torch_gbs:.1f} | {1e3 / torch_ms:.1f} |")
 
 
 if __name__ == "__main__":

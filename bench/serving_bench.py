@@ -12,7 +12,8 @@ Time to first token and inter-token latency are per stream.
 Peer: transformers `generate` on the same checkpoint and the same thread count, a batch of c
 prompts (same lengths), greedy, exactly --max-tokens new tokens.
 
-The benchmark's own client threads run at nice 10 so that they yield the two cores to the server
+The benchmark's own client threads run at nice 10 (each thread, not the process, so the servers and
+peers it starts later keep the default priority) so that they yield the two cores to the server
 when both want them. Step time is split from /metrics: mean wall time of a step at the coordinator, and the share of it
 spent outside rank 0's compute (gRPC, scheduling, the coordinator's own work).
 
@@ -68,6 +69,9 @@ def token_times(http, body):
 def stream_one(url, model, prompt, max_tokens, out, index, start):
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True}
+    # Clients share the machine with the server here, where in production they would not: each
+    # client thread runs at nice 10 so the server's steps are not delayed by their SSE parsing.
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
     with httpx.Client(base_url=url, timeout=600) as http:
         start.wait()
         out[index] = token_times(http, body)
@@ -162,10 +166,6 @@ def main():
     results = {}
     try:
         url = coordinator.wait_ready()
-        # The clients share the machine with the server here, where in production they would
-        # not: run them at a lower priority so the server's steps are not delayed by their SSE
-        # parsing (the server's processes keep the default priority).
-        os.nice(10)
         model = model_dir.name
         log("warming up")
         caravan_run(url, model, 2, args.prompt_tokens, 4)

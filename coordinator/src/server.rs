@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use axum::serve::ListenerExt;
 use caravan_proto::coordinator_server::CoordinatorServer;
 use clap::Args;
 
@@ -233,6 +234,13 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding HTTP on {}:{}", args.host, args.port))?;
     let http_addr = http.local_addr()?;
+    // Streamed tokens are small writes: with Nagle's algorithm on, one can wait for the client's
+    // delayed ACK (up to 40 ms) behind the one before it.
+    let http = http.tap_io(|stream| {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY on an HTTP connection: {e}");
+        }
+    });
     // The listener stops with the process; draining is done before that, below.
     let http_server =
         tokio::spawn(axum::serve(http, api::router(state.clone(), api_keys)).into_future());

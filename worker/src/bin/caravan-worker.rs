@@ -109,6 +109,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// The accepted connections of `listener`, with Nagle's algorithm off. A step's answer is written
+/// as several small HTTP/2 frames; with Nagle on, the last one waited for the coordinator's
+/// delayed ACK, adding up to 40 ms to a step (measured at 32 sequences: a 101 ms step took
+/// 143 ms at the coordinator). `Server::tcp_nodelay` covers only tonic's own listener.
+fn no_delay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+        .map(|stream| stream.and_then(|s| s.set_nodelay(true).map(|()| s)))
+}
+
 async fn run(args: Args) -> Result<()> {
     let device = match parse_device(&args.device).map_err(anyhow::Error::msg)? {
         Some(d) => d,
@@ -173,7 +185,7 @@ async fn run(args: Args) -> Result<()> {
     let server = server
         .add_service(health_service)
         .add_service(WorkerServer::new(service))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        .serve_with_incoming(no_delay(listener));
     let server = tokio::spawn(server);
     tracing::info!(%grpc_addr, %ring_addr, "worker listening");
 
