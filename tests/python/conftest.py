@@ -216,11 +216,11 @@ def bin_path(name: str) -> Path:
 class Coordinator:
     """A caravan-coordinator process in its own session, its stdout pumped into a queue."""
 
-    def __init__(self, args):
+    def __init__(self, args, env=None):
         self.log = tempfile.NamedTemporaryFile(prefix="caravan-coordinator-", suffix=".log", delete=False)
         self.cmd = [str(bin_path("caravan-coordinator")), *map(str, args)]
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, start_new_session=True)
+                                     stderr=self.log, text=True, start_new_session=True, env=env)
         self.log.close()
         self.lines, self.queue = [], queue.Queue()
         threading.Thread(target=_pump_stdout, args=(self.proc.stdout, self.lines, self.queue), daemon=True).start()

@@ -322,3 +322,30 @@ def test_drain_finishes_streams_refuses_new_requests_then_exits(checkpoint, how)
         assert coordinator.proc.wait(timeout=TIMEOUT_S) == 0, coordinator.stderr()
     finally:
         coordinator.stop()
+
+
+@pytest.mark.parametrize("inherited, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")],
+                         ids=["unset", "set-by-the-operator"])
+def test_workers_run_with_passive_openmp_unless_the_operator_chose(checkpoint, reference, inherited, expected):
+    """A worker re-executes itself with OMP_WAIT_POLICY=PASSIVE (libtorch's OpenMP threads otherwise
+    spin on the decode kernel's cores), keeping its arguments; an operator's own setting stands."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if inherited is not None:
+        env["OMP_WAIT_POLICY"] = inherited
+    coordinator = Coordinator(["--model", checkpoint, "--tp", 2, "--local-workers", "--port", 0], env=env)
+    try:
+        url = coordinator.wait_ready()
+        workers = children(coordinator.proc.pid)
+        assert len(workers) == 2, f"expected 2 worker processes, found {workers}"
+        for pid in workers:
+            environ = dict(entry.split("=", 1) for entry in
+                           Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+                           if "=" in entry)
+            assert environ.get("OMP_WAIT_POLICY") == expected, f"worker {pid}: {environ.get('OMP_WAIT_POLICY')}"
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            assert Path(argv[0]).name == "caravan-worker" and "--coordinator" in " ".join(argv), argv
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+        ref = reference["completions"][0]
+        assert greedy_text(client, checkpoint.name, ref) == ref["text"]
+    finally:
+        coordinator.stop()
