@@ -9,6 +9,10 @@ use caravan_ops::cpu;
 use tch::{Device, Kind, Tensor};
 
 fn main() -> caravan_ops::Result<()> {
+    // As the worker runs: libtorch's OpenMP threads passive (see `restart_with_passive_openmp`).
+    if let Err(e) = cpu::restart_with_passive_openmp() {
+        eprintln!("running with spinning OpenMP threads: {e}");
+    }
     let mut args = std::env::args().skip(1);
     let threads: usize = args
         .next()

@@ -130,10 +130,13 @@ impl Engine {
         let layout =
             ShardLayout::new(&config, rank, world, vocab).map_err(|e| invalid(e.to_string()))?;
         let checkpoint = Checkpoint::open(path).map_err(|e| invalid(e.to_string()))?;
-        if req.threads > 0 {
-            caravan_ops::cpu::set_threads(req.threads as usize)
-                .map_err(|e| invalid(e.to_string()))?;
-        }
+        // 0 keeps libtorch's own count (the cores, or OMP_NUM_THREADS); the decode pool follows
+        // it either way, or products would run on one thread.
+        let threads = match req.threads {
+            0 => tch::get_num_threads().max(1) as usize,
+            n => n as usize,
+        };
+        caravan_ops::cpu::set_threads(threads).map_err(|e| invalid(e.to_string()))?;
         let timeout = std::time::Duration::from_millis(req.collective_timeout_ms.max(1) as u64);
         let comm = if world == 1 {
             Communicator::Single

@@ -42,7 +42,7 @@ pub fn set_threads(threads: usize) -> crate::Result<()> {
     Ok(())
 }
 
-/// Restarts this process (same pid, arguments and environment) with `OMP_WAIT_POLICY=PASSIVE`
+/// Restarts this process (same pid, image, arguments and environment) with `OMP_WAIT_POLICY=PASSIVE`
 /// unless the variable is already set. Call first thing in `main`, before any thread starts.
 ///
 /// libtorch's OpenMP threads otherwise spin for a while after each parallel region, on the cores
@@ -57,7 +57,8 @@ pub fn restart_with_passive_openmp() -> std::io::Result<()> {
     }
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_default();
-    let error = std::process::Command::new(std::env::current_exe()?)
+    // /proc/self/exe is this process's image even if its file was replaced or deleted since.
+    let error = std::process::Command::new("/proc/self/exe")
         .arg0(arg0)
         .args(args)
         .env("OMP_WAIT_POLICY", "PASSIVE")
@@ -126,6 +127,9 @@ fn elements<T: Scalar>(t: &Tensor) -> &[T] {
         "not a contiguous CPU {:?} tensor",
         T::KIND
     );
+    if t.numel() == 0 {
+        return &[]; // an empty tensor's data pointer may be null
+    }
     // SAFETY: `t` is contiguous on the CPU and holds `numel` values of `T`'s layout (f32, bf16
     // and f16 are plain 4- and 2-byte values), alive for the borrow. Callers only pass tensors
     // nothing writes meanwhile: weights after loading, and a step's own activations.
@@ -140,6 +144,9 @@ fn elements_mut<T: Scalar>(t: &mut Tensor) -> &mut [T] {
         "not a contiguous CPU {:?} tensor",
         T::KIND
     );
+    if t.numel() == 0 {
+        return &mut [];
+    }
     // SAFETY: as in `elements`; the exclusive borrow of a tensor the caller just allocated means
     // no other view reads or writes its storage meanwhile.
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }

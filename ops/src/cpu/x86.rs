@@ -89,7 +89,9 @@ pub fn available() -> bool {
 ///
 /// Each output is computed the same way whatever `m` and whatever rows share its block (two
 /// eight-lane sums over `k` in order, a fixed horizontal sum, then the tail in order), so a
-/// sequence's result does not depend on what it is batched with.
+/// sequence's result does not depend on what it is batched with, as long as its step's products
+/// run here: always for bf16/f16, and for f32 in steps of at most `MAX_F32_ROWS` tokens (a larger
+/// step, e.g. one with a prefill chunk, goes to libtorch, whose last bits differ).
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C ([`available`]).

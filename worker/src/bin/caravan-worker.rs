@@ -117,8 +117,13 @@ fn no_delay(
     listener: tokio::net::TcpListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener)
-        .map(|stream| stream.and_then(|s| s.set_nodelay(true).map(|()| s)))
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+        stream.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!("cannot set TCP_NODELAY on a gRPC connection: {e}");
+            }
+        })
+    })
 }
 
 async fn run(args: Args) -> Result<()> {
