@@ -31,12 +31,14 @@ ARG TORCH_INDEX_URL=""
 # project's small development machines, not an image build).
 ARG BUILD_JOBS=""
 
-# protoc compiles proto/ (the gRPC contract); python3-venv holds the torch wheel, i.e. libtorch.
+# protoc compiles proto/ (the gRPC contract) and etcd-client's protos; libprotobuf-dev holds the
+# well-known types they import (google/protobuf/*.proto), only a Recommends of protobuf-compiler.
+# python3-venv holds the torch wheel, i.e. libtorch.
 # Debian stable's versions are not pinned: they only change for security fixes.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      protobuf-compiler python3-venv \
+      protobuf-compiler libprotobuf-dev python3-venv \
  && rm -rf /var/lib/apt/lists/*
 
 # libtorch from the torch wheel, as scripts/setup.sh does: a virtualenv, and a stable link
