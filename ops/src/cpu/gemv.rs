@@ -146,15 +146,21 @@ mod imp {
 mod tests {
     use super::*;
 
-    fn random(shape: &[i64], kind: Kind) -> Tensor {
-        Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_kind(kind)
+    use crate::cpu::tests::random;
+
+    /// Whether this CPU runs the kernel; a test that needs it says it skipped when not.
+    fn kernel_runs_here() -> bool {
+        let runs = imp::available();
+        if !runs {
+            eprintln!("skipped: this CPU has no AVX2/FMA/F16C");
+        }
+        runs
     }
 
     /// Our product against libtorch's, for every dtype, row count and ragged shape.
     #[test]
     fn matches_libtorch() {
-        if !imp::available() {
-            eprintln!("skipped: this CPU has no AVX2/FMA/F16C");
+        if !kernel_runs_here() {
             return;
         }
         tch::manual_seed(0);
@@ -194,8 +200,7 @@ mod tests {
     /// A row's result is bit-identical whatever it is batched with and however many threads run.
     #[test]
     fn batch_invariant() {
-        if !imp::available() {
-            eprintln!("skipped: this CPU has no AVX2/FMA/F16C");
+        if !kernel_runs_here() {
             return;
         }
         tch::manual_seed(1);
@@ -214,8 +219,7 @@ mod tests {
     /// 16-bit weights take any number of rows (prefill too); f32 stops at MAX_F32_ROWS.
     #[test]
     fn sixteen_bit_weights_take_prefill_sizes() {
-        if !imp::available() {
-            eprintln!("skipped: this CPU has no AVX2/FMA/F16C");
+        if !kernel_runs_here() {
             return;
         }
         tch::manual_seed(4);

@@ -151,3 +151,13 @@ fn elements_mut<T: Scalar>(t: &mut Tensor) -> &mut [T] {
     // no other view reads or writes its storage meanwhile.
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    /// A standard-normal CPU tensor of `shape`, drawn in f32 and converted to `kind`.
+    pub fn random(shape: &[i64], kind: Kind) -> Tensor {
+        Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_kind(kind)
+    }
+}

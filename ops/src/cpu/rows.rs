@@ -110,9 +110,7 @@ fn rotate<T: Scalar>(x: &Tensor, cos: &Tensor, sin: &Tensor, head_dim: usize, y:
 mod tests {
     use super::*;
 
-    fn random(shape: &[i64], kind: Kind) -> Tensor {
-        Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_kind(kind)
-    }
+    use crate::cpu::tests::random;
 
     /// The largest difference from `want`, in f32 epsilons at `want`'s largest magnitude.
     fn ulps(got: &Tensor, want: &Tensor) -> f64 {
