@@ -24,6 +24,7 @@ import openai
 import pytest
 import torch
 from safetensors.numpy import save_file
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, REPO, TOKENIZER_DIR, Coordinator, _python, _run_script, bin_path
@@ -91,6 +92,13 @@ def test_conversion_mean_pools_kv_heads(mha_checkpoints, tmp_path, dtype):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and report["shards"] == len(shards), shards
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for shard in shards:
+        with safe_open(out / shard, "pt") as f:
+            assert set(f.keys()) == {n for n, s in index["weight_map"].items() if s == shard}, shard
+        # --max-shard-size 4MB: at most 4e6 bytes of tensors per shard, unless one tensor is bigger.
+        data = os.path.getsize(out / shard) - _header_bytes(out / shard)
+        assert data <= 4_000_000 or len(index_entries(index, shard)) == 1, (shard, data)
     assert index["metadata"]["total_size"] == sum(
         os.path.getsize(out / s) for s in shards) - sum(_header_bytes(out / s) for s in shards)
 
@@ -117,6 +125,10 @@ def test_conversion_mean_pools_kv_heads(mha_checkpoints, tmp_path, dtype):
         else:
             assert torch.equal(w_out, w_in), f"{name} changed"
     assert pooled == 2 * LAYERS
+
+
+def index_entries(index: dict, shard: str) -> list:
+    return [n for n, s in index["weight_map"].items() if s == shard]
 
 
 def _header_bytes(path: Path) -> int:
@@ -205,6 +217,9 @@ def test_conversion_streams_instead_of_loading_the_model(tmp_path):
     proc = subprocess.run([_python(), "-c", measure, str(bin_path("caravanctl")), "convert", "--kv-heads", "2",
                            str(src), str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    # Not a terminal: progress comes as lines, ending at 100%.
+    progress = [l for l in proc.stderr.splitlines() if l.startswith("converting:")]
+    assert len(progress) >= 5 and "100%" in progress[-1], proc.stderr
     peak = int(proc.stdout.split()[-1]) * 1024
     assert peak < total / 4, f"peak RSS {peak / 1e6:.0f} MB for a {total / 1e6:.0f} MB checkpoint"
     written = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
@@ -218,6 +233,12 @@ def test_impossible_targets_are_refused(mha_checkpoints, tmp_path, kv_heads, rea
     proc = caravanctl("convert", "--kv-heads", kv_heads, mha_checkpoints["float32"], out, check=False)
     assert proc.returncode != 0 and reason in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_a_missing_input_is_refused(tmp_path):
+    proc = caravanctl("convert", "--kv-heads", 2, tmp_path / "absent", tmp_path / "out", check=False)
+    assert proc.returncode == 1 and "absent is not a folder" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_occupied_output_is_refused(mha_checkpoints, tmp_path):
@@ -253,8 +274,89 @@ def test_plan_for_llama_2_70b(tmp_path):
     assert "recommended: TP=8 x 1 replica" in text, text
 
 
+GIB = 1 << 30
+
+
+def hand_calculation(tp: int, replicas: int, link: tuple) -> dict:
+    """docs/SCALING.md's arithmetic for Llama-2-70B in bf16 on A100-80GB (0.9 of memory, 2 GiB
+    reserve, 4096-token context), written from the published shape and datasheet figures."""
+    h, layers, q, kv, d, mlp, vocab, b = 8192, 80, 64, 8, 128, 28672, 32000, 2
+    hbm, flops = 2039e9, 312e12
+    alpha, beta = link
+    params = layers * (2 * (q // tp) * d * h + 2 * max(kv // tp, 1) * d * h + 3 * h * (mlp // tp) + 2 * h) \
+        + 2 * (vocab // tp) * h + h  # embedding and LM head split by vocabulary rows
+    weights = params * b
+    kv_token = 2 * layers * max(kv // tp, 1) * d * b
+    tokens = (int(0.9 * 80 * GIB) - weights - 2 * GIB) // kv_token
+    seqs = tokens // 4096
+    share = (tp - 1) / tp
+    n_allreduce = 2 * layers + 1  # o_proj and down_proj in every layer, and the embedding
+
+    def collectives(batch):
+        return n_allreduce * (alpha + 2 * share * batch * h * b / beta) + (alpha + share * batch * vocab * b / beta)
+
+    def step(batch, context):
+        memory = (weights + batch * context * kv_token) / hbm
+        return max(memory, 2 * params * batch / flops) + collectives(batch)
+
+    return {
+        "weight_bytes_per_gpu": weights, "kv_bytes_per_token_per_gpu": kv_token, "kv_cache_tokens": tokens,
+        "sequences_per_group": seqs, "allreduce_bytes_per_token_per_layer": 2 * h * b,
+        "allreduce_bytes_per_token": n_allreduce * h * b, "allreduces_per_step": n_allreduce,
+        "allgather_bytes_per_token": vocab * b,
+        "ring_bytes_sent_per_gpu_per_token": (2 * n_allreduce * h * b + vocab * b) * (tp - 1) // tp,
+        "collectives_ms_per_token": collectives(1) * 1e3, "decode_ms_per_token": step(1, 0) * 1e3,
+        "decode_ms_per_token_full_context": step(1, 4096) * 1e3,
+        "cluster_tokens_per_s": replicas * seqs / step(seqs, 4096),
+    }
+
+
+NVLINK3, NETWORK_200G = (25e-6, 300e9), (50e-6, 200e9 / 8)
+
+
+@pytest.mark.parametrize("nodes, gpus, tp8_link, best, documented", [
+    # The figures printed in docs/SCALING.md's tables for these two clusters.
+    (1, 8, NVLINK3, (8, 1), {2: (37_743, 9, 37.89), 4: (496_479, 121, 20.98), 8: (1_413_951, 345, 12.52)}),
+    (2, 4, NETWORK_200G, (4, 2), {2: (37_743, 9, 37.89), 4: (496_479, 121, 20.98), 8: (1_413_951, 345, 16.75)}),
+], ids=["8xA100-80GB", "2x4xA100-80GB"])
+def test_plan_matches_the_hand_calculation(nodes, gpus, tp8_link, best, documented):
+    plan = json.loads(caravanctl("--json", "plan", "--model", "llama-2-70b", "--nodes", nodes, "--gpus-per-node",
+                                 gpus, "--gpu", "a100-80gb", "--dtype", "bf16", "--context", 4096).stdout)
+    layouts = {l["tp"]: l for l in plan["layouts"]}
+    assert sorted(layouts) == [1, 2, 4, 8]
+    assert "does not fit" in layouts[1]["problem"] and layouts[1]["problem"].count("128.5 GiB") == 1
+    for tp, (tokens, seqs, ms) in documented.items():
+        layout = layouts[tp]
+        assert layout["problem"] is None, layout
+        link = tp8_link if tp == 8 else NVLINK3
+        want = hand_calculation(tp, nodes * gpus // tp, link)
+        got = layout["estimate"]
+        for key, value in want.items():
+            if isinstance(value, int):
+                assert got[key] == value, (tp, key)
+            else:
+                assert got[key] == pytest.approx(value, rel=1e-9), (tp, key)
+        assert (got["kv_cache_tokens"], got["sequences_per_group"]) == (tokens, seqs)
+        assert got["decode_ms_per_token"] == pytest.approx(ms, abs=0.005), tp
+    assert layouts[8]["nodes_per_group"] == (2 if nodes == 2 else 1)
+    assert layouts[8]["estimate"]["weight_bytes_per_gpu"] == 17_246_470_144
+    assert layouts[8]["estimate"]["allreduce_bytes_per_token"] == 2_637_824
+    chosen = plan["layouts"][plan["recommended"]]
+    assert (chosen["tp"], chosen["replicas"]) == best, plan["reason"]
+
+
 def test_plan_refuses_what_it_cannot_answer():
     proc = caravanctl("plan", "--model", "llama-2-70b", "--gpus-per-node", 8, "--gpu", "v100", check=False)
     assert proc.returncode != 0 and "known: a100-40gb" in proc.stderr, proc.stderr
     proc = caravanctl("plan", "--model", "llama-2-70b", "--gpus-per-node", 2, "--gpu", "a10-24gb", check=False)
     assert proc.returncode != 0 and "no layout fits" in proc.stdout, proc.stdout
+    # Three GPUs: the reason names each layout's own problem, sharding as well as memory.
+    proc = caravanctl("plan", "--model", "llama-2-70b", "--gpus-per-node", 3, "--gpu", "a100-80gb", check=False)
+    assert proc.returncode == 1, proc.stdout
+    reason = proc.stdout.split("recommended: ")[1]
+    assert "TP 1: does not fit" in reason and "TP 3: 64 attention heads do not divide by TP 3" in reason, reason
+    for args, message in ((("--gpus-per-node", 0), "--gpus-per-node must be at least 1"),
+                          (("--gpus-per-node", 8, "--nodes", 0), "--nodes must be at least 1"),
+                          (("--gpus-per-node", 8, "--context", 8192), "exceeds the model's context")):
+        proc = caravanctl("plan", "--model", "llama-2-70b", "--gpu", "a100-80gb", *args, check=False)
+        assert proc.returncode == 1 and message in proc.stderr and "panicked" not in proc.stderr, proc.stderr

@@ -332,17 +332,37 @@ async fn run(url: &str, api_key: Option<String>, json: bool, command: Online) ->
     }
 }
 
-/// Converts with a progress bar on stderr (hidden when it is not a terminal).
+/// Converts with progress on stderr: a bar on a terminal, else a line at every tenth of the
+/// bytes (for logs of a batch job).
 fn run_convert(options: ConvertOptions, json: bool) -> Result<ExitCode> {
+    use std::io::IsTerminal;
     let (input, output) = (options.input.clone(), options.output.clone());
     let conversion = Conversion::prepare(options)?;
-    let bar = ProgressBar::new(conversion.output_bytes()).with_style(
+    let total = conversion.output_bytes();
+    let bar = ProgressBar::new(total).with_style(
         ProgressStyle::with_template(
             "converting {bar:30} {bytes}/{total_bytes} [{elapsed_precise}, {bytes_per_sec}]",
         )
         .expect("static template"),
     );
-    let report = conversion.run(&mut |bytes| bar.inc(bytes))?;
+    let lines = !std::io::stderr().is_terminal();
+    let (mut done, mut tenths) = (0u64, 0u64);
+    let started = Instant::now();
+    let report = conversion.run(&mut |bytes| {
+        bar.inc(bytes);
+        done += bytes;
+        let now = (done * 10).checked_div(total).unwrap_or(10);
+        if lines && now > tenths {
+            tenths = now;
+            eprintln!(
+                "converting: {:>3}% ({:.1} of {:.1} MiB, {:.0} s)",
+                now * 10,
+                done as f64 / (1u64 << 20) as f64,
+                total as f64 / (1u64 << 20) as f64,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    })?;
     bar.finish_and_clear();
     if json {
         println!(

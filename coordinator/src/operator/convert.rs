@@ -121,23 +121,18 @@ fn read_head_counts(config: &Value, path: &Path) -> Result<HeadCounts> {
 /// Why `target` KV heads cannot be made from `counts`, if it cannot.
 fn check_target(counts: &HeadCounts, target: usize) -> Result<()> {
     ensure!(target > 0, "--kv-heads must be at least 1");
-    ensure!(
-        counts.q_heads.is_multiple_of(target),
-        "--kv-heads {target} must divide the {} attention heads (e.g. one of {})",
-        counts.q_heads,
-        divisors(counts.kv_heads)
-    );
-    ensure!(
-        target <= counts.kv_heads,
-        "--kv-heads {target} is more than the checkpoint's {} KV heads: mean pooling can only \
-         merge heads, not create them",
-        counts.kv_heads
-    );
+    let merges = if target > counts.kv_heads {
+        " (mean pooling merges heads, it cannot create them)"
+    } else {
+        ""
+    };
+    // The checkpoint's KV heads divide its query heads, so this also keeps G | query heads.
     ensure!(
         counts.kv_heads.is_multiple_of(target),
-        "--kv-heads {target} must divide the checkpoint's {} KV heads so every new head pools \
-         the same number of old ones (e.g. one of {})",
+        "--kv-heads {target} must divide the checkpoint's {} KV heads ({} attention heads), so \
+         every new head pools the same number of old ones{merges}; choose one of {}",
         counts.kv_heads,
+        counts.q_heads,
         divisors(counts.kv_heads)
     );
     Ok(())

@@ -9,10 +9,14 @@
 //!   vocabulary divides by `t`, norms replicated);
 //! - KV-cache capacity: `memory × utilisation − weights − activation reserve`, over the KV bytes a
 //!   rank stores per token (`2 × layers × kv_heads_per_rank × head_dim × dtype`);
-//! - all-reduce traffic: two all-reduces of `hidden × dtype` bytes per token per layer;
-//! - decode step time bounds: `max(bytes read / HBM bandwidth, FLOPs / peak) + all-reduces`,
-//!   each all-reduce costing `latency + 2 (t−1)/t × bytes / link bandwidth` on NVLink or PCIe
-//!   inside a node, or on the network when a group spans nodes.
+//! - collective traffic: two all-reduces of `hidden × dtype` bytes per token per layer (after
+//!   `o_proj` and after `down_proj`), plus, when the vocabulary is split, one all-reduce of the
+//!   embedding rows and an all-gather of the logits per step, as the workers run them
+//!   (`ops/src/layers/embedding.rs`); a ring sends `2 (t−1)/t` of an all-reduce's payload and
+//!   `(t−1)/t` of an all-gather's from every GPU;
+//! - decode step time bounds: `max(bytes read / HBM bandwidth, FLOPs / peak) + collectives`,
+//!   each costing `latency + ring bytes / link bandwidth` on NVLink or PCIe inside a node, or on
+//!   the network when a group spans nodes.
 //!
 //! The hand calculation these formulas reproduce for Llama-2-70B is in docs/SCALING.md.
 
@@ -112,13 +116,19 @@ impl ModelShape {
         (self.kv_heads / tp).max(1)
     }
 
+    /// Whether a `tp`-way group splits the embedding and LM head by vocabulary rows (the
+    /// workers' default, `--vocab-sharding auto`: when the vocabulary divides evenly).
+    pub fn vocab_parallel(&self, tp: u64) -> bool {
+        tp > 1 && self.vocab.is_multiple_of(tp)
+    }
+
     /// Parameters one rank of a `tp`-way group loads.
     pub fn parameters_per_rank(&self, tp: u64) -> u64 {
         let (h, hd) = (self.hidden, self.head_dim);
         let attention = 2 * (self.q_heads / tp) * hd * h + 2 * self.kv_heads_per_rank(tp) * hd * h;
         let mlp = 3 * h * (self.intermediate / tp);
         let norms = 2 * h;
-        let vocab_rows = if self.vocab.is_multiple_of(tp) {
+        let vocab_rows = if self.vocab_parallel(tp) {
             self.vocab / tp
         } else {
             self.vocab
@@ -209,10 +219,18 @@ pub struct Estimate {
     pub sequences_per_group: u64,
     /// Payload of the two all-reduces of one token in one layer (0 without tensor parallelism).
     pub allreduce_bytes_per_token_per_layer: u64,
-    /// The same over all layers: what one decode step moves per sequence.
+    /// All-reduce payload of one token over a whole decode step: every layer's, plus the
+    /// embedding's when the vocabulary is split.
     pub allreduce_bytes_per_token: u64,
-    /// Time one decode step spends in all-reduces at batch 1.
-    pub allreduce_ms_per_token: f64,
+    /// All-reduces in one decode step: `2 × layers`, plus one for a split embedding.
+    pub allreduces_per_step: u64,
+    /// All-gathered logits of one token per step (`vocab × dtype` when the vocabulary is split).
+    pub allgather_bytes_per_token: u64,
+    /// Bytes each GPU sends per token per step in ring collectives: `2 (t−1)/t` of the
+    /// all-reduce payload plus `(t−1)/t` of the all-gather's.
+    pub ring_bytes_sent_per_gpu_per_token: u64,
+    /// Time one decode step spends in collectives at batch 1.
+    pub collectives_ms_per_token: f64,
     /// Time per output token at batch 1 and a short context.
     pub decode_ms_per_token: f64,
     /// Time per output token at batch 1 with a full `context` of KV to read.
@@ -285,19 +303,36 @@ impl PlanRequest {
             self.gpu.tflops_16bit
         };
         let compute = 2.0 * m.parameters_per_rank(tp) as f64 * batch as f64 / (tflops * 1e12);
-        memory.max(compute) + self.allreduce_seconds(tp, batch)
+        memory.max(compute) + self.collective_seconds(tp, batch)
     }
 
-    /// Seconds of the `2 × layers` all-reduces of one decode step of `batch` sequences.
-    fn allreduce_seconds(&self, tp: u64, batch: u64) -> f64 {
+    /// All-reduces in one decode step of a `tp`-way group.
+    fn allreduces_per_step(&self, tp: u64) -> u64 {
+        match tp {
+            1 => 0,
+            _ => 2 * self.model.layers + u64::from(self.model.vocab_parallel(tp)),
+        }
+    }
+
+    /// Seconds of the collectives of one decode step of `batch` sequences: the all-reduces of
+    /// `batch × hidden` values, and the all-gather of `batch × vocab` logits when the vocabulary
+    /// is split.
+    fn collective_seconds(&self, tp: u64, batch: u64) -> f64 {
         if tp == 1 {
             return 0.0;
         }
         let link = self.link(tp);
-        let bytes = (batch * self.model.hidden * self.dtype_bytes) as f64;
-        let one = link.allreduce_latency_us * 1e-6
-            + 2.0 * (tp - 1) as f64 / tp as f64 * bytes / (link.gbytes_per_s * 1e9);
-        2.0 * self.model.layers as f64 * one
+        let (alpha, beta) = (link.allreduce_latency_us * 1e-6, link.gbytes_per_s * 1e9);
+        let share = (tp - 1) as f64 / tp as f64;
+        let m = &self.model;
+        let allreduce_bytes = (batch * m.hidden * self.dtype_bytes) as f64;
+        let allreduce = alpha + 2.0 * share * allreduce_bytes / beta;
+        let allgather = if m.vocab_parallel(tp) {
+            alpha + share * (batch * m.vocab * self.dtype_bytes) as f64 / beta
+        } else {
+            0.0
+        };
+        self.allreduces_per_step(tp) as f64 * allreduce + allgather
     }
 
     fn kv_bytes_per_token(&self, tp: u64) -> u64 {
@@ -319,6 +354,14 @@ impl PlanRequest {
         } else {
             2 * m.hidden * self.dtype_bytes
         };
+        let allreduces = self.allreduces_per_step(tp);
+        let allreduce_bytes = allreduces * m.hidden * self.dtype_bytes;
+        let allgather_bytes = if m.vocab_parallel(tp) {
+            m.vocab * self.dtype_bytes
+        } else {
+            0
+        };
+        let ring_sent = (2 * allreduce_bytes + allgather_bytes) * (tp - 1) / tp;
         let throughput = if sequences == 0 {
             0.0
         } else {
@@ -348,8 +391,11 @@ impl PlanRequest {
             kv_cache_tokens: tokens,
             sequences_per_group: sequences,
             allreduce_bytes_per_token_per_layer: per_layer,
-            allreduce_bytes_per_token: per_layer * m.layers,
-            allreduce_ms_per_token: self.allreduce_seconds(tp, 1) * 1e3,
+            allreduce_bytes_per_token: allreduce_bytes,
+            allreduces_per_step: allreduces,
+            allgather_bytes_per_token: allgather_bytes,
+            ring_bytes_sent_per_gpu_per_token: ring_sent,
+            collectives_ms_per_token: self.collective_seconds(tp, 1) * 1e3,
             decode_ms_per_token: self.step_seconds(tp, 1, 0) * 1e3,
             decode_ms_per_token_full_context: self.step_seconds(tp, 1, self.context) * 1e3,
             cluster_tokens_per_s: throughput,
@@ -434,19 +480,19 @@ impl PlanRequest {
             }),
         };
         let Some((index, layout, e)) = best else {
-            let gpus = self.nodes * self.gpus_per_node;
+            let why: Vec<String> = layouts
+                .iter()
+                .map(|l| format!("TP {}: {}", l.tp, l.problem.as_deref().unwrap_or("?")))
+                .collect();
             return (
                 None,
                 format!(
-                    "no layout fits: the model has {:.1} GiB of weights and {gpus} GPUs of {:.1} \
-                     GiB give {:.1} GiB usable in all; add GPUs or nodes, or use a smaller \
-                     --context",
+                    "no layout fits {} node(s) x {} {} ({}); the model has {:.1} GiB of weights",
+                    self.nodes,
+                    self.gpus_per_node,
+                    self.gpu.name,
+                    why.join("; "),
                     gib(self.model.parameters() * self.dtype_bytes),
-                    gib(self.gpu.memory_bytes()),
-                    gib(
-                        (gpus as f64 * self.gpu.memory_bytes() as f64 * self.memory_utilization)
-                            as u64
-                    ),
                 ),
             );
         };
@@ -501,7 +547,7 @@ pub fn render(plan: &Plan) -> String {
         plan.context
     );
     out.push_str(&format!(
-        "{:>4} {:>8} {:>6} {:>13} {:>13} {:>10} {:>9} {:>14} {:>12} {:>12} {:>12}  {}\n",
+        "{:>4} {:>8} {:>6} {:>13} {:>13} {:>10} {:>9} {:>10} {:>10} {:>10} {:>12} {:>12} {:>12}  {}\n",
         "TP",
         "replicas",
         "nodes",
@@ -509,7 +555,9 @@ pub fn render(plan: &Plan) -> String {
         "KV/GPU",
         "KV tokens",
         "seqs",
-        "all-reduce/tok",
+        "AR/layer",
+        "AR/step",
+        "sent/GPU",
         "ms/token",
         "ms/tok@ctx",
         "tokens/s",
@@ -524,7 +572,7 @@ pub fn render(plan: &Plan) -> String {
         let note = l.problem.clone().unwrap_or_else(|| l.link.clone());
         match &l.estimate {
             Some(e) => out.push_str(&format!(
-                "{mark}{:>3} {:>8} {:>6} {:>9.1} GiB {:>9.1} GiB {:>10} {:>9} {:>10.0} KiB {:>12.2} {:>12.2} {:>12.0}  {note}\n",
+                "{mark}{:>3} {:>8} {:>6} {:>9.1} GiB {:>9.1} GiB {:>10} {:>9} {:>6.0} KiB {:>6.0} KiB {:>6.0} KiB {:>12.2} {:>12.2} {:>12.0}  {note}\n",
                 l.tp,
                 l.replicas,
                 l.nodes_per_group,
@@ -532,20 +580,24 @@ pub fn render(plan: &Plan) -> String {
                 gib(e.kv_cache_bytes_per_gpu),
                 e.kv_cache_tokens,
                 e.sequences_per_group,
+                e.allreduce_bytes_per_token_per_layer as f64 / 1024.0,
                 e.allreduce_bytes_per_token as f64 / 1024.0,
+                e.ring_bytes_sent_per_gpu_per_token as f64 / 1024.0,
                 e.decode_ms_per_token,
                 e.decode_ms_per_token_full_context,
                 e.cluster_tokens_per_s,
             )),
             None => out.push_str(&format!(
-                "{mark}{:>3} {:>8} {:>6} {:>13} {:>13} {:>10} {:>9} {:>14} {:>12} {:>12} {:>12}  {note}\n",
-                l.tp, l.replicas, l.nodes_per_group, "-", "-", "-", "-", "-", "-", "-", "-"
+                "{mark}{:>3} {:>8} {:>6} {:>13} {:>13} {:>10} {:>9} {:>10} {:>10} {:>10} {:>12} {:>12} {:>12}  {note}\n",
+                l.tp, l.replicas, l.nodes_per_group, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"
             )),
         }
     }
     out.push_str(&format!(
-        "\nrecommended: {}\n(times are lower bounds from memory bandwidth, peak FLOP/s and link \
-         figures; tokens/s assumes every sequence at full context)\n",
+        "\nrecommended: {}\n(AR: all-reduce payload per token, in one layer and in a whole decode step; \
+         sent/GPU: ring traffic per GPU per token, logits all-gather included. Times are lower \
+         bounds from memory bandwidth, peak FLOP/s and link figures; tokens/s assumes every \
+         sequence at full context)\n",
         plan.reason
     ));
     out
@@ -616,16 +668,26 @@ mod tests {
         assert_eq!(e.kv_cache_tokens, usable / (40 * 1024));
         assert_eq!(e.kv_cache_tokens, 1_413_951);
         assert_eq!(e.sequences_per_group, 345);
-        // Two all-reduces of 8192 bf16 values per layer: 32 KiB; 80 layers: 2.5 MiB.
+        // Two all-reduces of 8192 bf16 values per layer: 32 KiB. A step: 80 layers' 160 plus
+        // the split embedding's one, 161 x 16 KiB; and the all-gather of 32000 bf16 logits.
         assert_eq!(e.allreduce_bytes_per_token_per_layer, 32 * 1024);
-        assert_eq!(e.allreduce_bytes_per_token, 2_621_440);
-        // Batch 1: 17.25 GB at 2039 GB/s = 8.46 ms, plus 160 all-reduces of 25 us + 7/4 x 16 KiB
-        // at 300 GB/s = 4.02 ms.
+        assert_eq!(e.allreduces_per_step, 161);
+        assert_eq!(e.allreduce_bytes_per_token, 161 * 16 * 1024);
+        assert_eq!(e.allreduce_bytes_per_token, 2_637_824);
+        assert_eq!(e.allgather_bytes_per_token, 64_000);
+        // A ring of 8: each GPU sends 2 x 7/8 of the all-reduce payload and 7/8 of the logits.
+        assert_eq!(
+            e.ring_bytes_sent_per_gpu_per_token,
+            (2 * 2_637_824 + 64_000) * 7 / 8
+        );
+        // Batch 1: 17.25 GB at 2039 GB/s = 8.46 ms, plus 161 all-reduces of 25 us + 7/4 x 16 KiB
+        // at 300 GB/s and one all-gather of 25 us + 7/8 x 64 kB: 4.07 ms.
         let expected_ms = 17_246_470_144.0 / 2039e9 * 1e3
-            + 160.0 * (25e-3 + 2.0 * 7.0 / 8.0 * 16384.0 / 300e9 * 1e3);
+            + 161.0 * (25e-3 + 2.0 * 7.0 / 8.0 * 16384.0 / 300e9 * 1e3)
+            + (25e-3 + 7.0 / 8.0 * 64000.0 / 300e9 * 1e3);
         assert!((e.decode_ms_per_token - expected_ms).abs() < 1e-9);
         assert!(
-            (e.decode_ms_per_token - 12.48).abs() < 0.01,
+            (e.decode_ms_per_token - 12.52).abs() < 0.01,
             "{}",
             e.decode_ms_per_token
         );
@@ -661,10 +723,12 @@ mod tests {
             (2, "network")
         );
         let e = across.estimate.as_ref().unwrap();
-        // 200 Gbit/s = 25 GB/s; at batch 1, 160 x (50 us + 7/4 x 16 KiB / 25 GB/s) = 8.18 ms.
-        let expected_ms = 160.0 * (50e-3 + 2.0 * 7.0 / 8.0 * 16384.0 / 25e9 * 1e3);
-        assert!((e.allreduce_ms_per_token - expected_ms).abs() < 1e-9);
-        assert!((e.allreduce_ms_per_token - 8.18).abs() < 0.01);
+        // 200 Gbit/s = 25 GB/s; at batch 1, 161 x (50 us + 7/4 x 16 KiB / 25 GB/s) plus the
+        // logits' 50 us + 7/8 x 64 kB / 25 GB/s = 8.29 ms.
+        let expected_ms = 161.0 * (50e-3 + 2.0 * 7.0 / 8.0 * 16384.0 / 25e9 * 1e3)
+            + (50e-3 + 7.0 / 8.0 * 64000.0 / 25e9 * 1e3);
+        assert!((e.collectives_ms_per_token - expected_ms).abs() < 1e-9);
+        assert!((e.collectives_ms_per_token - 8.29).abs() < 0.01);
         // At 345 sequences the network all-reduces dominate the step, so two TP-4 groups on
         // NVLink out-serve one TP-8 group across the network.
         let best = &plan.layouts[plan.recommended.unwrap()];
@@ -676,7 +740,7 @@ mod tests {
         let plan = latency.plan().unwrap();
         let best = &plan.layouts[plan.recommended.unwrap()];
         // At batch 1 the network's latency costs less than reading twice the weights: TP 8
-        // across nodes (8.5 ms + 8.2 ms) beats TP 4 on NVLink (16.9 ms + 4.0 ms).
+        // across nodes (8.5 ms + 8.3 ms) beats TP 4 on NVLink (16.9 ms + 4.1 ms).
         assert_eq!(best.tp, 8, "{}", plan.reason);
         assert!(plan.reason.contains("spans 2 nodes"), "{}", plan.reason);
     }
@@ -698,6 +762,23 @@ mod tests {
         let plan = small.plan().unwrap();
         assert!(plan.recommended.is_none());
         assert!(plan.reason.starts_with("no layout fits"), "{}", plan.reason);
+        assert!(
+            plan.reason.contains("TP 2: does not fit"),
+            "{}",
+            plan.reason
+        );
+        // One node of 3 GPUs: TP 1 is short of memory and TP 3 breaks the heads, and the
+        // reason names both rather than blaming memory alone.
+        let plan = request(1, 3).plan().unwrap();
+        assert!(plan.recommended.is_none());
+        assert!(
+            plan.reason.contains("TP 1: does not fit")
+                && plan
+                    .reason
+                    .contains("TP 3: 64 attention heads do not divide by TP 3"),
+            "{}",
+            plan.reason
+        );
         // 6 KV heads and TP 4: neither divides the other.
         let mut odd = request(1, 4);
         odd.model.q_heads = 48;
