@@ -1,13 +1,13 @@
-//! CPU execution: how many threads a rank computes with, and the decode matrix-vector products
-//! that run on them.
+//! CPU execution: how many threads a rank computes with, and the weight products that run on
+//! them.
 //!
 //! libtorch parallelises a matrix product over its rows of *input* (tokens), so a decode step's
 //! one-token products run on one core however many intra-op threads it has (measured in
-//! docs/BENCHMARKS.md, "Decode profile"). [`gemv`] instead splits the *weight's* rows across our
-//! own pool, as llama.cpp does, and streams each weight once per step. Larger products (prefill)
-//! stay with libtorch.
+//! docs/BENCHMARKS.md, "Decode profile"). [`packed`] instead splits the *weight's* rows across
+//! our own pool, as llama.cpp does, streams each weight once per step, and reuses every weight
+//! load for up to six tokens when a step has several.
 
-pub mod gemv;
+pub mod packed;
 pub mod rows;
 #[cfg(target_arch = "x86_64")]
 mod x86;

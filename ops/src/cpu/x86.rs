@@ -1,5 +1,5 @@
-//! The AVX2/FMA loops behind [`super::gemv`]: dot products of weight rows with a few activation
-//! rows, reading each weight row from memory once.
+//! The AVX2/FMA loop behind [`super::packed`]: up to six activation rows times one panel of
+//! sixteen weight rows stored k-major, so every weight vector loaded feeds six rows.
 
 use std::arch::x86_64::*;
 
@@ -7,20 +7,29 @@ use half::{bf16, f16};
 
 use super::Scalar;
 
+/// Weight rows per panel: two AVX registers of f32 outputs.
+pub const PANEL: usize = 16;
+
+/// Activation rows per call of [`block`]: twelve accumulators, two weight vectors and one
+/// broadcast fill fifteen of the sixteen AVX registers.
+const GROUP: usize = 6;
+
 /// A weight element type the kernel can widen to f32, sixteen at a time.
 pub trait Element: Scalar {
-    /// Whether [`Element::load16`] returns the elements interleaved (see [`arrange`]).
-    const INTERLEAVED: bool;
-    /// Sixteen consecutive elements at `p`, widened to f32: elements 0..8 and 8..16, or, when
-    /// `INTERLEAVED`, elements 0..4 ++ 8..12 and 4..8 ++ 12..16.
+    /// Where [`super::packed`] stores output column `ORDER[j]` among a panel's sixteen values for
+    /// one `k` (at position `j`), so that [`Element::load16`] returns columns 0..8 and 8..16.
+    const ORDER: [usize; PANEL];
+    /// The sixteen values at `p`, widened to f32: output columns 0..8 and 8..16.
     ///
     /// # Safety
     /// `p..p + 16` must be readable, and the CPU must have AVX2 and F16C.
     unsafe fn load16(p: *const Self) -> (__m256, __m256);
 }
 
+const IN_ORDER: [usize; PANEL] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+
 impl Element for f32 {
-    const INTERLEAVED: bool = false;
+    const ORDER: [usize; PANEL] = IN_ORDER;
     #[inline(always)]
     unsafe fn load16(p: *const f32) -> (__m256, __m256) {
         unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
@@ -28,9 +37,10 @@ impl Element for f32 {
 }
 
 impl Element for bf16 {
-    const INTERLEAVED: bool = true;
-    /// bf16 is the top half of an f32: interleaving zeros below each element widens it in one
-    /// instruction per eight, at the price of the lane order `unpack` gives.
+    /// `unpack` works within 128-bit lanes, so columns 4..8 and 8..12 are stored swapped.
+    const ORDER: [usize; PANEL] = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15];
+    /// bf16 is the top half of an f32: interleaving zeros below each value widens eight of them
+    /// in one instruction.
     #[inline(always)]
     unsafe fn load16(p: *const bf16) -> (__m256, __m256) {
         unsafe {
@@ -45,7 +55,7 @@ impl Element for bf16 {
 }
 
 impl Element for f16 {
-    const INTERLEAVED: bool = false;
+    const ORDER: [usize; PANEL] = IN_ORDER;
     #[inline(always)]
     unsafe fn load16(p: *const f16) -> (__m256, __m256) {
         unsafe {
@@ -57,118 +67,177 @@ impl Element for f16 {
     }
 }
 
-/// The activation rows (`[m, k]`) as f32, in the order `W::load16` returns weights: unchanged,
-/// or each full block of sixteen interleaved as 0..4, 8..12, 4..8, 12..16.
-pub fn arrange<W: Element, X: Scalar>(x: &[X], k: usize) -> Vec<f32> {
-    let mut out: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-    if W::INTERLEAVED {
-        let body = k - k % 16;
-        for (row, out) in x.chunks(k).zip(out.chunks_mut(k)) {
-            for (block, out) in row[..body].chunks(16).zip(out[..body].chunks_mut(16)) {
-                for (i, &j) in [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15]
-                    .iter()
-                    .enumerate()
-                {
-                    out[i] = block[j].to_f32();
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Whether this CPU runs [`rows`].
+/// Whether this CPU runs [`panels`].
 pub fn available() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
 }
 
-/// `y[r * m + i] = w[r] · x[i]` for every row `r` of `w` (`[rows, k]`) and row `i` of `x`
-/// (`[m, k]`, laid out by [`arrange`]); `y` is `[rows, m]`, rounded to `O`.
+/// Where [`panels`] writes: row `i`, column `c` of the output is `ptr[i * stride + c]`.
+pub struct Out<O> {
+    pub ptr: *mut O,
+    pub stride: usize,
+}
+
+// SAFETY: an `Out` is only shared between the threads of one product, which write disjoint
+// columns of it (`super::packed`).
+unsafe impl<O> Send for Out<O> {}
+unsafe impl<O> Sync for Out<O> {}
+
+/// `y[i][c] = sum_k x[i][k] w[c][k]` for every row `i` of `x` (`[m, k]`, f32) and every column `c`
+/// of the panels in `w` (`[panels][k][PANEL]`, packed by [`super::packed`]), of which the first
+/// `columns` are written to `y`.
 ///
-/// Four weight rows at a time, except 16-bit weights with one or two activation rows, which go
-/// row by row: one memory stream per thread read them at 26-29 GB/s against 22 for four rows
-/// interleaved (bench-150m, `gemv_bench`: 11.0 to 8.4-9.4 ms per bf16 token).
-///
-/// Each output is computed the same way whatever `m` and whatever rows share its block (two
-/// eight-lane sums over `k` in order, a fixed horizontal sum, then the tail in order), so a
-/// sequence's result does not depend on what it is batched with, as long as its step's products
-/// run here: always for bf16/f16, and for f32 in steps of at most `MAX_F32_ROWS` tokens (a larger
-/// step, e.g. one with a prefill chunk, goes to libtorch, whose last bits differ).
+/// Every output is one fused multiply-add chain over `k` in order, whatever `m`, whatever rows
+/// share its group and whichever thread runs its panel: a sequence's result does not depend on
+/// what it is batched with, prefill chunks included.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C ([`available`]).
+/// The CPU must have AVX2, FMA and F16C ([`available`]); `y` must be valid for writes of rows
+/// `0..m`, columns `0..columns`, and no one else may access them meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn rows<W: Element, O: Scalar>(w: &[W], k: usize, x: &[f32], m: usize, y: &mut [O]) {
-    let n = w.len() / k;
-    assert!(w.len() == n * k && x.len() == m * k && y.len() == n * m);
-    let body = k - k % 16;
-    let mut r = 0;
-    // Four weight rows at a time: each activation load feeds four rows. The block (4 * k
-    // elements) stays in L1/L2 while the activation rows after the first reuse it. 16-bit
-    // weights for one or two activation rows skip this and go row by row (below), one memory
-    // stream per thread.
-    let blocked = size_of::<W>() == 4 || m > 2;
-    while blocked && r + 4 <= n {
-        let p = [0, 1, 2, 3].map(|j| w[(r + j) * k..].as_ptr());
-        for i in 0..m {
-            let xi = &x[i * k..(i + 1) * k];
-            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-            let mut c = 0;
-            while c < body {
-                // SAFETY: c + 16 <= body <= k, inside row r + j of `w` and row i of `x`.
+pub unsafe fn panels<W: Element, O: Scalar>(
+    w: &[W],
+    k: usize,
+    x: &[f32],
+    m: usize,
+    y: &Out<O>,
+    columns: usize,
+) {
+    let panel_len = k * PANEL;
+    assert!(w.len() % panel_len == 0 && x.len() == m * k && columns <= w.len() / k);
+    // Rows of `x` per sweep over this thread's panels: their activations (up to 48 * k f32) stay
+    // in L2 while each panel is read once from memory per sweep.
+    const SWEEP: usize = 8 * GROUP;
+    if m == 1 {
+        return unsafe { one_row(w, k, x, y, columns) };
+    }
+    for first in (0..m).step_by(SWEEP) {
+        let rows = (m - first).min(SWEEP);
+        for (p, panel) in w.chunks_exact(panel_len).enumerate() {
+            let width = (columns.saturating_sub(p * PANEL)).min(PANEL);
+            if width == 0 {
+                break;
+            }
+            let mut i = first;
+            while i < first + rows {
+                let group = (first + rows - i).min(GROUP);
+                // SAFETY: rows i..i + group of `x` and the panel are in bounds; the caller
+                // vouches for `y`.
                 unsafe {
-                    let x0 = _mm256_loadu_ps(xi.as_ptr().add(c));
-                    let x1 = _mm256_loadu_ps(xi.as_ptr().add(c + 8));
-                    for j in 0..4 {
-                        let (w0, w1) = W::load16(p[j].add(c));
-                        acc[j][0] = _mm256_fmadd_ps(w0, x0, acc[j][0]);
-                        acc[j][1] = _mm256_fmadd_ps(w1, x1, acc[j][1]);
+                    let out = y.ptr.add(i * y.stride + p * PANEL);
+                    let x = x.as_ptr().add(i * k);
+                    match group {
+                        6 => store(block::<W, 6>(panel, k, x), out, y.stride, width),
+                        5 => store(block::<W, 5>(panel, k, x), out, y.stride, width),
+                        4 => store(block::<W, 4>(panel, k, x), out, y.stride, width),
+                        3 => store(block::<W, 3>(panel, k, x), out, y.stride, width),
+                        2 => store(block::<W, 2>(panel, k, x), out, y.stride, width),
+                        _ => store(block::<W, 1>(panel, k, x), out, y.stride, width),
                     }
                 }
-                c += 16;
-            }
-            for j in 0..4 {
-                let row = &w[(r + j) * k..(r + j + 1) * k];
-                y[(r + j) * m + i] = O::from_f32(finish(acc[j], &row[body..], &xi[body..]));
+                i += group;
             }
         }
-        r += 4;
-    }
-    while r < n {
-        let row = &w[r * k..(r + 1) * k];
-        for i in 0..m {
-            let xi = &x[i * k..(i + 1) * k];
-            let mut acc = [_mm256_setzero_ps(); 2];
-            let mut c = 0;
-            while c < body {
-                // SAFETY: as above.
-                unsafe {
-                    let (w0, w1) = W::load16(row.as_ptr().add(c));
-                    acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xi.as_ptr().add(c)), acc[0]);
-                    acc[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xi.as_ptr().add(c + 8)), acc[1]);
-                }
-                c += 16;
-            }
-            y[r * m + i] = O::from_f32(finish(acc, &row[body..], &xi[body..]));
-        }
-        r += 1;
     }
 }
 
-/// The two accumulators' lanes summed in a fixed order, then the `k % 16` trailing products.
+/// [`panels`] for one row of `x` (a single-stream decode): two panels at a time, so four
+/// accumulator chains hide the multiply-add latency that one panel's two would expose.
+///
+/// # Safety
+/// As for [`panels`].
 #[inline(always)]
-fn finish<W: Element>(acc: [__m256; 2], w_tail: &[W], x_tail: &[f32]) -> f32 {
-    // SAFETY: only called from `rows`, whose CPU has AVX.
-    let mut sum = unsafe {
-        let acc = _mm256_add_ps(acc[0], acc[1]);
-        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let s = _mm_hadd_ps(s, s);
-        _mm_cvtss_f32(_mm_hadd_ps(s, s))
-    };
-    for (w, x) in w_tail.iter().zip(x_tail) {
-        sum += w.to_f32() * x;
+unsafe fn one_row<W: Element, O: Scalar>(w: &[W], k: usize, x: &[f32], y: &Out<O>, columns: usize) {
+    let panel_len = k * PANEL;
+    let mut pairs = w.chunks_exact(2 * panel_len);
+    let mut p = 0;
+    for pair in pairs.by_ref() {
+        let (a, b) = pair.split_at(panel_len);
+        let mut acc = [[_mm256_setzero_ps(); 2]; 2];
+        for kk in 0..k {
+            // SAFETY: kk < k, inside both panels and `x`.
+            unsafe {
+                let xb = _mm256_broadcast_ss(x.get_unchecked(kk));
+                let (a0, a1) = W::load16(a.as_ptr().add(kk * PANEL));
+                let (b0, b1) = W::load16(b.as_ptr().add(kk * PANEL));
+                acc[0][0] = _mm256_fmadd_ps(a0, xb, acc[0][0]);
+                acc[0][1] = _mm256_fmadd_ps(a1, xb, acc[0][1]);
+                acc[1][0] = _mm256_fmadd_ps(b0, xb, acc[1][0]);
+                acc[1][1] = _mm256_fmadd_ps(b1, xb, acc[1][1]);
+            }
+        }
+        for (j, acc) in acc.into_iter().enumerate() {
+            let width = (columns.saturating_sub((p + j) * PANEL)).min(PANEL);
+            if width > 0 {
+                // SAFETY: the caller vouches for `y`'s first row.
+                unsafe { store([acc], y.ptr.add((p + j) * PANEL), y.stride, width) };
+            }
+        }
+        p += 2;
     }
-    sum
+    let rest = pairs.remainder();
+    if !rest.is_empty() {
+        let width = (columns.saturating_sub(p * PANEL)).min(PANEL);
+        // SAFETY: as above.
+        unsafe {
+            store(
+                block::<W, 1>(rest, k, x.as_ptr()),
+                y.ptr.add(p * PANEL),
+                y.stride,
+                width,
+            )
+        };
+    }
+}
+
+/// The sixteen outputs of one panel for `R` consecutive rows of `x` (row length `k`).
+///
+/// # Safety
+/// `panel..panel + k * PANEL` and `x..x + R * k` must be readable; AVX2, FMA and F16C.
+#[inline(always)]
+unsafe fn block<W: Element, const R: usize>(
+    panel: &[W],
+    k: usize,
+    x: *const f32,
+) -> [[__m256; 2]; R] {
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for kk in 0..k {
+        // SAFETY: kk < k, so the panel's values for kk and x[i][kk] for i < R are in bounds.
+        unsafe {
+            let (w0, w1) = W::load16(panel.as_ptr().add(kk * PANEL));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let xb = _mm256_broadcast_ss(&*x.add(i * k + kk));
+                acc[0] = _mm256_fmadd_ps(w0, xb, acc[0]);
+                acc[1] = _mm256_fmadd_ps(w1, xb, acc[1]);
+            }
+        }
+    }
+    acc
+}
+
+/// Writes the first `width` of each row's sixteen outputs, rounded to `O`.
+///
+/// # Safety
+/// `out[i * stride + c]` must be writable for `i < R`, `c < width`; AVX.
+#[inline(always)]
+unsafe fn store<O: Scalar, const R: usize>(
+    acc: [[__m256; 2]; R],
+    out: *mut O,
+    stride: usize,
+    width: usize,
+) {
+    for (i, acc) in acc.iter().enumerate() {
+        let mut lanes = [0f32; PANEL];
+        // SAFETY: `lanes` holds sixteen f32; the caller vouches for `out`.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
+            let row = out.add(i * stride);
+            for (c, &v) in lanes[..width].iter().enumerate() {
+                *row.add(c) = O::from_f32(v);
+            }
+        }
+    }
 }

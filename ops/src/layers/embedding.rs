@@ -11,6 +11,7 @@ use tch::{Kind, Tensor};
 
 use crate::{
     comm::Communicator,
+    layers::linear::Weight,
     weights::{Slice, WeightLoader, WeightSpec},
     Result,
 };
@@ -67,7 +68,7 @@ impl ParallelEmbedding {
 
 /// `lm_head`: hidden states to logits over the whole vocabulary, f32, identical on every rank.
 pub struct LmHead {
-    weight: Tensor,
+    weight: Weight,
     parallel: bool,
     comm: Arc<Communicator>,
 }
@@ -80,7 +81,7 @@ impl LmHead {
         comm: Arc<Communicator>,
     ) -> Result<Self> {
         Ok(LmHead {
-            weight: load_table(loader, spec, &rows)?,
+            weight: Weight::new(load_table(loader, spec, &rows)?)?,
             parallel: rows.is_some(),
             comm,
         })
@@ -88,7 +89,7 @@ impl LmHead {
 
     /// `x` (`[m, hidden]`) to `[m, vocab]` logits in f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let local = super::linear::project(x, &self.weight)?;
+        let local = self.weight.project(x)?;
         let logits = if self.parallel {
             // [t, m, vocab/t] -> [m, t, vocab/t] -> [m, vocab], rank order = vocabulary order.
             let gathered = self.comm.all_gather(&local)?;

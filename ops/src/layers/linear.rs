@@ -10,32 +10,32 @@ use tch::Tensor;
 
 use crate::{
     comm::Communicator,
-    cpu,
+    cpu::packed::PackedWeight,
     weights::{Slice, WeightLoader, WeightSpec},
     Result,
 };
 
 /// `y = x W_r^T` for this rank's rows `W_r` of `W`: the output is this rank's slice of features.
 pub struct ColumnParallelLinear {
-    weight: Tensor,
+    weight: Weight,
 }
 
 impl ColumnParallelLinear {
     /// Loads rows `rows` of the `[out, in]` weight `spec`.
     pub fn load(loader: &WeightLoader, spec: &WeightSpec, rows: Range<usize>) -> Result<Self> {
         Ok(ColumnParallelLinear {
-            weight: loader.load(spec, Slice::Rows(rows))?.f_contiguous()?,
+            weight: Weight::new(loader.load(spec, Slice::Rows(rows))?)?,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        project(x, &self.weight)
+        self.weight.project(x)
     }
 }
 
 /// `y = sum_r x_r W_r^T` where rank r holds input columns `W_r`: partial products, all-reduced.
 pub struct RowParallelLinear {
-    weight: Tensor,
+    weight: Weight,
     comm: Arc<Communicator>,
 }
 
@@ -48,7 +48,7 @@ impl RowParallelLinear {
         comm: Arc<Communicator>,
     ) -> Result<Self> {
         Ok(RowParallelLinear {
-            weight: loader.load(spec, Slice::Columns(columns))?.f_contiguous()?,
+            weight: Weight::new(loader.load(spec, Slice::Columns(columns))?)?,
             comm,
         })
     }
@@ -56,15 +56,31 @@ impl RowParallelLinear {
     /// `x` holds this rank's slice of the input features; the result is the full output,
     /// identical on every rank.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let partial = project(x, &self.weight)?;
+        let partial = self.weight.project(x)?;
         self.comm.all_reduce_sum(partial)
     }
 }
 
-/// `x W^T`: a decode step's few rows through [`cpu::gemv`], everything else through libtorch.
-pub(crate) fn project(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    match cpu::gemv::linear(x, weight)? {
-        Some(y) => Ok(y),
-        None => Ok(x.f_linear::<Tensor>(weight, None)?),
+/// A `[out, in]` weight as its products need it: packed for Caravan's CPU kernel where that
+/// runs (f32, bf16 or f16 on a CPU with AVX2), else dense for libtorch (GPUs, other CPUs).
+pub(crate) enum Weight {
+    Packed(PackedWeight),
+    Dense(Tensor),
+}
+
+impl Weight {
+    pub(crate) fn new(dense: Tensor) -> Result<Weight> {
+        Ok(match PackedWeight::pack(&dense)? {
+            Some(packed) => Weight::Packed(packed),
+            None => Weight::Dense(dense.f_contiguous()?),
+        })
+    }
+
+    /// `x W^T`.
+    pub(crate) fn project(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Packed(w) => w.linear(x),
+            Weight::Dense(w) => Ok(x.f_linear::<Tensor>(w, None)?),
+        }
     }
 }
