@@ -118,17 +118,19 @@ def gemv_floor(threads):
     return weight_bytes, rows
 
 
-def caravan_gemv(threads):
-    """One token's products through Caravan's own kernel (ops/src/cpu), from the gemv_bench example:
+def caravan_products(threads):
+    """One token's products through Caravan's own kernel (ops/src/cpu), from the matmul_bench example:
     (dtype, ours ms, ours GB/s, libtorch ms, libtorch GB/s) at one row of activations."""
-    subprocess.run(["cargo", "build", "--quiet", "--release", "-p", "caravan-ops", "--example", "gemv_bench"],
+    subprocess.run(["cargo", "build", "--quiet", "--release", "-p", "caravan-ops", "--example", "matmul_bench"],
                    cwd=REPO, check=True)
     rows = []
     for dtype in ("f32", "bf16"):
-        out = subprocess.run([str(REPO / "target" / "release" / "examples" / "gemv_bench"), str(threads), dtype],
+        out = subprocess.run([str(REPO / "target" / "release" / "examples" / "matmul_bench"), str(threads), dtype],
                              cwd=REPO, check=True, capture_output=True, text=True).stdout
-        cells = next(l for l in out.splitlines() if l.split("|")[0].strip() == "1").split("|")
-        rows.append((dtype, *(float(c) for c in cells[1:5])))
+        # rows | ours ms | ours GB/s | ours GFLOP/s | libtorch ms | libtorch GFLOP/s
+        cells = [float(c) for c in next(l for l in out.splitlines() if l.split("|")[0].strip() == "1").split("|")]
+        weight_bytes = cells[2] * cells[1] * 1e6  # GB/s x ms
+        rows.append((dtype, cells[1], cells[2], cells[4], weight_bytes / cells[4] / 1e6))
     return rows
 
 
@@ -161,9 +163,9 @@ def main():
     print("|---|---|---|---|")
     for label, ms, gbps in rows:
         print(f"| {label} | {ms:.2f} | {gbps:.1f} | {1e3 / ms:.1f} |")
-    log("Caravan's GEMV")
-    for dtype, ours_ms, ours_gbs, torch_ms, torch_gbs in caravan_gemv(args.threads):
-        print(f"| Caravan `cpu::gemv`, {dtype} weights, {args.threads} threads | {ours_ms:.2f} | {ours_gbs:.1f} "
+    log("Caravan's kernel")
+    for dtype, ours_ms, ours_gbs, torch_ms, torch_gbs in caravan_products(args.threads):
+        print(f"| Caravan `cpu::packed`, {dtype} weights, {args.threads} threads | {ours_ms:.2f} | {ours_gbs:.1f} "
               f"| {1e3 / ours_ms:.1f} |")
         print(f"| libtorch `linear`, {dtype} weights, {args.threads} threads (same run) | {torch_ms:.2f} "
               f"| {torch_gbs:.1f} | {1e3 / torch_ms:.1f} |")

@@ -603,7 +603,9 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
 }
 
 /// Copies every regular file that is not weights, their index or the config (tokenizer files,
-/// generation config, licence, readme).
+/// generation config, licence, readme). `caravan-checkpoint.json`, the stamp by which
+/// `python/make_checkpoint.py` knows a generated checkpoint is up to date, describes the input's
+/// shape, so it is left behind too.
 fn copy_other_files(input: &Path, output: &Path) -> Result<()> {
     for entry in std::fs::read_dir(input)? {
         let entry = entry?;
@@ -612,6 +614,7 @@ fn copy_other_files(input: &Path, output: &Path) -> Result<()> {
         let skip = name_str.ends_with(".safetensors")
             || name_str == "model.safetensors.index.json"
             || name_str == "config.json"
+            || name_str == "caravan-checkpoint.json"
             || name_str.starts_with('.');
         if skip || !entry.file_type()?.is_file() {
             continue;

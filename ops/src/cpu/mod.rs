@@ -28,7 +28,7 @@ pub fn set_threads(threads: usize) -> crate::Result<()> {
     let pool = if threads > 1 {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads - 1)
-            .thread_name(|i| format!("caravan-gemv-{i}"))
+            .thread_name(|i| format!("caravan-cpu-{i}"))
             .build()
             .map_err(|e| crate::Error::Threads {
                 threads,
