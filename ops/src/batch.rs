@@ -35,6 +35,8 @@ pub struct SequenceAttention {
     pub len: i64,
     /// Cache slots of positions `0..context_len`.
     pub context_slots: Tensor,
+    /// The same, on the host (CPU decode attention reads the pool at these).
+    pub context: Vec<i64>,
     /// `[len, context_len]` boolean (true = attend), when neither trivial nor square-causal.
     pub mask: Option<Tensor>,
     /// Square causal attention (a whole prompt at once).
@@ -229,6 +231,7 @@ impl StepInputs {
                 offset: seq.offset as i64,
                 len: len as i64,
                 context_slots: Tensor::f_from_slice(&seq.context_slots)?.f_to_device(device)?,
+                context: seq.context_slots.clone(),
                 mask,
                 causal,
             });

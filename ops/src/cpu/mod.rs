@@ -7,6 +7,7 @@
 //! our own pool, as llama.cpp does, streams each weight once per step, and reuses every weight
 //! load for up to six tokens when a step has several.
 
+pub mod attention;
 pub mod packed;
 pub mod rows;
 #[cfg(target_arch = "x86_64")]

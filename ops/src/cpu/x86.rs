@@ -24,6 +24,11 @@ pub trait Element: Scalar {
     /// # Safety
     /// `p..p + 16` must be readable, and the CPU must have AVX2 and F16C.
     unsafe fn load16(p: *const Self) -> (__m256, __m256);
+    /// The eight values at `p`, widened to f32, in order.
+    ///
+    /// # Safety
+    /// `p..p + 8` must be readable, and the CPU must have AVX2 and F16C.
+    unsafe fn load8(p: *const Self) -> __m256;
 }
 
 const IN_ORDER: [usize; PANEL] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
@@ -33,6 +38,10 @@ impl Element for f32 {
     #[inline(always)]
     unsafe fn load16(p: *const f32) -> (__m256, __m256) {
         unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
+    }
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        unsafe { _mm256_loadu_ps(p) }
     }
 }
 
@@ -52,6 +61,13 @@ impl Element for bf16 {
             )
         }
     }
+    #[inline(always)]
+    unsafe fn load8(p: *const bf16) -> __m256 {
+        unsafe {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))
+        }
+    }
 }
 
 impl Element for f16 {
@@ -64,6 +80,10 @@ impl Element for f16 {
                 _mm256_cvtph_ps(_mm_loadu_si128(p.add(8).cast())),
             )
         }
+    }
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
     }
 }
 
@@ -239,5 +259,63 @@ unsafe fn store<O: Scalar, const R: usize>(
                 *row.add(c) = O::from_f32(v);
             }
         }
+    }
+}
+
+/// One query head attending over `keys.len() / 8` positions: `out = softmax(q . k_t * scale) v`,
+/// all in f32. `q` and `out` hold `dim` values, `keys[t]` / `values[t]` point at position `t`'s
+/// `dim` values for this head, and `scores` is scratch of one f32 per position.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `dim` must be a multiple of 8 and every pointer valid
+/// for `dim` reads.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attend_one<W: Element>(
+    q: &[f32],
+    keys: &[*const W],
+    values: &[*const W],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let dim = q.len();
+    debug_assert!(dim % 8 == 0 && out.len() == dim && scores.len() == keys.len());
+    let mut max = f32::NEG_INFINITY;
+    for (score, &k) in scores.iter_mut().zip(keys) {
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..dim).step_by(8) {
+            // SAFETY: c + 8 <= dim, inside `q` and the caller's key row.
+            unsafe {
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(c)), W::load8(k.add(c)), acc);
+            }
+        }
+        *score = sum8(acc) * scale;
+        max = max.max(*score);
+    }
+    let mut total = 0f32;
+    for score in scores.iter_mut() {
+        *score = (*score - max).exp();
+        total += *score;
+    }
+    for c in (0..dim).step_by(8) {
+        let mut acc = _mm256_setzero_ps();
+        for (&p, &v) in scores.iter().zip(values) {
+            // SAFETY: c + 8 <= dim, inside the caller's value row.
+            unsafe { acc = _mm256_fmadd_ps(_mm256_set1_ps(p), W::load8(v.add(c)), acc) };
+        }
+        let acc = _mm256_mul_ps(acc, _mm256_set1_ps(1.0 / total));
+        // SAFETY: c + 8 <= dim = out.len().
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c), acc) };
+    }
+}
+
+/// The eight lanes of `v` added in a fixed order.
+#[inline(always)]
+fn sum8(v: __m256) -> f32 {
+    // SAFETY: only called from functions whose CPU has AVX.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_hadd_ps(s, s);
+        _mm_cvtss_f32(_mm_hadd_ps(s, s))
     }
 }

@@ -13,6 +13,7 @@ use tch::Tensor;
 use crate::{
     batch::StepInputs,
     comm::Communicator,
+    cpu,
     kv_cache::LayerKv,
     layers::{ColumnParallelLinear, RotaryEmbedding, RowParallelLinear},
     parallel::ShardLayout,
@@ -111,14 +112,31 @@ impl Attention {
                 t
             })
         };
-        // Decodes: one batched attention over contexts padded to the longest.
-        let decoded = match &step.decodes {
-            None => None,
-            Some(batch) => {
+        // Single-token sequences: on CPUs, attended over the pool in place (`cpu::attention`);
+        // elsewhere, when there are two or more, in one batched SDPA call over a gathered,
+        // padded context. Either way `decoded` is `(their indices in step.sequences, [d, -1])`.
+        let singles: Vec<usize> = (0..step.sequences.len())
+            .filter(|&i| step.sequences[i].len == 1)
+            .collect();
+        let in_place = match singles.is_empty() {
+            true => None,
+            false => {
+                let decodes: Vec<cpu::attention::Decode> = singles
+                    .iter()
+                    .map(|&i| cpu::attention::Decode {
+                        row: step.sequences[i].offset as usize,
+                        context: &step.sequences[i].context,
+                    })
+                    .collect();
+                cpu::attention::decode(&q, &cache.keys, &cache.values, &decodes)?
+            }
+        };
+        let decoded = match (in_place, &step.decodes) {
+            (Some(out), _) => Some((singles, out)),
+            (None, None) => None,
+            (None, Some(batch)) => {
                 let d = batch.members.len() as i64;
-                // [d, heads, 1, head_dim]
                 let q = q.f_index_select(0, &batch.rows)?.f_unsqueeze(2)?;
-                // Grouped-query attention inside SDPA (enable_gqa): no repeated K/V copies.
                 let gather = |pool: &Tensor| -> Result<Tensor> {
                     Ok(pool
                         .f_index_select(0, &batch.slots)?
@@ -137,19 +155,18 @@ impl Attention {
                     None,
                     true,
                 )?;
-                Some(out.f_reshape([d, -1])?)
+                Some((batch.members.clone(), out.f_reshape([d, -1])?))
             }
         };
-        if let Some(decoded) = &decoded {
-            if step.decodes.as_ref().map(|b| b.members.len()) == Some(step.sequences.len()) {
-                // Every sequence decodes (the common step): rows are already in order.
+        if let Some((members, decoded)) = &decoded {
+            if members.len() == step.sequences.len() {
                 return self.o_proj.forward(decoded);
             }
         }
         let mut outputs = Vec::with_capacity(step.sequences.len());
         for (i, seq) in step.sequences.iter().enumerate() {
-            if let (Some(batch), Some(decoded)) = (&step.decodes, &decoded) {
-                if let Some(j) = batch.members.iter().position(|&m| m == i) {
+            if let Some((members, decoded)) = &decoded {
+                if let Some(j) = members.iter().position(|&m| m == i) {
                     outputs.push(decoded.f_narrow(0, j as i64, 1)?);
                     continue;
                 }
