@@ -126,7 +126,7 @@ pub unsafe fn panels<W: Element, O: Scalar>(
     columns: usize,
 ) {
     let panel_len = k * PANEL;
-    assert!(w.len() % panel_len == 0 && x.len() == m * k && columns <= w.len() / k);
+    assert!(w.len().is_multiple_of(panel_len) && x.len() == m * k && columns <= w.len() / k);
     // Rows of `x` per sweep over this thread's panels: their activations (up to 48 * k f32) stay
     // in L2 while each panel is read once from memory per sweep.
     const SWEEP: usize = 8 * GROUP;
@@ -279,7 +279,7 @@ pub unsafe fn attend_one<W: Element>(
     out: &mut [f32],
 ) {
     let dim = q.len();
-    debug_assert!(dim % 8 == 0 && out.len() == dim && scores.len() == keys.len());
+    debug_assert!(dim.is_multiple_of(8) && out.len() == dim && scores.len() == keys.len());
     let mut max = f32::NEG_INFINITY;
     for (score, &k) in scores.iter_mut().zip(keys) {
         let mut acc = _mm256_setzero_ps();
