@@ -43,8 +43,9 @@ pub struct SequenceAttention {
     pub causal: bool,
 }
 
-/// The single-token (decode) sequences of a step, attended in one batched call: each one's
-/// context is gathered into a row padded to the longest, and the padding masked out.
+/// The single-token (decode) sequences of a step, for devices where they are attended in one
+/// batched libtorch call: each one's context is gathered into a row padded to the longest, and
+/// the padding masked out. CPUs with AVX2 read the pool in place instead (`cpu::attention`).
 pub struct DecodeBatch {
     /// Indices into [`StepInputs::sequences`], in order.
     pub members: Vec<usize>,

@@ -40,8 +40,10 @@ pub fn decode(
         && keys.is_contiguous()
         && values.is_contiguous()
         && qs[2] == ks[2]
+        && qs[2] > 0
         && qs[2] % 8 == 0
         && ks[1] > 0
+        && qs[1] > 0
         && qs[1] % ks[1] == 0;
     if !applies {
         return Ok(None);
@@ -186,13 +188,15 @@ mod tests {
             return;
         }
         tch::manual_seed(2);
-        let (q_heads, kv_heads, dim, slots) = (8, 2, 16, 64);
+        let (dim, slots) = (16, 64);
         let contexts: Vec<Vec<i64>> = vec![
             vec![5],
             (0..40).map(|i| (i * 7) % slots).collect(),
             vec![63, 0, 31, 2, 17],
         ];
-        for threads in [1, 2] {
+        let _threads = crate::cpu::tests::THREADS.lock();
+        // Grouped (Llama-2-70B's 8:1 among them) and plain multi-head attention.
+        for (threads, (q_heads, kv_heads)) in [(1, (8, 2)), (2, (8, 2)), (2, (8, 1)), (2, (4, 4))] {
             crate::cpu::set_threads(threads).unwrap();
             for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
                 let q = random(&[4, q_heads, dim], kind);

@@ -4,8 +4,9 @@
 //! libtorch parallelises a matrix product over its rows of *input* (tokens), so a decode step's
 //! one-token products run on one core however many intra-op threads it has (measured in
 //! docs/BENCHMARKS.md, "Decode profile"). [`packed`] instead splits the *weight's* rows across
-//! our own pool, as llama.cpp does, streams each weight once per step, and reuses every weight
-//! load for up to six tokens when a step has several.
+//! our own pool, as llama.cpp does, reads each weight once per 48 tokens of a step, and reuses
+//! every weight load for up to six of them. [`attention`] attends decoding tokens over the paged
+//! KV cache where it lies.
 
 pub mod attention;
 pub mod packed;
@@ -156,6 +157,10 @@ fn elements_mut<T: Scalar>(t: &mut Tensor) -> &mut [T] {
 #[cfg(test)]
 pub(crate) mod tests {
     use tch::{Device, Kind, Tensor};
+
+    /// Held by every test that changes the thread count (a process-wide setting), so that tests
+    /// running in parallel measure with the threads they set.
+    pub static THREADS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// A standard-normal CPU tensor of `shape`, drawn in f32 and converted to `kind`.
     pub fn random(shape: &[i64], kind: Kind) -> Tensor {

@@ -4,7 +4,7 @@
 //! A `[n, k]` weight is stored as panels of sixteen rows, k-major (`[n / 16][k][16]`): one load
 //! gives sixteen outputs' weights for one `k`, and each such load feeds up to six activation
 //! rows (see `x86::panels`). With one row (a single-stream decode) each thread reads its panels
-//! as one sequential stream; with many, the product is bound by arithmetic, not memory.
+//! two at a time, front to back; with many, the product is bound by arithmetic, not memory.
 
 use tch::{Device, Kind, Tensor};
 
@@ -124,13 +124,18 @@ mod imp {
     pub fn product<W: Element>(w: &[W], n: usize, k: usize, x: &Tensor, y: &mut Tensor) {
         let x: Vec<f32> = elements::<W>(x).iter().map(|v| v.to_f32()).collect();
         let m = x.len() / k;
+        if m == 0 {
+            return;
+        }
         let y = elements_mut::<W>(y);
         let out = Out {
             ptr: y.as_mut_ptr(),
             stride: n,
         };
         let panels = n.div_ceil(PANEL);
-        let threads = pool().map_or(1, |p| p.current_num_threads() + 1);
+        // One read of the pool: the split below must be the one that runs.
+        let pool = pool();
+        let threads = pool.as_ref().map_or(1, |p| p.current_num_threads() + 1);
         let per_thread = panels.div_ceil(threads);
         let out = &out; // shared whole (its fields alone would not be Sync)
         let run = |t: usize| {
@@ -150,7 +155,7 @@ mod imp {
             // first * PANEL .. first * PANEL + columns of rows 0..m, inside `y` (`[m, n]`).
             unsafe { x86::panels(w, k, &x, m, &out, columns) }
         };
-        let Some(pool) = pool() else {
+        let Some(pool) = pool else {
             return run(0);
         };
         let run = &run;
@@ -206,6 +211,7 @@ mod tests {
         if !kernel_runs_here() {
             return;
         }
+        let _threads = crate::cpu::tests::THREADS.lock();
         tch::manual_seed(0);
         for threads in [1, 2, 3] {
             crate::cpu::set_threads(threads).unwrap();
@@ -218,6 +224,8 @@ mod tests {
                     (2, 5, 8),
                     (7, 48, 33),
                     (100, 40, 48),
+                    (1, 20, 33),
+                    (1, 261, 19),
                 ] {
                     let (x, w) = (random(&[m, k], kind), random(&[n, k], kind));
                     let packed = packed(&w);
@@ -251,6 +259,7 @@ mod tests {
         if !kernel_runs_here() {
             return;
         }
+        let _threads = crate::cpu::tests::THREADS.lock();
         tch::manual_seed(1);
         for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
             let (x, w) = (random(&[64, 300], kind), random(&[203, 300], kind));
@@ -296,8 +305,15 @@ mod tests {
         assert!(packed.linear(&wrong_width).is_err());
         let wrong_kind = Tensor::zeros([1, 8], (Kind::BFloat16, Device::Cpu));
         assert!(packed.linear(&wrong_kind).is_err());
-        let strided = Tensor::zeros([8, 2], (Kind::Float, Device::Cpu)).t_();
-        let y = packed.linear(&strided).unwrap();
-        assert_eq!(y.size(), [2, 4]);
+        tch::manual_seed(5);
+        let w = random(&[20, 8], Kind::Float);
+        let strided = random(&[8, 3], Kind::Float).t_();
+        let y = super::PackedWeight::pack(&w)
+            .unwrap()
+            .unwrap()
+            .linear(&strided)
+            .unwrap();
+        let want = strided.linear::<Tensor>(&w, None);
+        assert!(y.allclose(&want, 1e-5, 1e-5, false));
     }
 }

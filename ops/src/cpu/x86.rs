@@ -262,7 +262,7 @@ unsafe fn store<O: Scalar, const R: usize>(
     }
 }
 
-/// One query head attending over `keys.len() / 8` positions: `out = softmax(q . k_t * scale) v`,
+/// One query head attending over `keys.len()` positions: `out = softmax(q . k_t * scale) v`,
 /// all in f32. `q` and `out` hold `dim` values, `keys[t]` / `values[t]` point at position `t`'s
 /// `dim` values for this head, and `scores` is scratch of one f32 per position.
 ///
