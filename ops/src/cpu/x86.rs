@@ -140,6 +140,9 @@ pub unsafe fn panels<W: Element, O: Scalar>(
             if width == 0 {
                 break;
             }
+            // The next panel, which the first full group pulls towards the cache while it
+            // computes, so later panels do not start with a wait on memory.
+            let next = w.get((p + 1) * panel_len..(p + 2) * panel_len);
             let mut i = first;
             while i < first + rows {
                 let group = (first + rows - i).min(GROUP);
@@ -148,12 +151,15 @@ pub unsafe fn panels<W: Element, O: Scalar>(
                 unsafe {
                     let out = y.ptr.add(i * y.stride + p * PANEL);
                     let x = x.as_ptr().add(i * k);
-                    match group {
-                        6 => store(block::<W, 6>(panel, k, x), out, y.stride, width),
-                        5 => store(block::<W, 5>(panel, k, x), out, y.stride, width),
-                        4 => store(block::<W, 4>(panel, k, x), out, y.stride, width),
-                        3 => store(block::<W, 3>(panel, k, x), out, y.stride, width),
-                        2 => store(block::<W, 2>(panel, k, x), out, y.stride, width),
+                    match (group, next) {
+                        (6, Some(next)) if i == first => {
+                            store(block_ahead::<W>(panel, k, x, next), out, y.stride, width)
+                        }
+                        (6, _) => store(block::<W, 6>(panel, k, x), out, y.stride, width),
+                        (5, _) => store(block::<W, 5>(panel, k, x), out, y.stride, width),
+                        (4, _) => store(block::<W, 4>(panel, k, x), out, y.stride, width),
+                        (3, _) => store(block::<W, 3>(panel, k, x), out, y.stride, width),
+                        (2, _) => store(block::<W, 2>(panel, k, x), out, y.stride, width),
                         _ => store(block::<W, 1>(panel, k, x), out, y.stride, width),
                     }
                 }
@@ -226,6 +232,37 @@ unsafe fn block<W: Element, const R: usize>(
     for kk in 0..k {
         // SAFETY: kk < k, so the panel's values for kk and x[i][kk] for i < R are in bounds.
         unsafe {
+            let (w0, w1) = W::load16(panel.as_ptr().add(kk * PANEL));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let xb = _mm256_broadcast_ss(&*x.add(i * k + kk));
+                acc[0] = _mm256_fmadd_ps(w0, xb, acc[0]);
+                acc[1] = _mm256_fmadd_ps(w1, xb, acc[1]);
+            }
+        }
+    }
+    acc
+}
+
+/// [`block`] for six rows, prefetching `ahead` (a panel of the same shape) meanwhile: one cache
+/// line per 64 bytes of panel, spread over the loop.
+///
+/// # Safety
+/// As for [`block`], and `ahead` must be a panel of `k * PANEL` values.
+#[inline(always)]
+unsafe fn block_ahead<W: Element>(
+    panel: &[W],
+    k: usize,
+    x: *const f32,
+    ahead: &[W],
+) -> [[__m256; 2]; 6] {
+    let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+    for kk in 0..k {
+        // SAFETY: as in `block`; a prefetch of any address is harmless, and this one is inside
+        // `ahead`.
+        unsafe {
+            if (kk * PANEL * size_of::<W>()) % 64 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(kk * PANEL).cast());
+            }
             let (w0, w1) = W::load16(panel.as_ptr().add(kk * PANEL));
             for (i, acc) in acc.iter_mut().enumerate() {
                 let xb = _mm256_broadcast_ss(&*x.add(i * k + kk));
