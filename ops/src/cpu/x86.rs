@@ -260,7 +260,7 @@ unsafe fn block_ahead<W: Element>(
         // SAFETY: as in `block`; a prefetch of any address is harmless, and this one is inside
         // `ahead`.
         unsafe {
-            if (kk * PANEL * size_of::<W>()) % 64 == 0 {
+            if (kk * PANEL * size_of::<W>()).is_multiple_of(64) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(kk * PANEL).cast());
             }
             let (w0, w1) = W::load16(panel.as_ptr().add(kk * PANEL));
