@@ -81,7 +81,7 @@ mod imp {
 
     use super::Decode;
     use crate::cpu::{
-        elements, elements_mut, pool,
+        elements, elements_mut, team,
         x86::{self, Element},
     };
 
@@ -142,19 +142,17 @@ mod imp {
                 }
             }
         };
-        let Some(pool) = pool().filter(|_| tasks.len() > 1) else {
+        let Some(team) = team().filter(|_| tasks.len() > 1) else {
             return run(&mut tasks);
         };
-        let per_thread = tasks.len().div_ceil(pool.current_num_threads() + 1);
-        let mut chunks = tasks.chunks_mut(per_thread);
-        let first = chunks.next();
-        let run = &run;
-        pool.in_place_scope(|scope| {
-            for chunk in chunks {
-                scope.spawn(move |_| run(chunk));
-            }
-            if let Some(chunk) = first {
-                run(chunk);
+        let per_thread = tasks.len().div_ceil(team.threads());
+        let parts: Vec<std::sync::Mutex<&mut [(usize, usize, &mut [W])]>> = tasks
+            .chunks_mut(per_thread)
+            .map(std::sync::Mutex::new)
+            .collect();
+        team.run(&|t| {
+            if let Some(part) = parts.get(t) {
+                run(&mut part.lock().unwrap_or_else(|e| e.into_inner()));
             }
         });
     }

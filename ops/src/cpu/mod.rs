@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod packed;
 pub mod rows;
+mod team;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -19,28 +20,24 @@ use std::sync::{Arc, Mutex};
 use half::{bf16, f16};
 use tch::{Device, Kind, Tensor};
 
-static POOL: Mutex<Option<Arc<rayon::ThreadPool>>> = Mutex::new(None);
+static TEAM: Mutex<Option<Arc<team::Team>>> = Mutex::new(None);
 
 /// Sets the threads this process computes with: libtorch's intra-op threads and the pool the
 /// decode products split their rows over. Process-wide, as libtorch's own setting is.
 pub fn set_threads(threads: usize) -> crate::Result<()> {
     let threads = threads.max(1);
     tch::set_num_threads(threads as i32);
-    // The thread that calls a product computes its share, so the pool holds the others.
-    let pool = if threads > 1 {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads - 1)
-            .thread_name(|i| format!("caravan-cpu-{i}"))
-            .build()
-            .map_err(|e| crate::Error::Threads {
-                threads,
-                reason: e.to_string(),
-            })?;
-        Some(Arc::new(pool))
+    // The thread that calls a product computes its share, so the team spawns the others.
+    let team = if threads > 1 {
+        let team = team::Team::new(threads).map_err(|e| crate::Error::Threads {
+            threads,
+            reason: e.to_string(),
+        })?;
+        Some(Arc::new(team))
     } else {
         None
     };
-    *POOL.lock().unwrap_or_else(|e| e.into_inner()) = pool;
+    *TEAM.lock().unwrap_or_else(|e| e.into_inner()) = team;
     Ok(())
 }
 
@@ -69,8 +66,8 @@ pub fn restart_with_passive_openmp() -> std::io::Result<()> {
 }
 
 /// The pool set by [`set_threads`], or `None` for one thread (the caller's).
-fn pool() -> Option<Arc<rayon::ThreadPool>> {
-    POOL.lock().unwrap_or_else(|e| e.into_inner()).clone()
+fn team() -> Option<Arc<team::Team>> {
+    TEAM.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// An element type CPU tensors hold that the kernels here read and write through f32.

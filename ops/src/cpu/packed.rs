@@ -91,7 +91,7 @@ mod imp {
     use tch::Tensor;
 
     use crate::cpu::{
-        elements, elements_mut, pool,
+        elements, elements_mut, team,
         x86::{self, Element, Out, PANEL},
     };
 
@@ -133,9 +133,9 @@ mod imp {
             stride: n,
         };
         let panels = n.div_ceil(PANEL);
-        // One read of the pool: the split below must be the one that runs.
-        let pool = pool();
-        let threads = pool.as_ref().map_or(1, |p| p.current_num_threads() + 1);
+        // One read of the team: the split below must be the one that runs.
+        let team = team();
+        let threads = team.as_ref().map_or(1, |t| t.threads());
         let per_thread = panels.div_ceil(threads);
         let out = &out; // shared whole (its fields alone would not be Sync)
         let run = |t: usize| {
@@ -155,16 +155,10 @@ mod imp {
             // first * PANEL .. first * PANEL + columns of rows 0..m, inside `y` (`[m, n]`).
             unsafe { x86::panels(w, k, &x, m, &out, columns) }
         };
-        let Some(pool) = pool else {
-            return run(0);
-        };
-        let run = &run;
-        pool.in_place_scope(|scope| {
-            for t in 1..threads {
-                scope.spawn(move |_| run(t));
-            }
-            run(0);
-        });
+        match team {
+            Some(team) => team.run(&run),
+            None => run(0),
+        }
     }
 }
 

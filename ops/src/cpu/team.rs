@@ -1,0 +1,250 @@
+//! A fixed team of threads for the CPU kernels: each product is split into one part per thread,
+//! the calling thread runs part 0, and the team's threads, which poll for work between products
+//! instead of sleeping, run the others.
+//!
+//! A decode token makes ~60 products of a few milliseconds' total; a thread woken from sleep for
+//! each one (rayon's pool, before) started tens of microseconds late, and the caller waited for
+//! it every time. Workers poll for [`POLL_BEFORE_SLEEP`], yielding the core at every poll so that
+//! libtorch's own threads still get it, then sleep until the next product.
+
+use std::{
+    cell::UnsafeCell,
+    panic::{catch_unwind, resume_unwind, AssertUnwindSafe},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Condvar, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+/// How long an idle worker polls for the next product before it sleeps.
+const POLL_BEFORE_SLEEP: Duration = Duration::from_micros(500);
+
+/// The work of one product: part `t` of `threads`.
+type Job<'a> = dyn Fn(usize) + Sync + 'a;
+
+pub struct Team {
+    shared: Arc<Shared>,
+    handles: Vec<JoinHandle<()>>,
+    /// One product at a time; a second caller meanwhile runs every part itself.
+    caller: Mutex<()>,
+}
+
+struct Shared {
+    /// Bumped once per product (and once to stop); a worker runs each epoch's job once.
+    epoch: AtomicU64,
+    /// The current product, valid while `remaining > 0` (see [`Team::run`]).
+    job: UnsafeCell<Option<&'static Job<'static>>>,
+    /// Workers yet to finish the current product.
+    remaining: AtomicUsize,
+    panicked: AtomicBool,
+    stop: AtomicBool,
+    sleepers: AtomicUsize,
+    bell: (Mutex<()>, Condvar),
+}
+
+// SAFETY: `job` is written only by the caller holding `Team::caller`, before the epoch's release
+// increment, and read by workers after their acquire load of that epoch and before they
+// decrement `remaining`; the caller clears it only once `remaining` is zero.
+unsafe impl Sync for Shared {}
+
+impl Team {
+    /// A team of `threads` in all: the caller plus `threads - 1` spawned threads.
+    pub fn new(threads: usize) -> std::io::Result<Team> {
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            job: UnsafeCell::new(None),
+            remaining: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            bell: (Mutex::new(()), Condvar::new()),
+        });
+        let handles = (1..threads.max(1))
+            .map(|part| {
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("caravan-cpu-{part}"))
+                    .spawn(move || shared.work(part))
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Team {
+            shared,
+            handles,
+            caller: Mutex::new(()),
+        })
+    }
+
+    /// Threads in the team, the caller included.
+    pub fn threads(&self) -> usize {
+        self.handles.len() + 1
+    }
+
+    /// Runs `job(t)` for every `t` in `0..threads()`, part 0 on this thread, and returns when all
+    /// have finished. A panic in any part is resumed here, after every part has finished.
+    pub fn run(&self, job: &Job<'_>) {
+        let _one_at_a_time = match self.caller.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return (0..self.threads()).for_each(job);
+            }
+        };
+        let shared = &self.shared;
+        // SAFETY: the reference outlives its use: this function does not return (or unwind)
+        // before `remaining` is zero, i.e. before every worker is done with it.
+        let erased: &'static Job<'static> =
+            unsafe { std::mem::transmute::<&Job<'_>, &'static Job<'static>>(job) };
+        // SAFETY: workers read `job` only after the epoch increment below (see `Shared`).
+        unsafe { *shared.job.get() = Some(erased) };
+        shared
+            .remaining
+            .store(self.handles.len(), Ordering::Relaxed);
+        // SeqCst, as the sleeper's side: either we see it announced, or it sees this epoch.
+        shared.epoch.fetch_add(1, Ordering::SeqCst);
+        if shared.sleepers.load(Ordering::SeqCst) > 0 {
+            let _bell = shared.bell.0.lock().unwrap_or_else(|e| e.into_inner());
+            shared.bell.1.notify_all();
+        }
+        let ours = catch_unwind(AssertUnwindSafe(|| job(0)));
+        let mut polls = 0u32;
+        while shared.remaining.load(Ordering::Acquire) > 0 {
+            polls = polls.wrapping_add(1);
+            if polls % 64 == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        // SAFETY: no worker reads `job` once `remaining` is zero.
+        unsafe { *shared.job.get() = None };
+        if let Err(panic) = ours {
+            resume_unwind(panic);
+        }
+        if shared.panicked.swap(false, Ordering::AcqRel) {
+            panic!("a CPU kernel part panicked on a team thread");
+        }
+    }
+}
+
+impl Shared {
+    fn work(&self, part: usize) {
+        let mut seen = 0;
+        loop {
+            seen = self.wait_for_epoch_after(seen);
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            // SAFETY: see `Shared`: set before the epoch we just acquired, cleared only after
+            // `remaining` (decremented below) reaches zero.
+            if let Some(job) = unsafe { *self.job.get() } {
+                if catch_unwind(AssertUnwindSafe(|| job(part))).is_err() {
+                    self.panicked.store(true, Ordering::Release);
+                }
+            }
+            self.remaining.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Polls, then sleeps, until the epoch differs from `seen`; returns the new epoch.
+    fn wait_for_epoch_after(&self, seen: u64) -> u64 {
+        let started = Instant::now();
+        loop {
+            let epoch = self.epoch.load(Ordering::Acquire);
+            if epoch != seen {
+                return epoch;
+            }
+            if started.elapsed() < POLL_BEFORE_SLEEP {
+                std::thread::yield_now();
+                continue;
+            }
+            let guard = self.bell.0.lock().unwrap_or_else(|e| e.into_inner());
+            self.sleepers.fetch_add(1, Ordering::SeqCst);
+            // Checked again under the lock, after announcing ourselves: a product posted since
+            // either shows in the epoch here or rings the bell once we wait.
+            let _guard = self
+                .bell
+                .1
+                .wait_while(guard, |_| self.epoch.load(Ordering::SeqCst) == seen)
+                .unwrap_or_else(|e| e.into_inner());
+            self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Team {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        {
+            let _bell = self.shared.bell.0.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.bell.1.notify_all();
+        }
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every part runs exactly once per product, over many products, including after the
+    /// workers have gone to sleep.
+    #[test]
+    fn runs_every_part_once() {
+        let team = Team::new(3).unwrap();
+        let counts: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+        for round in 0..2000 {
+            if round == 1000 {
+                std::thread::sleep(POLL_BEFORE_SLEEP * 4); // the workers sleep now
+            }
+            team.run(&|t| {
+                counts[t].fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        for c in &counts {
+            assert_eq!(c.load(Ordering::Relaxed), 2000);
+        }
+    }
+
+    /// A part that panics on a worker surfaces in the caller, and the team keeps working.
+    #[test]
+    fn a_panicking_part_is_reported_and_the_team_survives() {
+        let team = Team::new(2).unwrap();
+        let caught = catch_unwind(AssertUnwindSafe(|| {
+            team.run(&|t| {
+                if t == 1 {
+                    panic!("part 1 fails");
+                }
+            })
+        }));
+        assert!(caught.is_err());
+        let ran = AtomicUsize::new(0);
+        team.run(&|_| {
+            ran.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(ran.load(Ordering::Relaxed), 2);
+    }
+
+    /// Two threads calling at once both get every part run (the second runs them itself).
+    #[test]
+    fn concurrent_callers_each_get_all_parts() {
+        let team = Team::new(2).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..500 {
+                        let ran = AtomicUsize::new(0);
+                        team.run(&|_| {
+                            ran.fetch_add(1, Ordering::Relaxed);
+                        });
+                        assert_eq!(ran.load(Ordering::Relaxed), 2);
+                    }
+                });
+            }
+        });
+    }
+}
