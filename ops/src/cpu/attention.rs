@@ -90,6 +90,9 @@ mod imp {
         *AVAILABLE.get_or_init(x86::available)
     }
 
+    /// A sequence, a KV head, and where its query heads' outputs go.
+    type Task<'a, W> = (usize, usize, &'a mut [W]);
+
     /// One task per (sequence, KV head): its query heads, in contiguous runs per thread.
     pub fn decode<W: Element>(
         q: &Tensor,
@@ -103,12 +106,12 @@ mod imp {
         let group = q_heads / kv_heads;
         let scale = 1.0 / (dim as f32).sqrt();
         let (q, keys, values) = (elements::<W>(q), elements::<W>(keys), elements::<W>(values));
-        let mut tasks: Vec<(usize, usize, &mut [W])> = elements_mut::<W>(out)
+        let mut tasks: Vec<Task<W>> = elements_mut::<W>(out)
             .chunks_mut(group * dim)
             .enumerate()
             .map(|(i, out)| (i / kv_heads, i % kv_heads, out))
             .collect();
-        let run = |tasks: &mut [(usize, usize, &mut [W])]| {
+        let run = |tasks: &mut [Task<W>]| {
             let mut scores = Vec::new();
             let (mut key_rows, mut value_rows) = (Vec::new(), Vec::new());
             let (mut query, mut head_out) = (vec![0f32; dim], vec![0f32; dim]);
@@ -146,7 +149,8 @@ mod imp {
             return run(&mut tasks);
         };
         let per_thread = tasks.len().div_ceil(team.threads());
-        let parts: Vec<std::sync::Mutex<&mut [(usize, usize, &mut [W])]>> = tasks
+        // Each part takes its run of tasks through a mutex no one else locks.
+        let parts: Vec<std::sync::Mutex<&mut [Task<W>]>> = tasks
             .chunks_mut(per_thread)
             .map(std::sync::Mutex::new)
             .collect();

@@ -22,8 +22,8 @@ use tch::{Device, Kind, Tensor};
 
 static TEAM: Mutex<Option<Arc<team::Team>>> = Mutex::new(None);
 
-/// Sets the threads this process computes with: libtorch's intra-op threads and the pool the
-/// decode products split their rows over. Process-wide, as libtorch's own setting is.
+/// Sets the threads this process computes with: libtorch's intra-op threads and the team the
+/// products split their rows over. Process-wide, as libtorch's own setting is.
 pub fn set_threads(threads: usize) -> crate::Result<()> {
     let threads = threads.max(1);
     tch::set_num_threads(threads as i32);

@@ -1,5 +1,5 @@
 //! Weights repacked at load time for Caravan's own CPU matrix product: `x W^T` for any number of
-//! rows of `x`, the weight's rows split across the pool so every core streams its own part.
+//! rows of `x`, the weight's rows split across the team so every core streams its own part.
 //!
 //! A `[n, k]` weight is stored as panels of sixteen rows, k-major (`[n / 16][k][16]`): one load
 //! gives sixteen outputs' weights for one `k`, and each such load feeds up to six activation
@@ -119,7 +119,7 @@ mod imp {
         packed
     }
 
-    /// Each thread (the caller and the pool's) takes a contiguous run of panels and writes its
+    /// Each thread (the caller and the team's) takes a contiguous run of panels and writes its
     /// columns of every row of `y`.
     pub fn product<W: Element>(w: &[W], n: usize, k: usize, x: &Tensor, y: &mut Tensor) {
         let x: Vec<f32> = elements::<W>(x).iter().map(|v| v.to_f32()).collect();

@@ -111,7 +111,7 @@ impl Team {
         let mut polls = 0u32;
         while shared.remaining.load(Ordering::Acquire) > 0 {
             polls = polls.wrapping_add(1);
-            if polls % 64 == 0 {
+            if polls.is_multiple_of(64) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
