@@ -61,19 +61,21 @@ impl Team {
             sleepers: AtomicUsize::new(0),
             bell: (Mutex::new(()), Condvar::new()),
         });
-        let handles = (1..threads.max(1))
-            .map(|part| {
-                let shared = shared.clone();
+        let mut team = Team {
+            shared,
+            handles: Vec::new(),
+            caller: Mutex::new(()),
+        };
+        for part in 1..threads.max(1) {
+            let shared = team.shared.clone();
+            // On an error, dropping `team` stops and joins the threads spawned so far.
+            team.handles.push(
                 std::thread::Builder::new()
                     .name(format!("caravan-cpu-{part}"))
-                    .spawn(move || shared.work(part))
-            })
-            .collect::<std::io::Result<_>>()?;
-        Ok(Team {
-            shared,
-            handles,
-            caller: Mutex::new(()),
-        })
+                    .spawn(move || shared.work(part))?,
+            );
+        }
+        Ok(team)
     }
 
     /// Threads in the team, the caller included.
@@ -119,10 +121,12 @@ impl Team {
         }
         // SAFETY: no worker reads `job` once `remaining` is zero.
         unsafe { *shared.job.get() = None };
+        // Cleared whatever happens, so the next product does not report this one's panic.
+        let theirs = shared.panicked.swap(false, Ordering::AcqRel);
         if let Err(panic) = ours {
             resume_unwind(panic);
         }
-        if shared.panicked.swap(false, Ordering::AcqRel) {
+        if theirs {
             panic!("a CPU kernel part panicked on a team thread");
         }
     }
@@ -210,23 +214,48 @@ mod tests {
         }
     }
 
-    /// A part that panics on a worker surfaces in the caller, and the team keeps working.
+    /// A part that panics (on a worker, on the caller, or both) surfaces in the caller, and the
+    /// next product runs cleanly.
     #[test]
     fn a_panicking_part_is_reported_and_the_team_survives() {
         let team = Team::new(2).unwrap();
-        let caught = catch_unwind(AssertUnwindSafe(|| {
-            team.run(&|t| {
-                if t == 1 {
-                    panic!("part 1 fails");
-                }
-            })
-        }));
-        assert!(caught.is_err());
-        let ran = AtomicUsize::new(0);
-        team.run(&|_| {
-            ran.fetch_add(1, Ordering::Relaxed);
+        for failing in [vec![1], vec![0], vec![0, 1]] {
+            let caught = catch_unwind(AssertUnwindSafe(|| {
+                team.run(&|t| {
+                    if failing.contains(&t) {
+                        panic!("part {t} fails");
+                    }
+                })
+            }));
+            assert!(caught.is_err(), "parts {failing:?} panicked unnoticed");
+            let ran = AtomicUsize::new(0);
+            team.run(&|_| {
+                ran.fetch_add(1, Ordering::Relaxed);
+            });
+            assert_eq!(ran.load(Ordering::Relaxed), 2);
+        }
+    }
+
+    /// Parts other than 0 run on the team's threads, not on the caller.
+    #[test]
+    fn parts_run_on_the_team_threads() {
+        let team = Team::new(3).unwrap();
+        let caller = std::thread::current().id();
+        let names: Vec<Mutex<Option<(std::thread::ThreadId, String)>>> =
+            (0..3).map(|_| Mutex::new(None)).collect();
+        team.run(&|t| {
+            let me = std::thread::current();
+            *names[t].lock().unwrap() = Some((me.id(), me.name().unwrap_or("").to_string()));
         });
-        assert_eq!(ran.load(Ordering::Relaxed), 2);
+        let ids: Vec<_> = names
+            .iter()
+            .map(|n| n.lock().unwrap().clone().unwrap())
+            .collect();
+        assert_eq!(ids[0].0, caller);
+        for (t, (id, name)) in ids.iter().enumerate().skip(1) {
+            assert_ne!(*id, caller, "part {t} ran on the caller");
+            assert_eq!(name, &format!("caravan-cpu-{t}"));
+        }
     }
 
     /// Two threads calling at once both get every part run (the second runs them itself).
