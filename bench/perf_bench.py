@@ -16,6 +16,9 @@ Measured, for each system and dtype:
   engine decode /  Caravan's forward pass alone, in process, as llama-bench and transformers are
   engine prefill   measured: `caravan-generate` (no HTTP, gRPC or scheduler), same prompts and
                    token counts, same definitions as above.
+  interleaved      single-stream engine decode of Caravan and llama.cpp again, in rounds of one run
+                   per system, so that drift in the machine (its memory bandwidth moves with its
+                   neighbours) falls on every system alike; the goals compare these medians first.
   8 / 32 streams   aggregate output tok/s, Caravan through the API (concurrent streaming clients)
                    and transformers (a batch of 8 / 32 in generate).
 Caravan runs at TP 1 (one worker, all threads) and TP 2 (two worker processes, the threads split
@@ -53,6 +56,7 @@ PRESET = "bench-150m"
 DECODE_TOKENS = 128
 PREFILL_TOKENS = 512
 SHORT_PROMPT = 32
+INTERLEAVED_ROUNDS = 5
 BEGIN, END = "<!-- perf_bench:begin -->", "<!-- perf_bench:end -->"
 
 
@@ -122,24 +126,45 @@ def caravan(model_dir: Path, tp: int, dtype: str, threads: int) -> dict:
         coordinator.stop()
 
 
-def caravan_engine(model_dir: Path, tp: int, dtype: str, threads: int) -> dict:
-    """Decode and prefill tok/s of `caravan-generate` (the forward pass without the server)."""
+def caravan_engine_run(model_dir: Path, tp: int, dtype: str, threads: int, prompt, new_tokens):
+    """(prefill tok/s, decode tok/s) of one `caravan-generate` run (the forward pass without the server)."""
     binary = REPO / "target" / "release" / "caravan-generate"
+    out = subprocess.run(
+        [binary, "--model", model_dir, "--tp", str(tp), "--threads", str(max(1, threads // tp)),
+         "--dtype", dtype, "--prompt-ids", ",".join(map(str, prompt)),
+         "--max-new-tokens", str(new_tokens)],
+        cwd=REPO, check=True, capture_output=True, text=True).stdout
+    # "prefill: N tokens in X ms (Y tok/s); decode: N tokens in X ms (Y tok/s)"
+    line = next(l for l in out.splitlines() if l.startswith("prefill:"))
+    return [float(part.split("(")[1].split(" tok/s")[0]) for part in line.split(";")]
 
-    def run(prompt, new_tokens):
-        out = subprocess.run(
-            [binary, "--model", model_dir, "--tp", str(tp), "--threads", str(max(1, threads // tp)),
-             "--dtype", dtype, "--prompt-ids", ",".join(map(str, prompt)),
-             "--max-new-tokens", str(new_tokens)],
-            cwd=REPO, check=True, capture_output=True, text=True).stdout
-        # "prefill: N tokens in X ms (Y tok/s); decode: N tokens in X ms (Y tok/s)"
-        line = next(l for l in out.splitlines() if l.startswith("prefill:"))
-        rates = [float(part.split("(")[1].split(" tok/s")[0]) for part in line.split(";")]
-        return rates
 
+def caravan_engine(model_dir: Path, tp: int, dtype: str, threads: int) -> dict:
+    """Decode and prefill tok/s of `caravan-generate`, medians of three runs."""
+    run = lambda prompt, n: caravan_engine_run(model_dir, tp, dtype, threads, prompt, n)  # noqa: E731
     decode = [run(prompts(1, SHORT_PROMPT, seed=10 + rep)[0], DECODE_TOKENS)[1] for rep in range(3)]
     prefill = [run(prompts(1, PREFILL_TOKENS, seed=20 + rep)[0], 1)[0] for rep in range(3)]
     return {"decode": statistics.median(decode), "prefill": statistics.median(prefill)}
+
+
+def interleaved_decode(model_dir: Path, threads: int, ggufs: dict) -> dict:
+    """Single-stream engine decode tok/s of Caravan (TP 1 f32, TP 2 f32, TP 1 bf16) and llama.cpp
+    (f32, f16), measured in rounds of one run per system: whatever the machine does meanwhile (its
+    memory bandwidth moves with its neighbours) lands on every system alike. Medians per system."""
+    systems = {
+        "caravan TP 1 f32": lambda r: caravan_engine_run(model_dir, 1, "f32", threads, prompts(1, SHORT_PROMPT, seed=30 + r)[0], DECODE_TOKENS)[1],
+        "caravan TP 2 f32": lambda r: caravan_engine_run(model_dir, 2, "f32", threads, prompts(1, SHORT_PROMPT, seed=30 + r)[0], DECODE_TOKENS)[1],
+        "caravan TP 1 bf16": lambda r: caravan_engine_run(model_dir, 1, "bf16", threads, prompts(1, SHORT_PROMPT, seed=30 + r)[0], DECODE_TOKENS)[1],
+    }
+    for outtype, gguf in ggufs.items():
+        systems[f"llama.cpp {outtype}"] = lambda r, gguf=gguf: llama_cpp_peer.run_bench(
+            gguf, threads, prompt_tokens=0, gen_tokens=DECODE_TOKENS, repetitions=1)["decode_tps"]
+    samples = {name: [] for name in systems}
+    for r in range(INTERLEAVED_ROUNDS):
+        log(f"interleaved decode, round {r + 1} of {INTERLEAVED_ROUNDS}")
+        for name, run in systems.items():
+            samples[name].append(run(r))
+    return {name: {"median": statistics.median(v), "runs": v} for name, v in samples.items()}
 
 
 # --- transformers ------------------------------------------------------------------------------
@@ -203,7 +228,7 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
 
-    llama = {}
+    llama, ggufs = {}, {}
     if args.skip_llama_cpp:
         log("llama.cpp: skipped (--skip-llama-cpp)")
     else:
@@ -213,6 +238,7 @@ def main():
         else:
             for outtype in ("f32", "f16"):
                 gguf = llama_cpp_peer.convert(model_dir, outtype)
+                ggufs[outtype] = gguf
                 log(f"llama.cpp {outtype}")
                 r = llama_cpp_peer.run_bench(gguf, args.threads, prompt_tokens=PREFILL_TOKENS,
                                              gen_tokens=DECODE_TOKENS, repetitions=3)
@@ -227,6 +253,7 @@ def main():
             rows[("caravan", tp, dtype)] = caravan(model_dir, tp, dtype, args.threads)
             rows[("caravan", tp, dtype)].update(engine_decode=engine["decode"],
                                                 engine_prefill=engine["prefill"])
+    interleaved = interleaved_decode(model_dir, args.threads, ggufs)
     hf = {}
     for dtype in ("f32", "bf16"):
         log(f"transformers {dtype}")
@@ -261,17 +288,27 @@ def main():
     if not llama:
         lines.append("| llama.cpp | - | skipped: see the command's output | | | | | | | | |")
 
+    lines += ["", f"Single-stream engine decode, interleaved: {INTERLEAVED_ROUNDS} rounds of one "
+              f"{DECODE_TOKENS}-token run per system, medians (each run's tok/s in brackets).", "",
+              "| system | decode tok/s | runs |", "|---|---|---|"]
+    for name, r in interleaved.items():
+        lines.append(f"| {name} | {r['median']:.1f} | {', '.join(f'{v:.1f}' for v in r['runs'])} |")
+    med = lambda name: interleaved.get(name, {}).get("median")  # noqa: E731
+
     c1, c2 = rows[("caravan", 1, "f32")], rows[("caravan", 2, "f32")]
     b1 = rows[("caravan", 1, "bf16")]
     llama_f32, llama_f16 = llama.get("f32", {}).get("decode"), llama.get("f16", {}).get("decode")
     goals = [
         ("single-stream f32 decode >= 2x transformers f32 (engine / served)",
          f"{ratio(c1['engine_decode'], hf['f32']['decode'])} / {ratio(c1['decode'], hf['f32']['decode'])}"),
-        ("single-stream f32 decode >= 1.0x llama.cpp f32 (engine / served)",
-         f"{ratio(c1['engine_decode'], llama_f32)} / {ratio(c1['decode'], llama_f32)}"),
-        ("bf16 decode >= llama.cpp f16 (engine / served)",
-         f"{ratio(b1['engine_decode'], llama_f16)} / {ratio(b1['decode'], llama_f16)}"),
-        ("TP=2 costs <= 10% over TP=1 (decode, f32; engine / served: TP 2 / TP 1)",
+        ("single-stream f32 decode >= 1.0x llama.cpp f32 (engine interleaved / engine / served)",
+         f"{ratio(med('caravan TP 1 f32'), med('llama.cpp f32'))} / {ratio(c1['engine_decode'], llama_f32)} "
+         f"/ {ratio(c1['decode'], llama_f32)}"),
+        ("bf16 decode >= llama.cpp f16 (engine interleaved / engine / served)",
+         f"{ratio(med('caravan TP 1 bf16'), med('llama.cpp f16'))} / {ratio(b1['engine_decode'], llama_f16)} "
+         f"/ {ratio(b1['decode'], llama_f16)}"),
+        ("TP=2 costs <= 10% over TP=1 (decode, f32; TP 2 / TP 1, engine interleaved / engine / served)",
+         f"{ratio(med('caravan TP 2 f32'), med('caravan TP 1 f32'))} / "
          f"{ratio(c2['engine_decode'], c1['engine_decode'])} / {ratio(c2['decode'], c1['decode'])}"),
         ("step time outside the model < 5% at 32 streams (TP 1, f32)", f"{c1['outside_pct']:.1f}%"),
     ]
