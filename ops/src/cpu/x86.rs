@@ -153,14 +153,24 @@ pub unsafe fn panels<W: Element, O: Scalar>(
                     let x = x.as_ptr().add(i * k);
                     match (group, next) {
                         (6, Some(next)) if i == first => {
-                            store(block_ahead::<W>(panel, k, x, next), out, y.stride, width)
+                            store(block::<W, 6, true>(panel, k, x, next), out, y.stride, width)
                         }
-                        (6, _) => store(block::<W, 6>(panel, k, x), out, y.stride, width),
-                        (5, _) => store(block::<W, 5>(panel, k, x), out, y.stride, width),
-                        (4, _) => store(block::<W, 4>(panel, k, x), out, y.stride, width),
-                        (3, _) => store(block::<W, 3>(panel, k, x), out, y.stride, width),
-                        (2, _) => store(block::<W, 2>(panel, k, x), out, y.stride, width),
-                        _ => store(block::<W, 1>(panel, k, x), out, y.stride, width),
+                        (6, _) => {
+                            store(block::<W, 6, false>(panel, k, x, &[]), out, y.stride, width)
+                        }
+                        (5, _) => {
+                            store(block::<W, 5, false>(panel, k, x, &[]), out, y.stride, width)
+                        }
+                        (4, _) => {
+                            store(block::<W, 4, false>(panel, k, x, &[]), out, y.stride, width)
+                        }
+                        (3, _) => {
+                            store(block::<W, 3, false>(panel, k, x, &[]), out, y.stride, width)
+                        }
+                        (2, _) => {
+                            store(block::<W, 2, false>(panel, k, x, &[]), out, y.stride, width)
+                        }
+                        _ => store(block::<W, 1, false>(panel, k, x, &[]), out, y.stride, width),
                     }
                 }
                 i += group;
@@ -209,7 +219,7 @@ unsafe fn one_row<W: Element, O: Scalar>(w: &[W], k: usize, x: &[f32], y: &Out<O
         // SAFETY: as above.
         unsafe {
             store(
-                block::<W, 1>(rest, k, x.as_ptr()),
+                block::<W, 1, false>(rest, k, x.as_ptr(), &[]),
                 y.ptr.add(p * PANEL),
                 y.stride,
                 width,
@@ -218,49 +228,26 @@ unsafe fn one_row<W: Element, O: Scalar>(w: &[W], k: usize, x: &[f32], y: &Out<O
     }
 }
 
-/// The sixteen outputs of one panel for `R` consecutive rows of `x` (row length `k`).
-///
-/// # Safety
-/// `panel..panel + k * PANEL` and `x..x + R * k` must be readable; AVX2, FMA and F16C.
-#[inline(always)]
-unsafe fn block<W: Element, const R: usize>(
-    panel: &[W],
-    k: usize,
-    x: *const f32,
-) -> [[__m256; 2]; R] {
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    for kk in 0..k {
-        // SAFETY: kk < k, so the panel's values for kk and x[i][kk] for i < R are in bounds.
-        unsafe {
-            let (w0, w1) = W::load16(panel.as_ptr().add(kk * PANEL));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let xb = _mm256_broadcast_ss(&*x.add(i * k + kk));
-                acc[0] = _mm256_fmadd_ps(w0, xb, acc[0]);
-                acc[1] = _mm256_fmadd_ps(w1, xb, acc[1]);
-            }
-        }
-    }
-    acc
-}
-
-/// [`block`] for six rows, prefetching `ahead` (a panel of the same shape) meanwhile: one cache
+/// The sixteen outputs of one panel for `R` consecutive rows of `x` (row length `k`). With
+/// `AHEAD`, it also prefetches `ahead` (the next panel, of the same shape) meanwhile, one cache
 /// line per 64 bytes of panel, spread over the loop.
 ///
 /// # Safety
-/// As for [`block`], and `ahead` must be a panel of `k * PANEL` values.
+/// `panel..panel + k * PANEL` and `x..x + R * k` must be readable; AVX2, FMA and F16C. With
+/// `AHEAD`, `ahead` holds `k * PANEL` values.
 #[inline(always)]
-unsafe fn block_ahead<W: Element>(
+unsafe fn block<W: Element, const R: usize, const AHEAD: bool>(
     panel: &[W],
     k: usize,
     x: *const f32,
     ahead: &[W],
-) -> [[__m256; 2]; 6] {
-    let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+) -> [[__m256; 2]; R] {
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for kk in 0..k {
-        // SAFETY: as in `block`; a prefetch of any address is harmless, and this one is inside
-        // `ahead`.
+        // SAFETY: kk < k, so the panel's values for kk and x[i][kk] for i < R are in bounds; a
+        // prefetch of any address is harmless, and this one is inside `ahead`.
         unsafe {
-            if (kk * PANEL * size_of::<W>()).is_multiple_of(64) {
+            if AHEAD && (kk * PANEL * size_of::<W>()).is_multiple_of(64) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(kk * PANEL).cast());
             }
             let (w0, w1) = W::load16(panel.as_ptr().add(kk * PANEL));
