@@ -152,9 +152,9 @@ def interleaved_decode(model_dir: Path, threads: int, ggufs: dict) -> dict:
     (f32, f16), measured in rounds of one run per system: whatever the machine does meanwhile (its
     memory bandwidth moves with its neighbours) lands on every system alike. Medians per system."""
     systems = {
-        "caravan TP 1 f32": lambda r: caravan_engine_run(model_dir, 1, "f32", threads, prompts(1, SHORT_PROMPT, seed=30 + r)[0], DECODE_TOKENS)[1],
-        "caravan TP 2 f32": lambda r: caravan_engine_run(model_dir, 2, "f32", threads, prompts(1, SHORT_PROMPT, seed=30 + r)[0], DECODE_TOKENS)[1],
-        "caravan TP 1 bf16": lambda r: caravan_engine_run(model_dir, 1, "bf16", threads, prompts(1, SHORT_PROMPT, seed=30 + r)[0], DECODE_TOKENS)[1],
+        f"caravan TP {tp} {dtype}": lambda r, tp=tp, dtype=dtype: caravan_engine_run(
+            model_dir, tp, dtype, threads, prompts(1, SHORT_PROMPT, seed=30 + r)[0], DECODE_TOKENS)[1]
+        for tp, dtype in ((1, "f32"), (2, "f32"), (1, "bf16"))
     }
     for outtype, gguf in ggufs.items():
         systems[f"llama.cpp {outtype}"] = lambda r, gguf=gguf: llama_cpp_peer.run_bench(

@@ -28,7 +28,7 @@ pub fn decode(
     sequences: &[Decode],
 ) -> Result<Option<Tensor>> {
     let (qs, ks) = (q.size(), keys.size());
-    let applies = imp::available()
+    let applies = super::kernels_run_here()
         && !sequences.is_empty()
         && qs.len() == 3
         && ks.len() == 3
@@ -85,11 +85,6 @@ mod imp {
         x86::{self, Element},
     };
 
-    pub fn available() -> bool {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(x86::available)
-    }
-
     /// A sequence, a KV head, and where its query heads' outputs go.
     type Task<'a, W> = (usize, usize, &'a mut [W]);
 
@@ -127,7 +122,7 @@ mod imp {
                     let head = *g * group + h;
                     let row = &q[(seq.row * q_heads + head) * dim..][..dim];
                     query.iter_mut().zip(row).for_each(|(a, b)| *a = b.to_f32());
-                    // SAFETY: `available()` was checked; `dim` is a multiple of 8 and every
+                    // SAFETY: `kernels_run_here()` was checked; `dim` is a multiple of 8 and every
                     // row pointer starts a head's `dim` values inside the pool (slots checked).
                     unsafe {
                         x86::attend_one(
@@ -166,10 +161,6 @@ mod imp {
 mod imp {
     use tch::Tensor;
 
-    pub fn available() -> bool {
-        false
-    }
-
     pub fn decode<W>(_: &Tensor, _: &Tensor, _: &Tensor, _: &[super::Decode], _: &mut Tensor) {
         unreachable!("decode() is not called without x86-64")
     }
@@ -179,14 +170,13 @@ mod imp {
 mod tests {
     use super::*;
 
-    use crate::cpu::tests::random;
+    use crate::cpu::tests::{kernels_run_here, random};
 
     /// Against libtorch's SDPA over the gathered context, with grouped heads, ragged contexts
     /// scattered through the pool, every dtype, on one and two threads.
     #[test]
     fn matches_sdpa_over_the_gathered_context() {
-        if !imp::available() {
-            eprintln!("skipped: this CPU has no AVX2/FMA/F16C");
+        if !kernels_run_here() {
             return;
         }
         tch::manual_seed(2);
@@ -252,7 +242,7 @@ mod tests {
 
     #[test]
     fn refuses_slots_outside_the_pool_and_declines_odd_head_sizes() {
-        if !imp::available() {
+        if !kernels_run_here() {
             return;
         }
         let q = random(&[1, 4, 8], Kind::Float);

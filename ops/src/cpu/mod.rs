@@ -4,7 +4,7 @@
 //! libtorch parallelises a matrix product over its rows of *input* (tokens), so a decode step's
 //! one-token products run on one core however many intra-op threads it has (measured in
 //! docs/BENCHMARKS.md, "Decode profile"). [`packed`] instead splits the *weight's* rows across
-//! our own pool, as llama.cpp does, reads each weight once per 48 tokens of a step, and reuses
+//! our own thread team, as llama.cpp does, reads each weight once per 48 tokens of a step, and reuses
 //! every weight load for up to six of them. [`attention`] attends decoding tokens over the paged
 //! KV cache where it lies.
 
@@ -21,6 +21,18 @@ use half::{bf16, f16};
 use tch::{Device, Kind, Tensor};
 
 static TEAM: Mutex<Option<Arc<team::Team>>> = Mutex::new(None);
+
+/// Whether this CPU runs the kernels here (x86-64 with AVX2, FMA and F16C); detected once.
+#[cfg(target_arch = "x86_64")]
+fn kernels_run_here() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(x86::available)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn kernels_run_here() -> bool {
+    false
+}
 
 /// Sets the threads this process computes with: libtorch's intra-op threads and the team the
 /// products split their rows over. Process-wide, as libtorch's own setting is.
@@ -65,7 +77,7 @@ pub fn restart_with_passive_openmp() -> std::io::Result<()> {
     Err(error)
 }
 
-/// The pool set by [`set_threads`], or `None` for one thread (the caller's).
+/// The team set by [`set_threads`], or `None` for one thread (the caller's).
 fn team() -> Option<Arc<team::Team>> {
     TEAM.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
@@ -158,6 +170,15 @@ pub(crate) mod tests {
     /// Held by every test that changes the thread count (a process-wide setting), so that tests
     /// running in parallel measure with the threads they set.
     pub static THREADS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Whether this CPU runs the kernels; a test that needs them says it skipped when not.
+    pub fn kernels_run_here() -> bool {
+        let runs = super::kernels_run_here();
+        if !runs {
+            eprintln!("skipped: this CPU has no AVX2/FMA/F16C");
+        }
+        runs
+    }
 
     /// A standard-normal CPU tensor of `shape`, drawn in f32 and converted to `kind`.
     pub fn random(shape: &[i64], kind: Kind) -> Tensor {

@@ -30,7 +30,7 @@ impl PackedWeight {
     /// f16 on a CPU with AVX2, FMA and F16C. `None` otherwise, for libtorch.
     pub fn pack(weight: &Tensor) -> Result<Option<PackedWeight>> {
         let size = weight.size();
-        let applies = imp::available()
+        let applies = super::kernels_run_here()
             && weight.device() == Device::Cpu
             && size.len() == 2
             && size.iter().all(|&d| d > 0)
@@ -95,11 +95,6 @@ mod imp {
         x86::{self, Element, Out, PANEL},
     };
 
-    pub fn available() -> bool {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(x86::available)
-    }
-
     /// `[n, k]` to `[n / PANEL][k][PANEL]`, the last panel padded with zero rows, each panel's
     /// sixteen values in `W::ORDER`.
     pub fn pack<W: Element>(weight: &Tensor, n: usize, k: usize) -> Vec<W> {
@@ -151,7 +146,7 @@ mod imp {
                 stride: out.stride,
             };
             let w = &w[first * k * PANEL..last * k * PANEL];
-            // SAFETY: `available()` was checked when packing; this thread alone writes columns
+            // SAFETY: `kernels_run_here()` was checked when packing; this thread alone writes columns
             // first * PANEL .. first * PANEL + columns of rows 0..m, inside `y` (`[m, n]`).
             unsafe { x86::panels(w, k, &x, m, &out, columns) }
         };
@@ -166,10 +161,6 @@ mod imp {
 mod imp {
     use tch::Tensor;
 
-    pub fn available() -> bool {
-        false
-    }
-
     pub fn pack<W>(_: &Tensor, _: usize, _: usize) -> Vec<W> {
         unreachable!("pack() is not called without x86-64")
     }
@@ -183,16 +174,7 @@ mod imp {
 mod tests {
     use super::*;
 
-    use crate::cpu::tests::random;
-
-    /// Whether this CPU runs the kernel; a test that needs it says it skipped when not.
-    fn kernel_runs_here() -> bool {
-        let runs = imp::available();
-        if !runs {
-            eprintln!("skipped: this CPU has no AVX2/FMA/F16C");
-        }
-        runs
-    }
+    use crate::cpu::tests::{kernels_run_here, random};
 
     fn packed(w: &Tensor) -> PackedWeight {
         PackedWeight::pack(w).unwrap().expect("the kernel applies")
@@ -202,7 +184,7 @@ mod tests {
     /// sweeps of 48) and ragged shape (partial panels), on 1-3 threads.
     #[test]
     fn matches_libtorch() {
-        if !kernel_runs_here() {
+        if !kernels_run_here() {
             return;
         }
         let _threads = crate::cpu::tests::THREADS.lock();
@@ -250,7 +232,7 @@ mod tests {
     /// a remainder group, in a second sweep) and however many threads run.
     #[test]
     fn batch_invariant() {
-        if !kernel_runs_here() {
+        if !kernels_run_here() {
             return;
         }
         let _threads = crate::cpu::tests::THREADS.lock();
@@ -291,7 +273,7 @@ mod tests {
 
     #[test]
     fn refuses_mismatched_inputs() {
-        if !kernel_runs_here() {
+        if !kernels_run_here() {
             return;
         }
         let packed = packed(&Tensor::zeros([4, 8], (Kind::Float, Device::Cpu)));

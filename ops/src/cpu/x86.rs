@@ -136,7 +136,7 @@ pub unsafe fn panels<W: Element, O: Scalar>(
     for first in (0..m).step_by(SWEEP) {
         let rows = (m - first).min(SWEEP);
         for (p, panel) in w.chunks_exact(panel_len).enumerate() {
-            let width = (columns.saturating_sub(p * PANEL)).min(PANEL);
+            let width = panel_width(columns, p);
             if width == 0 {
                 break;
             }
@@ -179,6 +179,12 @@ pub unsafe fn panels<W: Element, O: Scalar>(
     }
 }
 
+/// How many of panel `p`'s sixteen columns are among the first `columns` (0 past the end).
+#[inline(always)]
+fn panel_width(columns: usize, p: usize) -> usize {
+    columns.saturating_sub(p * PANEL).min(PANEL)
+}
+
 /// [`panels`] for one row of `x` (a single-stream decode): two panels at a time, so four
 /// accumulator chains hide the multiply-add latency that one panel's two would expose.
 ///
@@ -205,7 +211,7 @@ unsafe fn one_row<W: Element, O: Scalar>(w: &[W], k: usize, x: &[f32], y: &Out<O
             }
         }
         for (j, acc) in acc.into_iter().enumerate() {
-            let width = (columns.saturating_sub((p + j) * PANEL)).min(PANEL);
+            let width = panel_width(columns, p + j);
             if width > 0 {
                 // SAFETY: the caller vouches for `y`'s first row.
                 unsafe { store([acc], y.ptr.add((p + j) * PANEL), y.stride, width) };
@@ -215,7 +221,7 @@ unsafe fn one_row<W: Element, O: Scalar>(w: &[W], k: usize, x: &[f32], y: &Out<O
     }
     let rest = pairs.remainder();
     if !rest.is_empty() {
-        let width = (columns.saturating_sub(p * PANEL)).min(PANEL);
+        let width = panel_width(columns, p);
         // SAFETY: as above.
         unsafe {
             store(
