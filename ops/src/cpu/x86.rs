@@ -140,42 +140,63 @@ pub unsafe fn panels<W: Element, O: Scalar>(
             if width == 0 {
                 break;
             }
-            // The next panel, which the first full group pulls towards the cache while it
-            // computes, so later panels do not start with a wait on memory.
+            // The next panel, which this panel's groups pull towards the cache while they
+            // compute, each its share, so the next panel does not start with a wait on memory
+            // and the memory bus does not idle while a later group runs from cache. With one
+            // group (m <= 6) the hardware prefetcher alone does better.
             let next = w.get((p + 1) * panel_len..(p + 2) * panel_len);
+            // The sweep's rows in groups as even as they can be (32 rows: 6, 6, 5, 5, 5, 5, not
+            // five of 6 and one of 2): a group of R rows keeps 2R accumulator chains going, and
+            // under eight of them the multiply-add latency shows.
+            let groups = rows.div_ceil(GROUP);
             let mut i = first;
-            while i < first + rows {
-                let group = (first + rows - i).min(GROUP);
+            for g in 0..groups {
+                let group = rows / groups + usize::from(g < rows % groups);
+                let ahead = next.filter(|_| groups > 1).map(|next| {
+                    let share = |g: usize| g * (next.len() / 16) / groups * 16;
+                    &next[share(g)..share(g + 1)]
+                });
                 // SAFETY: rows i..i + group of `x` and the panel are in bounds; the caller
                 // vouches for `y`.
                 unsafe {
                     let out = y.ptr.add(i * y.stride + p * PANEL);
                     let x = x.as_ptr().add(i * k);
-                    match (group, next) {
-                        (6, Some(next)) if i == first => {
-                            store(block::<W, 6, true>(panel, k, x, next), out, y.stride, width)
-                        }
-                        (6, _) => {
-                            store(block::<W, 6, false>(panel, k, x, &[]), out, y.stride, width)
-                        }
-                        (5, _) => {
-                            store(block::<W, 5, false>(panel, k, x, &[]), out, y.stride, width)
-                        }
-                        (4, _) => {
-                            store(block::<W, 4, false>(panel, k, x, &[]), out, y.stride, width)
-                        }
-                        (3, _) => {
-                            store(block::<W, 3, false>(panel, k, x, &[]), out, y.stride, width)
-                        }
-                        (2, _) => {
-                            store(block::<W, 2, false>(panel, k, x, &[]), out, y.stride, width)
-                        }
-                        _ => store(block::<W, 1, false>(panel, k, x, &[]), out, y.stride, width),
+                    match group {
+                        6 => rows_of::<W, O, 6>(panel, k, x, ahead, out, y.stride, width),
+                        5 => rows_of::<W, O, 5>(panel, k, x, ahead, out, y.stride, width),
+                        4 => rows_of::<W, O, 4>(panel, k, x, ahead, out, y.stride, width),
+                        3 => rows_of::<W, O, 3>(panel, k, x, ahead, out, y.stride, width),
+                        2 => rows_of::<W, O, 2>(panel, k, x, ahead, out, y.stride, width),
+                        _ => rows_of::<W, O, 1>(panel, k, x, ahead, out, y.stride, width),
                     }
                 }
                 i += group;
             }
         }
+    }
+}
+
+/// [`block`] for `R` rows and one panel, stored to `out`; with `ahead`, prefetching it.
+///
+/// # Safety
+/// As for [`block`] and [`store`].
+#[inline(always)]
+unsafe fn rows_of<W: Element, O: Scalar, const R: usize>(
+    panel: &[W],
+    k: usize,
+    x: *const f32,
+    ahead: Option<&[W]>,
+    out: *mut O,
+    stride: usize,
+    width: usize,
+) {
+    // SAFETY: the caller's.
+    unsafe {
+        let acc = match ahead {
+            Some(next) => block::<W, R, true>(panel, k, x, next),
+            None => block::<W, R, false>(panel, k, x, &[]),
+        };
+        store(acc, out, stride, width)
     }
 }
 
@@ -235,12 +256,11 @@ unsafe fn one_row<W: Element, O: Scalar>(w: &[W], k: usize, x: &[f32], y: &Out<O
 }
 
 /// The sixteen outputs of one panel for `R` consecutive rows of `x` (row length `k`). With
-/// `AHEAD`, it also prefetches `ahead` (the next panel, of the same shape) meanwhile, one cache
-/// line per 64 bytes of panel, spread over the loop.
+/// `AHEAD`, it also prefetches `ahead` (a share of the next panel) meanwhile, one cache line per
+/// 64 bytes, spread evenly over the loop.
 ///
 /// # Safety
-/// `panel..panel + k * PANEL` and `x..x + R * k` must be readable; AVX2, FMA and F16C. With
-/// `AHEAD`, `ahead` holds `k * PANEL` values.
+/// `panel..panel + k * PANEL` and `x..x + R * k` must be readable; AVX2, FMA and F16C.
 #[inline(always)]
 unsafe fn block<W: Element, const R: usize, const AHEAD: bool>(
     panel: &[W],
@@ -249,12 +269,24 @@ unsafe fn block<W: Element, const R: usize, const AHEAD: bool>(
     ahead: &[W],
 ) -> [[__m256; 2]; R] {
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    // Prefetch a line every `every` iterations, `lines` lines in all.
+    let lines = ahead.len() * size_of::<W>() / 64;
+    let every = match lines {
+        0 => usize::MAX,
+        _ => k.div_ceil(lines),
+    };
+    let (mut line, mut countdown) = (ahead.as_ptr().cast::<u8>(), 0);
     for kk in 0..k {
         // SAFETY: kk < k, so the panel's values for kk and x[i][kk] for i < R are in bounds; a
-        // prefetch of any address is harmless, and this one is inside `ahead`.
+        // prefetch of any address is harmless.
         unsafe {
-            if AHEAD && (kk * PANEL * size_of::<W>()).is_multiple_of(64) {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(kk * PANEL).cast());
+            if AHEAD {
+                if countdown == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(line.cast());
+                    line = line.wrapping_add(64);
+                    countdown = every;
+                }
+                countdown -= 1;
             }
             let (w0, w1) = W::load16(panel.as_ptr().add(kk * PANEL));
             for (i, acc) in acc.iter_mut().enumerate() {
