@@ -270,7 +270,7 @@ unsafe fn block<W: Element, const R: usize, const AHEAD: bool>(
 ) -> [[__m256; 2]; R] {
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     // Prefetch a line every `every` iterations, `lines` lines in all.
-    let lines = ahead.len() * size_of::<W>() / 64;
+    let lines = size_of_val(ahead) / 64;
     let every = match lines {
         0 => usize::MAX,
         _ => k.div_ceil(lines),
