@@ -180,32 +180,40 @@ mod tests {
             return;
         }
         tch::manual_seed(2);
-        let (dim, slots) = (16, 64);
+        let slots = 64;
+        // Contexts of 1, 5 and 8 positions and of 43 (five runs of eight and three more).
         let contexts: Vec<Vec<i64>> = vec![
             vec![5],
-            (0..40).map(|i| (i * 7) % slots).collect(),
+            (0..43).map(|i| (i * 7) % slots).collect(),
             vec![63, 0, 31, 2, 17],
+            (10..18).collect(),
         ];
         let _threads = crate::cpu::tests::THREADS.lock();
         // Grouped (Llama-2-70B's 8:1 among them) and plain multi-head attention.
-        for (threads, (q_heads, kv_heads)) in [(1, (8, 2)), (2, (8, 2)), (2, (8, 1)), (2, (4, 4))] {
+        // Head sizes of 16, 128 (Llama 2's) and 136 (the weighted sum in runs of 64 and one of 8).
+        for (threads, (q_heads, kv_heads), dim) in [
+            (1, (8, 2), 16),
+            (2, (8, 2), 128),
+            (2, (8, 1), 136),
+            (2, (4, 4), 16),
+        ] {
             crate::cpu::set_threads(threads).unwrap();
             for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
-                let q = random(&[4, q_heads, dim], kind);
+                let q = random(&[5, q_heads, dim], kind);
                 let keys = random(&[slots, kv_heads, dim], kind);
                 let values = random(&[slots, kv_heads, dim], kind);
                 let sequences: Vec<Decode> = contexts
                     .iter()
                     .enumerate()
                     .map(|(i, c)| Decode {
-                        row: 3 - i,
+                        row: 4 - i,
                         context: c,
                     })
                     .collect();
                 let ours = decode(&q, &keys, &values, &sequences)
                     .unwrap()
                     .expect("applies");
-                assert_eq!(ours.size(), [3, q_heads * dim]);
+                assert_eq!(ours.size(), [4, q_heads * dim]);
                 assert_eq!(ours.kind(), kind);
                 for (i, seq) in sequences.iter().enumerate() {
                     let index = Tensor::from_slice(seq.context);
@@ -233,7 +241,10 @@ mod tests {
                     let got = ours.narrow(0, i as i64, 1).to_kind(Kind::Float);
                     let diff = (got - &want).abs().max().double_value(&[]);
                     let tolerance = if kind == Kind::Float { 1e-5 } else { 2e-2 };
-                    assert!(diff <= tolerance, "{kind:?} sequence {i}: off by {diff}");
+                    assert!(
+                        diff <= tolerance,
+                        "{kind:?} dim {dim} heads {q_heads}:{kv_heads} sequence {i}: off by {diff}"
+                    );
                 }
             }
         }

@@ -328,6 +328,10 @@ unsafe fn store<O: Scalar, const R: usize>(
 /// all in f32. `q` and `out` hold `dim` values, `keys[t]` / `values[t]` point at position `t`'s
 /// `dim` values for this head, and `scores` is scratch of one f32 per position.
 ///
+/// Both products keep eight independent multiply-add chains going, so neither waits on one
+/// chain's latency: scores eight positions at a time, the weighted sum over positions 64 output
+/// values at a time (head sizes of 64 and 128, Llama 2's).
+///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; `dim` must be a multiple of 8 and every pointer valid
 /// for `dim` reads.
@@ -342,8 +346,26 @@ pub unsafe fn attend_one<W: Element>(
 ) {
     let dim = q.len();
     debug_assert!(dim.is_multiple_of(8) && out.len() == dim && scores.len() == keys.len());
-    let mut max = f32::NEG_INFINITY;
-    for (score, &k) in scores.iter_mut().zip(keys) {
+    let eights = keys.len() / 8 * 8;
+    for (t, score) in scores[..eights].chunks_exact_mut(8).enumerate() {
+        let k = &keys[t * 8..t * 8 + 8];
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in (0..dim).step_by(8) {
+            // SAFETY: c + 8 <= dim, inside `q` and each caller's key row.
+            unsafe {
+                let qc = _mm256_loadu_ps(q.as_ptr().add(c));
+                for (acc, &k) in acc.iter_mut().zip(k) {
+                    *acc = _mm256_fmadd_ps(qc, W::load8(k.add(c)), *acc);
+                }
+            }
+        }
+        // SAFETY: `score` holds eight f32.
+        unsafe {
+            let sums = _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(scale));
+            _mm256_storeu_ps(score.as_mut_ptr(), sums);
+        }
+    }
+    for (score, &k) in scores[eights..].iter_mut().zip(&keys[eights..]) {
         let mut acc = _mm256_setzero_ps();
         for c in (0..dim).step_by(8) {
             // SAFETY: c + 8 <= dim, inside `q` and the caller's key row.
@@ -352,23 +374,59 @@ pub unsafe fn attend_one<W: Element>(
             }
         }
         *score = sum8(acc) * scale;
-        max = max.max(*score);
     }
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     let mut total = 0f32;
     for score in scores.iter_mut() {
         *score = (*score - max).exp();
         total += *score;
     }
-    for c in (0..dim).step_by(8) {
+    let norm = _mm256_set1_ps(1.0 / total);
+    // Runs of 64 output values with eight accumulators (a fixed count, so they stay in
+    // registers), then any eight at a time.
+    let runs = dim / 64 * 64;
+    for first in (0..runs).step_by(64) {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (&p, &v) in scores.iter().zip(values) {
+            let p = _mm256_set1_ps(p);
+            for (j, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: first + 8j + 8 <= runs <= dim, inside the caller's value row.
+                unsafe { *acc = _mm256_fmadd_ps(p, W::load8(v.add(first + 8 * j)), *acc) };
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            // SAFETY: first + 8j + 8 <= dim = out.len().
+            unsafe {
+                _mm256_storeu_ps(
+                    out.as_mut_ptr().add(first + 8 * j),
+                    _mm256_mul_ps(*acc, norm),
+                )
+            };
+        }
+    }
+    for c in (runs..dim).step_by(8) {
         let mut acc = _mm256_setzero_ps();
         for (&p, &v) in scores.iter().zip(values) {
             // SAFETY: c + 8 <= dim, inside the caller's value row.
             unsafe { acc = _mm256_fmadd_ps(_mm256_set1_ps(p), W::load8(v.add(c)), acc) };
         }
-        let acc = _mm256_mul_ps(acc, _mm256_set1_ps(1.0 / total));
         // SAFETY: c + 8 <= dim = out.len().
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c), acc) };
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c), _mm256_mul_ps(acc, norm)) };
     }
+}
+
+/// The lane sums of eight vectors, in order.
+#[inline]
+#[target_feature(enable = "avx")]
+fn sum8x8(v: [__m256; 8]) -> __m256 {
+    let pair = |i: usize| _mm256_hadd_ps(v[i], v[i + 1]);
+    // Lanes 0..4 hold the sums of v[0..4]'s first halves, lanes 4..8 of their second halves.
+    let low = _mm256_hadd_ps(pair(0), pair(2));
+    let high = _mm256_hadd_ps(pair(4), pair(6));
+    _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(low, high),
+        _mm256_permute2f128_ps::<0x31>(low, high),
+    )
 }
 
 /// The eight lanes of `v` added in a fixed order.
