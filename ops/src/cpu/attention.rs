@@ -88,7 +88,7 @@ mod imp {
     /// A sequence, a KV head, and where its query heads' outputs go.
     type Task<'a, W> = (usize, usize, &'a mut [W]);
 
-    /// One task per (sequence, KV head): its query heads, in contiguous runs per thread.
+    /// One task per (sequence, KV head): its query heads.
     pub fn decode<W: Element>(
         q: &Tensor,
         keys: &Tensor,
@@ -143,15 +143,14 @@ mod imp {
         let Some(team) = team().filter(|_| tasks.len() > 1) else {
             return run(&mut tasks);
         };
-        let per_thread = tasks.len().div_ceil(team.threads());
-        // Each part takes its run of tasks through a mutex no one else locks.
-        let parts: Vec<std::sync::Mutex<&mut [Task<W>]>> = tasks
-            .chunks_mut(per_thread)
-            .map(std::sync::Mutex::new)
-            .collect();
-        team.run(&|t| {
-            if let Some(part) = parts.get(t) {
-                run(&mut part.lock().unwrap_or_else(|e| e.into_inner()));
+        // Runs of tasks, about four per thread, claimed by whichever thread is free; each run
+        // goes through a mutex that only the thread that claimed it locks.
+        let grain = tasks.len().div_ceil(4 * team.threads());
+        let runs: Vec<std::sync::Mutex<&mut [Task<W>]>> =
+            tasks.chunks_mut(grain).map(std::sync::Mutex::new).collect();
+        team.share(runs.len(), 1, &|claimed| {
+            for run_of_tasks in &runs[claimed] {
+                run(&mut run_of_tasks.lock().unwrap_or_else(|e| e.into_inner()));
             }
         });
     }

@@ -114,8 +114,9 @@ mod imp {
         packed
     }
 
-    /// Each thread (the caller and the team's) takes a contiguous run of panels and writes its
-    /// columns of every row of `y`.
+    /// The panels in runs, about four per thread, claimed by whichever thread of the team is
+    /// free (the caller's included); a run's thread writes its columns of every row of `y`.
+    /// Which thread computes a panel does not change its values.
     pub fn product<W: Element>(w: &[W], n: usize, k: usize, x: &Tensor, y: &mut Tensor) {
         let x: Vec<f32> = elements::<W>(x).iter().map(|v| v.to_f32()).collect();
         let m = x.len() / k;
@@ -128,17 +129,9 @@ mod imp {
             stride: n,
         };
         let panels = n.div_ceil(PANEL);
-        // One read of the team: the split below must be the one that runs.
-        let team = team();
-        let threads = team.as_ref().map_or(1, |t| t.threads());
-        let per_thread = panels.div_ceil(threads);
         let out = &out; // shared whole (its fields alone would not be Sync)
-        let run = |t: usize| {
-            let first = (t * per_thread).min(panels);
-            let last = ((t + 1) * per_thread).min(panels);
-            if first == last {
-                return;
-            }
+        let run = |range: std::ops::Range<usize>| {
+            let (first, last) = (range.start, range.end);
             let columns = (n - first * PANEL).min((last - first) * PANEL);
             let out = Out {
                 // SAFETY: column first * PANEL < n of row 0 of `y`.
@@ -146,13 +139,19 @@ mod imp {
                 stride: out.stride,
             };
             let w = &w[first * k * PANEL..last * k * PANEL];
-            // SAFETY: `kernels_run_here()` was checked when packing; this thread alone writes columns
-            // first * PANEL .. first * PANEL + columns of rows 0..m, inside `y` (`[m, n]`).
+            // SAFETY: `kernels_run_here()` was checked when packing; only this run writes
+            // columns first * PANEL .. first * PANEL + columns of rows 0..m, inside `y`
+            // (`[m, n]`), and runs do not overlap.
             unsafe { x86::panels(w, k, &x, m, &out, columns) }
         };
-        match team {
-            Some(team) => team.run(&run),
-            None => run(0),
+        match team() {
+            // Even runs, so a single row's loop keeps its panels in pairs.
+            Some(team) => team.share(
+                panels,
+                panels.div_ceil(4 * team.threads()).next_multiple_of(2),
+                &run,
+            ),
+            None => run(0..panels),
         }
     }
 }

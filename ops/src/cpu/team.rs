@@ -9,6 +9,7 @@
 
 use std::{
     cell::UnsafeCell,
+    ops::Range,
     panic::{catch_unwind, resume_unwind, AssertUnwindSafe},
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -130,6 +131,22 @@ impl Team {
             panic!("a CPU kernel part panicked on a team thread");
         }
     }
+
+    /// Runs `work` over `0..items` in ranges of `grain` (the last may be shorter), each range
+    /// once, claimed in order by whichever thread of the team is free: a thread that the system
+    /// delays (another process on its core) takes fewer ranges instead of holding up the rest.
+    /// Returns when every range is done; panics as [`Team::run`].
+    pub fn share(&self, items: usize, grain: usize, work: &(dyn Fn(Range<usize>) + Sync)) {
+        let grain = grain.max(1);
+        let next = AtomicUsize::new(0);
+        self.run(&|_| loop {
+            let start = next.fetch_add(grain, Ordering::Relaxed);
+            if start >= items {
+                return;
+            }
+            work(start..(start + grain).min(items));
+        });
+    }
 }
 
 impl Shared {
@@ -212,6 +229,41 @@ mod tests {
         for c in &counts {
             assert_eq!(c.load(Ordering::Relaxed), 2000);
         }
+    }
+
+    /// `share` covers every item exactly once, whatever the grain (ragged last range included),
+    /// and a thread held up in one range leaves the other ranges to the rest of the team.
+    #[test]
+    fn share_covers_every_item_once_and_routes_around_a_slow_thread() {
+        let team = Team::new(3).unwrap();
+        for (items, grain) in [(0, 4), (1, 4), (10, 3), (64, 8), (7, 100), (5, 0)] {
+            let counts: Vec<AtomicUsize> = (0..items).map(|_| AtomicUsize::new(0)).collect();
+            team.share(items, grain, &|range| {
+                assert!(
+                    range.end <= items && range.start < range.end,
+                    "{range:?} of {items}"
+                );
+                range.for_each(|i| {
+                    counts[i].fetch_add(1, Ordering::Relaxed);
+                });
+            });
+            assert!(
+                counts.iter().all(|c| c.load(Ordering::Relaxed) == 1),
+                "{items} items in ranges of {grain}"
+            );
+        }
+        // Range 0 does not finish until every other range has been done by someone else.
+        let (items, done) = (12, AtomicUsize::new(0));
+        team.share(items, 1, &|range| {
+            if range.start == 0 {
+                while done.load(Ordering::Acquire) < items - 1 {
+                    std::hint::spin_loop();
+                }
+            } else {
+                done.fetch_add(1, Ordering::Release);
+            }
+        });
+        assert_eq!(done.load(Ordering::Relaxed), items - 1);
     }
 
     /// A part that panics (on a worker, on the caller, or both) surfaces in the caller, and the
