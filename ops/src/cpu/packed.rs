@@ -118,7 +118,15 @@ mod imp {
     /// free (the caller's included); a run's thread writes its columns of every row of `y`.
     /// Which thread computes a panel does not change its values.
     pub fn product<W: Element>(w: &[W], n: usize, k: usize, x: &Tensor, y: &mut Tensor) {
-        let x: Vec<f32> = elements::<W>(x).iter().map(|v| v.to_f32()).collect();
+        // f32 activations are read in place; 16-bit ones are widened once, not per panel.
+        let widened: Vec<f32>;
+        let x: &[f32] = match W::KIND {
+            tch::Kind::Float => elements::<f32>(x),
+            _ => {
+                widened = elements::<W>(x).iter().map(|v| v.to_f32()).collect();
+                &widened
+            }
+        };
         let m = x.len() / k;
         if m == 0 {
             return;
@@ -142,7 +150,7 @@ mod imp {
             // SAFETY: `kernels_run_here()` was checked when packing; only this run writes
             // columns first * PANEL .. first * PANEL + columns of rows 0..m, inside `y`
             // (`[m, n]`), and runs do not overlap.
-            unsafe { x86::panels(w, k, &x, m, &out, columns) }
+            unsafe { x86::panels(w, k, x, m, &out, columns) }
         };
         match team() {
             // Even runs, so a single row's loop keeps its panels in pairs.
