@@ -113,11 +113,26 @@ def check_pod(owner, spec):
             if timeout and f"--drain-timeout={timeout[0]}" not in args:
                 fail(f"{owner}: the coordinator's --drain-timeout differs from the preStop drain's")
         if args[0] == "caravan-worker":
+            # With mutual TLS, kubelet's gRPC probe (no client certificate) would be refused.
+            mtls = any(a.startswith("--tls-cert=") for a in args)
+            kind = "tcpSocket" if mtls else "grpc"
             for probe in ("readinessProbe", "livenessProbe"):
-                if "grpc" not in c.get(probe, {}):
-                    fail(f"{owner}: worker {probe} is not a gRPC probe")
+                if kind not in c.get(probe, {}):
+                    fail(f"{owner}: worker {probe} is not a {kind} probe")
+            coordinator = [a for a in args if a.startswith("--coordinator=")]
+            if coordinator and coordinator[0].startswith("--coordinator=https://") != mtls:
+                fail(f"{owner}: {coordinator[0]} does not match mutual TLS {'on' if mtls else 'off'}")
             if "--advertise-host=$(POD_IP)" not in args:
                 fail(f"{owner}: worker does not advertise its pod IP")
+        # Every certificate file a flag names lies in a mounted Secret volume.
+        secret_volumes = {v["name"] for v in spec.get("volumes", []) if "secret" in v}
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+        for a in args:
+            if a.split("=", 1)[0] in ("--tls-cert", "--tls-key", "--tls-ca", "--etcd-cacert", "--etcd-cert",
+                                      "--etcd-key"):
+                folder = a.split("=", 1)[1].rsplit("/", 1)[0]
+                if mounts.get(folder) not in secret_volumes:
+                    fail(f"{owner}: {a} is not in a mounted Secret")
 
 for d in docs:
     kind, name = d.get("kind"), d.get("metadata", {}).get("name")
@@ -209,6 +224,11 @@ check "direct registration, no etcd" --set registration.mode=direct --set coordi
 check "external etcd, hostPath model, anti-affinity" --set etcd.enabled=false \
   --set 'etcd.endpoints={http://etcd-a.example:2379,http://etcd-b.example:2379}' \
   --set model.volume.type=hostPath --set workers.podAntiAffinity=hard --set engine.prefixCaching=false
+check "mutual TLS, external etcd over TLS" --set etcd.enabled=false \
+  --set 'etcd.endpoints={https://etcd-a.example:2379}' --set etcd.tls.secretName=etcd-client \
+  --set tls.secretName=caravan-tls
+check "mutual TLS, direct registration" --set registration.mode=direct --set coordinator.replicaCount=1 \
+  --set tls.secretName=caravan-tls
 
 log "broken values must be refused"
 refuse "tp 0" --set tp=0
@@ -223,5 +243,10 @@ refuse "cuda device without a GPU" --set workers.device=cuda:0
 refuse "GPU requested for a cpu worker" --set workers.device=cpu --set workers.gpu.count=1
 refuse "batched tokens below batch size" --set engine.maxBatchSize=512 --set engine.maxNumBatchedTokens=256
 refuse "API keys Secret with an invalid name" --set auth.apiKeysSecret=Caravan_Keys
+refuse "etcd TLS for the chart's own etcd" --set etcd.tls.secretName=etcd-client
+refuse "https etcd endpoint without etcd TLS" --set etcd.enabled=false --set 'etcd.endpoints={https://etcd:2379}'
+refuse "http etcd endpoint with etcd TLS" --set etcd.enabled=false --set 'etcd.endpoints={http://etcd:2379}' \
+  --set etcd.tls.secretName=etcd-client
+refuse "TLS Secret with an invalid name" --set tls.secretName=Caravan_TLS
 
 log "ok: helm lint, $validated renders validated against Kubernetes ${KUBE_VERSIONS[*]} (strict), $refused broken values refused"

@@ -13,7 +13,10 @@ use tokio::time::Instant;
 
 use anyhow::{Context, Result};
 use caravan_proto::{self as pb, etcd};
-use etcd_client::{Client, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, WatchOptions};
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, TlsOptions,
+    WatchOptions,
+};
 use prost::Message;
 use tokio::sync::watch;
 
@@ -59,8 +62,15 @@ impl Drop for Leadership {
 }
 
 impl Etcd {
-    pub async fn connect(endpoints: &[String], prefix: &str, lease_ttl: i64) -> Result<Self> {
-        let client = Client::connect(endpoints, None)
+    /// A client of `endpoints`, over TLS with `tls` (`--etcd-cacert` and friends).
+    pub async fn connect(
+        endpoints: &[String],
+        tls: Option<TlsOptions>,
+        prefix: &str,
+        lease_ttl: i64,
+    ) -> Result<Self> {
+        let options = tls.map(|tls| ConnectOptions::new().with_tls(tls));
+        let client = Client::connect(endpoints, options)
             .await
             .with_context(|| format!("connecting to etcd at {endpoints:?}"))?;
         Ok(Etcd {

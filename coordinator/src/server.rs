@@ -132,6 +132,8 @@ pub struct ServeArgs {
     pub otlp_endpoint: Option<String>,
     #[command(flatten)]
     pub tls: caravan_proto::tls::TlsArgs,
+    #[command(flatten)]
+    pub etcd_tls: caravan_proto::tls::EtcdTlsArgs,
     /// Require `Authorization: Bearer KEY` on the HTTP API (repeat, or comma-separate, for
     /// several keys).
     #[arg(
@@ -159,6 +161,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         bail!("--tensor-parallel-size must be at least 1");
     }
     let tls = args.tls.load()?;
+    let etcd_tls = args.etcd_tls.client_config_for(&args.etcd_endpoints)?;
     let api_keys = api::auth::ApiKeys::load(
         &args.api_key,
         args.api_key_file.as_deref(),
@@ -321,7 +324,13 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let etcd = match args.etcd_endpoints.is_empty() {
         true => None,
         false => {
-            Some(Etcd::connect(&args.etcd_endpoints, &args.etcd_prefix, args.etcd_lease_ttl).await?)
+            let etcd = Etcd::connect(
+                &args.etcd_endpoints,
+                etcd_tls,
+                &args.etcd_prefix,
+                args.etcd_lease_ttl,
+            );
+            Some(etcd.await?)
         }
     };
     let advertise_url = args

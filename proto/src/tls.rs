@@ -47,6 +47,85 @@ impl TlsArgs {
     }
 }
 
+/// TLS to etcd, with etcdctl's names for the files: the CA that etcd's server certificate must
+/// be signed by turns it on (the endpoints must then be `https://`), and a client certificate
+/// and key are presented to an etcd started with `--client-cert-auth`. Separate from the
+/// cluster's own `--tls-*` files, since etcd usually has a CA of its own.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EtcdTlsArgs {
+    /// CA certificate (PEM) that etcd's server certificate must be signed by; turns on TLS to
+    /// etcd (--etcd-endpoints must then be https:// URLs).
+    #[arg(long, env = "CARAVAN_ETCD_CACERT")]
+    pub etcd_cacert: Option<PathBuf>,
+    /// Client certificate (PEM) to present to etcd (for etcd's --client-cert-auth); needs
+    /// --etcd-key and --etcd-cacert.
+    #[arg(long, env = "CARAVAN_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, env = "CARAVAN_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    /// The TLS settings for a client of etcd at `endpoints`, or `None` for plaintext. Reads and
+    /// checks the files now, and that the endpoints' scheme agrees, so a mistake fails at
+    /// start-up with the flag to fix.
+    pub fn client_config_for(&self, endpoints: &[String]) -> Result<Option<ClientTlsConfig>> {
+        let config = self.client_config()?;
+        for endpoint in endpoints {
+            match (endpoint.starts_with("https://"), config.is_some()) {
+                (true, false) => bail!(
+                    "etcd endpoint {endpoint} is https:// but --etcd-cacert is not given: pass \
+                     etcd's CA certificate (and --etcd-cert/--etcd-key if etcd requires client \
+                     certificates)"
+                ),
+                (false, true) => bail!(
+                    "--etcd-cacert turns on TLS to etcd, but endpoint {endpoint} is not https://"
+                ),
+                _ => {}
+            }
+        }
+        Ok(config)
+    }
+
+    /// The TLS settings for the etcd client, or `None` for plaintext. Reads and checks the files
+    /// now, so a missing one fails at start-up.
+    pub fn client_config(&self) -> Result<Option<ClientTlsConfig>> {
+        let identity = match (&self.etcd_cert, &self.etcd_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(Identity::from_pem(
+                read_pem(cert, "etcd client certificate")?,
+                read_pem(key, "etcd client key")?,
+            )),
+            _ => bail!("--etcd-cert and --etcd-key go together: give both or neither"),
+        };
+        let Some(ca) = &self.etcd_cacert else {
+            if identity.is_some() {
+                bail!(
+                    "--etcd-cert needs --etcd-cacert, the CA that etcd's certificate is signed by"
+                );
+            }
+            return Ok(None);
+        };
+        let config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(ca, "etcd CA")?));
+        Ok(Some(match identity {
+            Some(identity) => config.identity(identity),
+            None => config,
+        }))
+    }
+}
+
+/// The contents of the PEM file at `path` (the `what` of an error message).
+fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let pem =
+        std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))?;
+    if !pem.windows(10).any(|w| w == b"-----BEGIN") {
+        bail!("{} is not a PEM file (the {what})", path.display());
+    }
+    Ok(pem)
+}
+
 /// A node's certificate and key, and the CA its peers must be signed by.
 #[derive(Clone)]
 pub struct ClusterTls {
@@ -92,17 +171,9 @@ impl ClusterTls {
             (Some(c), Some(k), Some(a)) => (c, k, a),
             _ => bail!("--tls-cert, --tls-key and --tls-ca go together: give all three or none"),
         };
-        let read = |path: &Path, what: &str| -> Result<Vec<u8>> {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("reading the TLS {what} {}", path.display()))?;
-            if !pem.windows(10).any(|w| w == b"-----BEGIN") {
-                bail!("{} is not a PEM file (the TLS {what})", path.display());
-            }
-            Ok(pem)
-        };
-        let cert_pem = read(cert, "certificate")?;
-        let key_pem = read(key, "key")?;
-        let ca_pem = read(ca, "CA certificate")?;
+        let cert_pem = read_pem(cert, "TLS certificate")?;
+        let key_pem = read_pem(key, "TLS key")?;
+        let ca_pem = read_pem(ca, "TLS CA certificate")?;
         let server_name = server_name.unwrap_or(DEFAULT_SERVER_NAME).to_string();
         Ok(Some(ClusterTls {
             identity: Identity::from_pem(cert_pem, key_pem),
@@ -177,6 +248,55 @@ mod tests {
             format!("{err:#}").contains("/nonexistent/cert.pem"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn etcd_tls_needs_its_ca_and_both_halves_of_an_identity() {
+        let args = |ca: Option<&str>, cert: Option<&str>, key: Option<&str>| EtcdTlsArgs {
+            etcd_cacert: ca.map(PathBuf::from),
+            etcd_cert: cert.map(PathBuf::from),
+            etcd_key: key.map(PathBuf::from),
+        };
+        assert!(args(None, None, None).client_config().unwrap().is_none());
+        let err = args(Some("ca"), Some("c"), None)
+            .client_config()
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("go together"), "{err}");
+        let folder = std::env::temp_dir().join(format!("caravan-etcd-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&folder).unwrap();
+        let pem = folder.join("x.pem");
+        std::fs::write(
+            &pem,
+            "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let pem = pem.to_str().unwrap();
+        let err = args(None, Some(pem), Some(pem))
+            .client_config()
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("needs --etcd-cacert"), "{err}");
+        let err = args(Some("/nonexistent/ca.pem"), None, None)
+            .client_config()
+            .err()
+            .unwrap();
+        assert!(
+            format!("{err:#}").contains("/nonexistent/ca.pem"),
+            "{err:#}"
+        );
+        let not_pem = folder.join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let err = args(not_pem.to_str(), None, None)
+            .client_config()
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("not a PEM file"), "{err}");
+        assert!(args(Some(pem), Some(pem), Some(pem))
+            .client_config()
+            .unwrap()
+            .is_some());
+        std::fs::remove_dir_all(&folder).unwrap();
     }
 
     #[test]

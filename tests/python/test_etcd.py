@@ -15,6 +15,7 @@ import base64
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -34,26 +35,40 @@ LEASE_TTL_S = 2
 
 class EtcdServer:
     """A single-member etcd on loopback that can be stopped and started again on the same ports
-    and data (a restart, or an outage)."""
+    and data (a restart, or an outage). With `tls` ({"cert", "key", "ca"}), it serves HTTPS with
+    that certificate and requires client certificates signed by that CA (`--client-cert-auth`)."""
 
-    def __init__(self):
+    def __init__(self, tls=None):
         self.binary = shutil.which("etcd")
         if self.binary is None:
             pytest.fail("etcd not found: scripts/setup.sh installs Debian's etcd-server", pytrace=False)
         self.client_port, self.peer_port = free_port(), free_port()
         self.data = tempfile.mkdtemp(prefix="caravan-etcd-")
-        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.client_port}"
         self.proc = None
+
+    def http(self):
+        """A client of the JSON gateway, with the server's own certificate as its identity."""
+        if not self.tls:
+            return httpx.Client(base_url=self.url, timeout=5)
+        context = ssl.create_default_context(cafile=str(self.tls["ca"]))
+        context.load_cert_chain(str(self.tls["cert"]), str(self.tls["key"]))
+        return httpx.Client(base_url=self.url, timeout=5, verify=context)
 
     def start(self):
         peer = f"http://127.0.0.1:{self.peer_port}"
+        tls = []
+        if self.tls:
+            tls = ["--cert-file", str(self.tls["cert"]), "--key-file", str(self.tls["key"]),
+                   "--trusted-ca-file", str(self.tls["ca"]), "--client-cert-auth"]
         self.proc = subprocess.Popen(
             [self.binary, "--name", "caravan-test", "--data-dir", self.data,
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"caravan-test={peer}"],
+             "--initial-cluster", f"caravan-test={peer}", *tls],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        with httpx.Client(base_url=self.url, timeout=2) as http:
+        with self.http() as http:
             deadline = time.monotonic() + 30
             while True:
                 try:
@@ -74,8 +89,9 @@ class EtcdServer:
         """The keys under `prefix`, through etcd's JSON gateway."""
         b64 = lambda b: base64.b64encode(b).decode()
         end = prefix.encode()[:-1] + bytes([prefix.encode()[-1] + 1])
-        r = httpx.post(f"{self.url}/v3/kv/range", json={"key": b64(prefix.encode()), "range_end": b64(end),
-                                                         "keys_only": True}, timeout=5)
+        with self.http() as http:
+            r = http.post("/v3/kv/range", json={"key": b64(prefix.encode()), "range_end": b64(end),
+                                                "keys_only": True})
         r.raise_for_status()
         return [base64.b64decode(kv["key"]).decode() for kv in r.json().get("kvs", [])]
 
@@ -103,10 +119,10 @@ def own_etcd():
         shutil.rmtree(etcd.data, ignore_errors=True)
 
 
-def start_worker(etcd_url, prefix, lease_ttl=LEASE_TTL_S):
+def start_worker(etcd_url, prefix, lease_ttl=LEASE_TTL_S, extra=()):
     return subprocess.Popen([str(bin_path("caravan-worker")), "--etcd-endpoints", etcd_url,
                              "--etcd-prefix", prefix, "--etcd-lease-ttl", str(lease_ttl),
-                             "--listen", "127.0.0.1:0"],
+                             "--listen", "127.0.0.1:0", *map(str, extra)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
 

@@ -41,8 +41,8 @@ def make_ca(folder: Path, name: str):
             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
 
 
-def make_node(folder: Path, ca: str, name: str) -> dict:
-    (folder / "node.ext").write_text(f"subjectAltName=DNS:{SERVER_NAME}\nbasicConstraints=CA:FALSE\n"
+def make_node(folder: Path, ca: str, name: str, san: str = f"DNS:{SERVER_NAME}") -> dict:
+    (folder / "node.ext").write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
                                      "keyUsage=critical,digitalSignature\n"
                                      "extendedKeyUsage=serverAuth,clientAuth\n")
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use caravan_proto::{self as pb, etcd};
-use etcd_client::{Client, PutOptions};
+use etcd_client::{Client, ConnectOptions, PutOptions};
 use prost::Message;
 
 /// Where and how to register.
@@ -17,6 +17,8 @@ pub struct EtcdRegistration {
     /// Lease time-to-live in seconds: how long a dead worker stays listed.
     pub lease_ttl: i64,
     pub worker_id: String,
+    /// TLS to etcd (`--etcd-cacert` and friends), or `None` for plaintext.
+    pub tls: Option<etcd_client::TlsOptions>,
 }
 
 impl EtcdRegistration {
@@ -40,10 +42,18 @@ impl EtcdRegistration {
 
     /// One lease: grant, put, renew until renewal fails.
     async fn hold(&self, key: &str, value: &[u8], first: &mut bool) -> Result<()> {
-        let mut client = Client::connect(&self.endpoints, None)
+        let options = self
+            .tls
+            .clone()
+            .map(|tls| ConnectOptions::new().with_tls(tls));
+        let mut client = Client::connect(&self.endpoints, options)
             .await
             .with_context(|| format!("connecting to etcd at {:?}", self.endpoints))?;
-        let lease = client.lease_grant(self.lease_ttl, None).await?.id();
+        let lease = client
+            .lease_grant(self.lease_ttl, None)
+            .await
+            .with_context(|| format!("taking a lease from etcd at {:?}", self.endpoints))?
+            .id();
         client
             .put(key, value, Some(PutOptions::new().with_lease(lease)))
             .await

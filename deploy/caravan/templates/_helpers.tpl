@@ -214,6 +214,59 @@ podAntiAffinity:
 {{- end }}
 {{- end }}
 
+{{/* Whether the pods talk to etcd over TLS (an external etcd, etcd.tls.secretName). */}}
+{{- define "caravan.etcdTls" -}}
+{{- if and (eq .Values.registration.mode "etcd") .Values.etcd.tls.secretName }}true{{ end }}
+{{- end }}
+
+{{/* Flags of mutual TLS (tls.secretName) and of TLS to etcd, for the coordinator and the
+workers, read from the Secrets that caravan.tlsVolumes mounts. */}}
+{{- define "caravan.tlsArgs" -}}
+{{- if .Values.tls.secretName }}
+- --tls-cert=/etc/caravan/tls/tls.crt
+- --tls-key=/etc/caravan/tls/tls.key
+- --tls-ca=/etc/caravan/tls/ca.crt
+- {{ printf "--tls-server-name=%s" .Values.tls.serverName | quote }}
+{{- end }}
+{{- if include "caravan.etcdTls" . }}
+- --etcd-cacert=/etc/caravan/etcd-tls/ca.crt
+- --etcd-cert=/etc/caravan/etcd-tls/tls.crt
+- --etcd-key=/etc/caravan/etcd-tls/tls.key
+{{- end }}
+{{- end }}
+
+{{/* The volume mounts behind caravan.tlsArgs. */}}
+{{- define "caravan.tlsMounts" -}}
+{{- if .Values.tls.secretName }}
+- name: tls
+  mountPath: /etc/caravan/tls
+  readOnly: true
+{{- end }}
+{{- if include "caravan.etcdTls" . }}
+- name: etcd-tls
+  mountPath: /etc/caravan/etcd-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The volumes behind caravan.tlsMounts: each Secret's ca.crt, tls.crt and tls.key. */}}
+{{- define "caravan.tlsVolumes" -}}
+{{- range $volume, $secret := dict "tls" .Values.tls.secretName "etcd-tls" (ternary .Values.etcd.tls.secretName "" (eq (include "caravan.etcdTls" $) "true")) }}
+{{- if $secret }}
+- name: {{ $volume }}
+  secret:
+    secretName: {{ $secret | quote }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Settings no schema can express; a broken combination fails the render with the reason. */}}
 {{- define "caravan.validate" -}}
 {{- $v := .Values }}
@@ -222,6 +275,19 @@ podAntiAffinity:
 {{- end }}
 {{- if and (eq $v.registration.mode "etcd") (not $v.etcd.enabled) (empty $v.etcd.endpoints) }}
 {{- fail "registration.mode etcd with etcd.enabled false needs etcd.endpoints (the external etcd's client URLs)" }}
+{{- end }}
+{{- if and $v.etcd.enabled $v.etcd.tls.secretName }}
+{{- fail "etcd.tls.secretName is for an external etcd (etcd.enabled false): the chart's own etcd serves plaintext on the release's network" }}
+{{- end }}
+{{- if not $v.etcd.enabled }}
+{{- range $v.etcd.endpoints }}
+{{- if and (hasPrefix "https://" .) (not $v.etcd.tls.secretName) }}
+{{- fail (printf "etcd endpoint %s is https:// but etcd.tls.secretName is empty: the pods need etcd's CA (ca.crt) and a client certificate" .) }}
+{{- end }}
+{{- if and (hasPrefix "http://" .) $v.etcd.tls.secretName }}
+{{- fail (printf "etcd endpoint %s is http:// but etcd.tls.secretName is set: TLS to etcd needs https:// endpoints" .) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and $v.etcd.enabled (not $v.etcd.persistence.enabled) (gt (int $v.etcd.replicaCount) 1) }}
 {{- fail "etcd.persistence.enabled false works only with etcd.replicaCount 1: a member restarted without its data cannot rejoin the cluster" }}

@@ -74,7 +74,7 @@ spec:
         {{- if eq .Values.registration.mode "etcd" }}
         {{- include "caravan.etcdArgs" . | nindent 8 }}
         {{- else }}
-        - --coordinator=http://{{ printf "%s-registration" (include "caravan.coordinator.fullname" .) | trunc 63 | trimSuffix "-" }}:{{ .Values.coordinator.ports.grpc }}
+        - --coordinator={{ if .Values.tls.secretName }}https{{ else }}http{{ end }}://{{ printf "%s-registration" (include "caravan.coordinator.fullname" .) | trunc 63 | trimSuffix "-" }}:{{ .Values.coordinator.ports.grpc }}
         {{- end }}
         - --listen=0.0.0.0:{{ $w.ports.grpc }}
         - --ring-addr=0.0.0.0:{{ $w.ports.ring }}
@@ -82,6 +82,9 @@ spec:
         - --advertise-host=$(POD_IP)
         - {{ printf "--device=%s" $device | quote }}
         {{- with include "caravan.commonArgs" . | trim }}
+        {{- . | nindent 8 }}
+        {{- end }}
+        {{- with include "caravan.tlsArgs" . | trim }}
         {{- . | nindent 8 }}
         {{- end }}
         {{- with $w.extraArgs }}
@@ -100,19 +103,31 @@ spec:
           containerPort: {{ $w.ports.ring }}
           protocol: TCP
       # grpc.health.v1.Health on the worker's gRPC port (gRPC probes take a port number only).
+      # With mutual TLS the port wants a client certificate, which kubelet's gRPC probe cannot
+      # present: the probes then check that the port accepts connections.
       readinessProbe:
+        {{- if .Values.tls.secretName }}
+        tcpSocket:
+          port: {{ $w.ports.grpc }}
+        {{- else }}
         grpc:
           port: {{ $w.ports.grpc }}
           {{- with $w.readinessProbe.service }}
           service: {{ . | quote }}
           {{- end }}
+        {{- end }}
         {{- toYaml (omit $w.readinessProbe "service") | nindent 8 }}
       livenessProbe:
+        {{- if .Values.tls.secretName }}
+        tcpSocket:
+          port: {{ $w.ports.grpc }}
+        {{- else }}
         grpc:
           port: {{ $w.ports.grpc }}
           {{- with $w.livenessProbe.service }}
           service: {{ . | quote }}
           {{- end }}
+        {{- end }}
         {{- toYaml (omit $w.livenessProbe "service") | nindent 8 }}
       {{- $resources := deepCopy (default dict $w.resources) }}
       {{- if gt (int $w.gpu.count) 0 }}
@@ -136,6 +151,9 @@ spec:
           mountPath: /dev/shm
         - name: tmp
           mountPath: /tmp
+        {{- with include "caravan.tlsMounts" . | trim }}
+        {{- . | nindent 8 }}
+        {{- end }}
   volumes:
     {{- include "caravan.modelVolume" . | nindent 4 }}
     - name: dshm
@@ -146,4 +164,7 @@ spec:
         {{- end }}
     - name: tmp
       emptyDir: {}
+    {{- with include "caravan.tlsVolumes" . | trim }}
+    {{- . | nindent 4 }}
+    {{- end }}
 {{- end }}

@@ -68,6 +68,8 @@ struct Args {
     otlp_endpoint: Option<String>,
     #[command(flatten)]
     tls: caravan_proto::tls::TlsArgs,
+    #[command(flatten)]
+    etcd_tls: caravan_proto::tls::EtcdTlsArgs,
     /// Exit when standard input closes (set by a coordinator that spawned this worker, so that
     /// workers never outlive it).
     #[arg(long, hide = true)]
@@ -152,6 +154,7 @@ async fn run(args: Args) -> Result<()> {
         None => grpc_addr.ip().to_string(),
     };
     let tls = args.tls.load()?;
+    let etcd_tls = args.etcd_tls.client_config_for(&args.etcd_endpoints)?;
     let advertised_grpc = caravan_proto::tls::with_scheme(
         &join_host_port(&advertise, grpc_addr.port()),
         tls.is_some(),
@@ -220,6 +223,7 @@ async fn run(args: Args) -> Result<()> {
             prefix: args.etcd_prefix.clone(),
             lease_ttl: args.etcd_lease_ttl.max(1),
             worker_id: format!("{}-{}", identity.host, std::process::id()),
+            tls: etcd_tls,
         };
         tokio::spawn(registration_in_etcd.run(registration))
     };
