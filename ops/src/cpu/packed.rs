@@ -209,6 +209,7 @@ mod tests {
                     (100, 40, 48),
                     (1, 20, 33),
                     (1, 261, 19),
+                    (13, 40, 2),
                 ] {
                     let (x, w) = (random(&[m, k], kind), random(&[n, k], kind));
                     let packed = packed(&w);

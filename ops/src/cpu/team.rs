@@ -1,6 +1,7 @@
-//! A fixed team of threads for the CPU kernels: each product is split into one part per thread,
-//! the calling thread runs part 0, and the team's threads, which poll for work between products
-//! instead of sleeping, run the others.
+//! A fixed team of threads for the CPU kernels: [`Team::run`] runs one part per thread, the
+//! calling thread part 0, and the team's threads, which poll for work between products instead of
+//! sleeping, the others; [`Team::share`] on top of it hands out runs of work to whichever thread
+//! is free.
 //!
 //! A decode token makes ~60 products of a few milliseconds' total; a thread woken from sleep for
 //! each one (rayon's pool, before) started tens of microseconds late, and the caller waited for
@@ -134,10 +135,11 @@ impl Team {
 
     /// Runs `work` over `0..items` in ranges of `grain` (the last may be shorter), each range
     /// once, claimed in order by whichever thread of the team is free: a thread that the system
-    /// delays (another process on its core) takes fewer ranges instead of holding up the rest.
+    /// delays (another process on its core) takes fewer ranges, and the rest are not left
+    /// waiting for its share (the call still returns only once every thread has checked in).
     /// Returns when every range is done; panics as [`Team::run`].
     pub fn share(&self, items: usize, grain: usize, work: &(dyn Fn(Range<usize>) + Sync)) {
-        let grain = grain.max(1);
+        let grain = grain.clamp(1, items.max(1));
         let next = AtomicUsize::new(0);
         self.run(&|_| loop {
             let start = next.fetch_add(grain, Ordering::Relaxed);
@@ -252,12 +254,14 @@ mod tests {
                 "{items} items in ranges of {grain}"
             );
         }
-        // Range 0 does not finish until every other range has been done by someone else.
+        // Range 0 does not finish until every other range has been done by someone else (or a
+        // deadline passes, so that a regression fails instead of hanging).
         let (items, done) = (12, AtomicUsize::new(0));
+        let deadline = Instant::now() + Duration::from_secs(10);
         team.share(items, 1, &|range| {
             if range.start == 0 {
-                while done.load(Ordering::Acquire) < items - 1 {
-                    std::hint::spin_loop();
+                while done.load(Ordering::Acquire) < items - 1 && Instant::now() < deadline {
+                    std::thread::yield_now();
                 }
             } else {
                 done.fetch_add(1, Ordering::Release);
@@ -323,6 +327,29 @@ mod tests {
                             ran.fetch_add(1, Ordering::Relaxed);
                         });
                         assert_eq!(ran.load(Ordering::Relaxed), 2);
+                    }
+                });
+            }
+        });
+    }
+
+    /// Two threads sharing work at once (one of them then runs every range itself): each call
+    /// still covers its items exactly once.
+    #[test]
+    fn concurrent_shares_each_cover_their_items() {
+        let team = Team::new(2).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..500 {
+                        let counts: Vec<AtomicUsize> =
+                            (0..9).map(|_| AtomicUsize::new(0)).collect();
+                        team.share(9, 2, &|range| {
+                            range.for_each(|i| {
+                                counts[i].fetch_add(1, Ordering::Relaxed);
+                            });
+                        });
+                        assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
                     }
                 });
             }

@@ -127,8 +127,8 @@ pub unsafe fn panels<W: Element, O: Scalar>(
 ) {
     let panel_len = k * PANEL;
     assert!(w.len().is_multiple_of(panel_len) && x.len() == m * k && columns <= w.len() / k);
-    // Rows of `x` per sweep over this thread's panels: their activations (up to 48 * k f32) stay
-    // in L2 while each panel is read once from memory per sweep.
+    // Rows of `x` per sweep over this run's panels: their activations (up to 48 * k f32) stay in
+    // L2 while each panel is read once from memory per sweep.
     const SWEEP: usize = 8 * GROUP;
     if m == 1 {
         return unsafe { one_row(w, k, x, y, columns) };
@@ -143,7 +143,7 @@ pub unsafe fn panels<W: Element, O: Scalar>(
             // The next panel, which this panel's groups pull towards the cache while they
             // compute, each its share, so the next panel does not start with a wait on memory
             // and the memory bus does not idle while a later group runs from cache. With one
-            // group (m <= 6) the hardware prefetcher alone does better.
+            // group (a sweep of 6 rows or fewer) the hardware prefetcher alone does better.
             let next = w.get((p + 1) * panel_len..(p + 2) * panel_len);
             // The sweep's rows in groups as even as they can be (32 rows: 6, 6, 5, 5, 5, 5, not
             // five of 6 and one of 2): a group of R rows keeps 2R accumulator chains going, and
@@ -256,8 +256,8 @@ unsafe fn one_row<W: Element, O: Scalar>(w: &[W], k: usize, x: &[f32], y: &Out<O
 }
 
 /// The sixteen outputs of one panel for `R` consecutive rows of `x` (row length `k`). With
-/// `AHEAD`, it also prefetches `ahead` (a share of the next panel) meanwhile, one cache line per
-/// 64 bytes, spread evenly over the loop.
+/// `AHEAD`, it also prefetches `ahead` (a share of the next panel) meanwhile: each of its 64-byte
+/// lines once, at even intervals from the start of the loop.
 ///
 /// # Safety
 /// `panel..panel + k * PANEL` and `x..x + R * k` must be readable; AVX2, FMA and F16C.
@@ -269,21 +269,20 @@ unsafe fn block<W: Element, const R: usize, const AHEAD: bool>(
     ahead: &[W],
 ) -> [[__m256; 2]; R] {
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    // Prefetch a line every `every` iterations, `lines` lines in all.
+    // Prefetch a line every `every` iterations until all `lines` are asked for (`lines <= k`:
+    // a share is at most a panel, one line or less per `k`).
     let lines = size_of_val(ahead) / 64;
-    let every = match lines {
-        0 => usize::MAX,
-        _ => k.div_ceil(lines),
-    };
-    let (mut line, mut countdown) = (ahead.as_ptr().cast::<u8>(), 0);
+    let every = k / lines.max(1);
+    let (mut line, mut left, mut countdown) = (ahead.as_ptr().cast::<u8>(), lines, 0);
     for kk in 0..k {
         // SAFETY: kk < k, so the panel's values for kk and x[i][kk] for i < R are in bounds; a
         // prefetch of any address is harmless.
         unsafe {
-            if AHEAD {
+            if AHEAD && left > 0 {
                 if countdown == 0 {
                     _mm_prefetch::<_MM_HINT_T0>(line.cast());
                     line = line.wrapping_add(64);
+                    left -= 1;
                     countdown = every;
                 }
                 countdown -= 1;
@@ -429,13 +428,15 @@ fn sum8x8(v: [__m256; 8]) -> __m256 {
     )
 }
 
-/// The eight lanes of `v` added in a fixed order.
-#[inline(always)]
+/// The eight lanes of `v` added in [`sum8x8`]'s order, so a score does not depend on whether its
+/// position fell in a run of eight.
+#[inline]
+#[target_feature(enable = "avx")]
 fn sum8(v: __m256) -> f32 {
-    // SAFETY: only called from functions whose CPU has AVX.
-    unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_hadd_ps(s, s);
-        _mm_cvtss_f32(_mm_hadd_ps(s, s))
-    }
+    let pairs = _mm256_hadd_ps(v, v);
+    let halves = _mm256_hadd_ps(pairs, pairs);
+    _mm_cvtss_f32(_mm_add_ps(
+        _mm256_castps256_ps128(halves),
+        _mm256_extractf128_ps::<1>(halves),
+    ))
 }
