@@ -85,6 +85,15 @@ class EtcdServer:
             self.proc.terminate()
             self.proc.wait()
 
+    def __enter__(self):
+        """Started; stopped and its data removed on leaving."""
+        self.start()
+        return self
+
+    def __exit__(self, *_):
+        self.stop()
+        shutil.rmtree(self.data, ignore_errors=True)
+
     def keys(self, prefix: str) -> list:
         """The keys under `prefix`, through etcd's JSON gateway."""
         b64 = lambda b: base64.b64encode(b).decode()
@@ -98,25 +107,15 @@ class EtcdServer:
 
 @pytest.fixture(scope="module")
 def etcd_url():
-    etcd = EtcdServer()
-    etcd.start()
-    try:
+    with EtcdServer() as etcd:
         yield etcd.url
-    finally:
-        etcd.stop()
-        shutil.rmtree(etcd.data, ignore_errors=True)
 
 
 @pytest.fixture
 def own_etcd():
     """An etcd of the test's own, for tests that stop it."""
-    etcd = EtcdServer()
-    etcd.start()
-    try:
+    with EtcdServer() as etcd:
         yield etcd
-    finally:
-        etcd.stop()
-        shutil.rmtree(etcd.data, ignore_errors=True)
 
 
 def start_worker(etcd_url, prefix, lease_ttl=LEASE_TTL_S, extra=()):

@@ -11,7 +11,6 @@ openssl.
 
 Run: .venv/bin/python -m pytest tests/python/test_etcd_tls.py  (after `cargo build --workspace --bins`)
 """
-import shutil
 import uuid
 
 import openai
@@ -42,14 +41,9 @@ def etcd_pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tls_etcd(etcd_pki):
-    etcd = EtcdServer(tls={"cert": etcd_pki["server"]["cert"], "key": etcd_pki["server"]["key"],
-                           "ca": etcd_pki["ca"]})
-    etcd.start()
-    try:
+    tls = {"cert": etcd_pki["server"]["cert"], "key": etcd_pki["server"]["key"], "ca": etcd_pki["ca"]}
+    with EtcdServer(tls=tls) as etcd:
         yield etcd
-    finally:
-        etcd.stop()
-        shutil.rmtree(etcd.data, ignore_errors=True)
 
 
 def etcd_tls_args(pki, node=None):
