@@ -35,7 +35,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "python"))
-from conftest import Coordinator  # noqa: E402  (starts and stops a coordinator process)
+from conftest import Coordinator, sse_lines  # noqa: E402  (a coordinator process; SSE lines)
 
 
 def log(msg):
@@ -55,7 +55,7 @@ def token_times(http, body):
     with http.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.read()[:300]!r}")
-        for line in resp.iter_lines():
+        for line in sse_lines(resp):
             if not line.startswith("data:") or line.endswith("[DONE]"):
                 continue
             event = json.loads(line[5:])

@@ -200,6 +200,19 @@ def server(request, checkpoint, coordinator_bin):
 # Helpers for tests that start their own coordinators
 
 
+def sse_lines(resp: httpx.Response):
+    """The lines of a streamed (server-sent events) response, split only at LF (a CR before it
+    dropped), as Caravan's server ends them. httpx's `iter_lines` also splits at U+2028, U+0085
+    and the other breaks of `str.splitlines`, which a token's text may hold inside a JSON string."""
+    pending = b""
+    for chunk in resp.iter_bytes():
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode("utf-8")
+    if pending:
+        yield pending.removesuffix(b"\r").decode("utf-8")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

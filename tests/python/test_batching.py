@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import Coordinator, metrics
+from conftest import Coordinator, metrics, sse_lines
 
 TIMEOUT_S = 120.0
 IDLE_DEADLINE_S = 10.0
@@ -109,7 +109,7 @@ def test_cancelled_streams_free_their_blocks(chunked, reference):
             with http.stream("POST", "/v1/completions", json=body) as resp:
                 assert resp.status_code == 200
                 events = 0
-                for line in resp.iter_lines():
+                for line in sse_lines(resp):
                     events += line.startswith("data:")
                     if events == 2:
                         return True  # leaving the block closes the connection mid-stream
@@ -188,7 +188,7 @@ def test_full_queue_answers_429(checkpoint, reference):
         assert running.status_code == 200
         # The first event: this request holds the only batch slot. (Keep the iterator: dropping it
         # closes the response, which cancels the request.)
-        running_lines = running.iter_lines()
+        running_lines = sse_lines(running)
         next(running_lines)
         # A streamed response starts once its request is admitted: start this one in the background.
         queued = concurrent.futures.ThreadPoolExecutor(1)

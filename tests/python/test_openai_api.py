@@ -19,6 +19,8 @@ import httpx
 import openai
 import pytest
 
+from conftest import sse_lines
+
 TIMEOUT_S = 60.0
 LOGPROB_TOL = 1e-3
 REPLACEMENT = "\ufffd"
@@ -131,6 +133,19 @@ def sse_payloads(lines):
             payload = line[5:]
             out.append(payload[1:] if payload.startswith(" ") else payload)
     return out
+
+
+def test_sse_lines_split_only_where_sse_does():
+    """A token's text may hold U+2028 or U+0085, which `str.splitlines` (and httpx's iter_lines)
+    treat as line breaks: the streaming tests' reader must keep such an event whole, across
+    chunk boundaries too."""
+    event = json.dumps({"text": "a\u2028b\x85c"}, ensure_ascii=False).encode()
+    body = b"data: " + event + b"\r\n\ndata: [DONE]\n\n"
+    chunks = [body[:9], body[9:10], body[10:]]
+    resp = httpx.Response(200, content=iter(chunks))
+    lines = list(sse_lines(resp))
+    assert lines == ["data: " + event.decode(), "", "data: [DONE]", ""], lines
+    assert json.loads(sse_payloads(lines)[0])["text"] == "a\u2028b\x85c"
 
 
 def assert_error(resp, status):
@@ -289,7 +304,7 @@ def test_sse_wire_format(http, server, reference, endpoint):
     with http.stream("POST", endpoint, json=body) as resp:
         assert resp.status_code == 200, resp.read()[:500]
         assert resp.headers.get("content-type", "").startswith("text/event-stream"), resp.headers
-        payloads = sse_payloads(list(resp.iter_lines()))
+        payloads = sse_payloads(list(sse_lines(resp)))
     assert payloads and payloads[-1] == "[DONE]", f"stream does not end with data: [DONE]: {payloads[-3:]!r}"
     assert payloads.count("[DONE]") == 1
     text = ""

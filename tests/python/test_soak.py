@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Coordinator, children, metrics
+from conftest import Coordinator, children, metrics, sse_lines
 from test_batching import wait_for_metric
 
 SOAK_SECONDS = float(os.environ.get("CARAVAN_SOAK_SECONDS", "45"))
@@ -80,7 +80,7 @@ def stream(http, body, cancel_after=None):
             resp.read()
             return resp.status_code, resp, None, False, None, None
         events = 0
-        for line in resp.iter_lines():
+        for line in sse_lines(resp):
             if not line.startswith("data: "):
                 continue
             data = line[len("data: "):]
