@@ -88,9 +88,8 @@ impl EtcdTlsArgs {
         Ok(config)
     }
 
-    /// The TLS settings for the etcd client, or `None` for plaintext. Reads and checks the files
-    /// now, so a missing one fails at start-up.
-    pub fn client_config(&self) -> Result<Option<ClientTlsConfig>> {
+    /// [`EtcdTlsArgs::client_config_for`] without the endpoints' check.
+    fn client_config(&self) -> Result<Option<ClientTlsConfig>> {
         let identity = match (&self.etcd_cert, &self.etcd_key) {
             (None, None) => None,
             (Some(cert), Some(key)) => Some(Identity::from_pem(

@@ -48,13 +48,13 @@ class EtcdServer:
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.client_port}"
         self.proc = None
 
-    def http(self):
+    def http(self, timeout):
         """A client of the JSON gateway, with the server's own certificate as its identity."""
         if not self.tls:
-            return httpx.Client(base_url=self.url, timeout=5)
+            return httpx.Client(base_url=self.url, timeout=timeout)
         context = ssl.create_default_context(cafile=str(self.tls["ca"]))
         context.load_cert_chain(str(self.tls["cert"]), str(self.tls["key"]))
-        return httpx.Client(base_url=self.url, timeout=5, verify=context)
+        return httpx.Client(base_url=self.url, timeout=timeout, verify=context)
 
     def start(self):
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -68,7 +68,7 @@ class EtcdServer:
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"caravan-test={peer}", *tls],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        with self.http() as http:
+        with self.http(timeout=2) as http:
             deadline = time.monotonic() + 30
             while True:
                 try:
@@ -98,7 +98,7 @@ class EtcdServer:
         """The keys under `prefix`, through etcd's JSON gateway."""
         b64 = lambda b: base64.b64encode(b).decode()
         end = prefix.encode()[:-1] + bytes([prefix.encode()[-1] + 1])
-        with self.http() as http:
+        with self.http(timeout=5) as http:
             r = http.post("/v3/kv/range", json={"key": b64(prefix.encode()), "range_end": b64(end),
                                                 "keys_only": True})
         r.raise_for_status()

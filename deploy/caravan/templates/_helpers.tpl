@@ -251,8 +251,14 @@ workers, read from the Secrets that caravan.tlsVolumes mounts. */}}
 
 {{/* The volumes behind caravan.tlsMounts: each Secret's ca.crt, tls.crt and tls.key. */}}
 {{- define "caravan.tlsVolumes" -}}
-{{- range $volume, $secret := dict "tls" .Values.tls.secretName "etcd-tls" (ternary .Values.etcd.tls.secretName "" (eq (include "caravan.etcdTls" $) "true")) }}
-{{- if $secret }}
+{{- $secrets := dict }}
+{{- with .Values.tls.secretName }}
+{{- $_ := set $secrets "tls" . }}
+{{- end }}
+{{- if include "caravan.etcdTls" . }}
+{{- $_ := set $secrets "etcd-tls" .Values.etcd.tls.secretName }}
+{{- end }}
+{{- range $volume, $secret := $secrets }}
 - name: {{ $volume }}
   secret:
     secretName: {{ $secret | quote }}
@@ -263,7 +269,6 @@ workers, read from the Secrets that caravan.tlsVolumes mounts. */}}
         path: tls.crt
       - key: tls.key
         path: tls.key
-{{- end }}
 {{- end }}
 {{- end }}
 
