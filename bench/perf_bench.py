@@ -90,6 +90,21 @@ def bandwidth(threads: int) -> dict:
 
 # --- Caravan -----------------------------------------------------------------------------------
 
+def prepare():
+    """The bench-150m checkpoint (made if missing), the release binaries (built, and used from
+    here on), and the commit measured: (model folder, short commit hash)."""
+    model_dir = REPO / "models" / f"{PRESET}-llama2"
+    python = str(REPO / ".venv" / "bin" / "python")
+    subprocess.run([python, "python/make_checkpoint.py", "--preset", PRESET, "--out", model_dir,
+                    "--tokenizer", "models/llama2-tokenizer"], cwd=REPO, check=True)
+    log("building release binaries")
+    subprocess.run(["cargo", "build", "--quiet", "--release", "--bins"], cwd=REPO, check=True)
+    os.environ["CARAVAN_BIN_DIR"] = str(REPO / "target" / "release")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    return model_dir, commit
+
+
 def stream_times(http, model, prompt, max_tokens):
     """Send time and the arrival time of every generated token of one greedy stream."""
     # logprobs makes every token its own event (otherwise a token that completes no character is
@@ -218,15 +233,7 @@ def main():
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
     args = ap.parse_args()
-    model_dir = REPO / "models" / f"{PRESET}-llama2"
-    python = str(REPO / ".venv" / "bin" / "python")
-    subprocess.run([python, "python/make_checkpoint.py", "--preset", PRESET, "--out", model_dir,
-                    "--tokenizer", "models/llama2-tokenizer"], cwd=REPO, check=True)
-    log("building release binaries")
-    subprocess.run(["cargo", "build", "--quiet", "--release", "--bins"], cwd=REPO, check=True)
-    os.environ["CARAVAN_BIN_DIR"] = str(REPO / "target" / "release")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    model_dir, commit = prepare()
 
     llama, ggufs = {}, {}
     if args.skip_llama_cpp:

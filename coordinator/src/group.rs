@@ -1,5 +1,6 @@
 //! A tensor-parallel group of workers as the coordinator sees it: one gRPC client per rank, the
-//! bring-up (load shards, warm up), and the lockstep step fan-out.
+//! bring-up (load shards, warm up), and the lockstep step fan-out (the engine's
+//! [`StepExecutor`] in production), with each failure sorted into a [`StepErrorKind`].
 
 use std::{
     sync::{
@@ -9,25 +10,29 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use caravan_proto::{self as pb, worker_client::WorkerClient};
 use futures::{future::join_all, stream::FuturesUnordered, StreamExt};
 use tonic::transport::Channel;
 
-use crate::registry::RegisteredWorker;
+use crate::{
+    executor::{StepError, StepErrorKind, StepExecutor, StepOutput, StepTimings},
+    registry::RegisteredWorker,
+    scheduler::{PlannedSequence, StepPlan},
+};
 
 /// How to load the group's shards.
 #[derive(Debug, Clone)]
 pub struct ShardPlan {
     pub model_path: String,
-    pub dtype: String,
-    pub vocab_sharding: String,
+    pub dtype: pb::Dtype,
+    pub vocab_sharding: pb::VocabSharding,
     pub kv_cache: KvCacheSize,
     pub block_size: u32,
     pub collective_timeout: Duration,
     pub threads_per_worker: u32,
     /// Mutual TLS towards the workers, when the cluster uses it.
-    pub tls: Option<caravan_proto::tls::ClusterTls>,
+    pub tls: Option<caravan_common::tls::ClusterTls>,
 }
 
 /// How big each rank's KV cache is.
@@ -112,15 +117,6 @@ impl GroupHealth {
     }
 }
 
-/// Where a rank's time went in one step.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StepTimings {
-    /// Forward pass and sampling.
-    pub compute: Duration,
-    /// Of which inside collectives.
-    pub collectives: Duration,
-}
-
 /// The ranks of one group, rank order.
 pub struct WorkerGroup {
     ranks: Vec<WorkerClient<Channel>>,
@@ -131,7 +127,16 @@ pub struct WorkerGroup {
     /// How long the other ranks may lag the first to answer a step.
     straggler_timeout: Duration,
     next_step: u64,
+    /// Sequences to forget with the next step besides the plan's own (the warm-up's).
+    pending_finished: Vec<u64>,
 }
+
+/// How long the other ranks get to refuse a step one rank refused (refusals come before any
+/// collective, within moments).
+const REFUSAL_GRACE: Duration = Duration::from_secs(2);
+
+/// The sequence id of the warm-up step (never a request's: those count up from 1).
+const WARM_UP_SEQUENCE: u64 = u64::MAX;
 
 impl WorkerGroup {
     /// Connects to `workers` (rank = position), loads every shard concurrently and runs a warm-up
@@ -145,7 +150,7 @@ impl WorkerGroup {
         let world = workers.len();
         let mut ranks = Vec::with_capacity(world);
         for w in &workers {
-            let url = caravan_proto::tls::with_scheme(&w.worker_addr, plan.tls.is_some());
+            let url = caravan_common::tls::with_scheme(&w.worker_addr, plan.tls.is_some());
             let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())?
                 .connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true);
@@ -162,6 +167,23 @@ impl WorkerGroup {
                     .max_encoding_message_size(64 << 20),
             );
         }
+        // What each rank says of itself, checked before anything is loaded.
+        let infos = join_all(ranks.iter().map(|client| {
+            let mut client = client.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), client.info(pb::InfoRequest {})).await
+            }
+        }))
+        .await
+        .into_iter()
+        .enumerate()
+        .map(|(rank, answer)| match answer {
+            Err(_) => bail!("rank {rank} did not answer Info within 5 s"),
+            Ok(Err(status)) => bail!("rank {rank}: Info: {}", status.message()),
+            Ok(Ok(response)) => Ok(response.into_inner()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+        check_members(&infos)?;
         let peers: Vec<String> = workers.iter().map(|w| w.ring_addr.clone()).collect();
         tracing::info!(world, ?peers, "forming worker group");
         // Fresh for every formation: only the ranks loaded now can join this ring.
@@ -176,8 +198,8 @@ impl WorkerGroup {
                 world_size: world as u32,
                 ring_peers: peers.clone(),
                 nccl_id: String::new(),
-                dtype: plan.dtype.clone(),
-                vocab_sharding: plan.vocab_sharding.clone(),
+                dtype: plan.dtype.into(),
+                vocab_sharding: plan.vocab_sharding.into(),
                 kv_cache_blocks,
                 kv_cache_memory_bytes,
                 group_epoch: epoch,
@@ -212,28 +234,33 @@ impl WorkerGroup {
             step_timeout: plan.collective_timeout + Duration::from_secs(30),
             straggler_timeout: plan.collective_timeout,
             next_step: 0,
+            pending_finished: Vec::new(),
         };
         group.warm_up().await.context("warm-up step")?;
         Ok(group)
     }
 
-    /// One real step through every rank (embedding, all layers, collectives, sampling).
+    /// One real step through every rank (embedding, all layers, collectives, sampling). The
+    /// ranks forget the warm-up sequence with the first real step.
     async fn warm_up(&mut self) -> Result<()> {
-        let seq = pb::SequenceStep {
-            sequence_id: u64::MAX,
-            tokens: vec![1],
-            start_position: 0,
-            block_table: vec![0],
-            sampling: Some(pb::SamplingParams::default()),
-            sample: true,
+        let plan = StepPlan {
+            sequences: vec![PlannedSequence {
+                id: WARM_UP_SEQUENCE,
+                tokens: vec![1],
+                start_position: 0,
+                admitted: Some(pb::SamplingParams::default()),
+                new_blocks: vec![0],
+                sample: true,
+            }],
+            ..StepPlan::default()
         };
-        let (tokens, _) = self
-            .step(vec![seq], &tracing::info_span!("warm_up"))
+        let output = self
+            .run_step(&plan, &tracing::info_span!("warm_up"))
             .await?;
-        if tokens.len() != 1 {
-            bail!("warm-up returned {} tokens", tokens.len());
+        if output.tokens.len() != 1 {
+            bail!("warm-up returned {} tokens", output.tokens.len());
         }
-        self.release(vec![u64::MAX]).await;
+        self.pending_finished.push(WARM_UP_SEQUENCE);
         Ok(())
     }
 
@@ -251,18 +278,36 @@ impl WorkerGroup {
         &self.workers
     }
 
+    /// The wire form of `plan`, as step `step_id`.
+    pub fn step_request(plan: &StepPlan, step_id: u64, finished: Vec<u64>) -> pb::StepRequest {
+        pb::StepRequest {
+            step_id,
+            sequences: plan
+                .sequences
+                .iter()
+                .map(|p| pb::SequenceStep {
+                    sequence_id: p.id,
+                    tokens: p.tokens.clone(),
+                    start_position: p.start_position as u32,
+                    new_blocks: p.new_blocks.clone(),
+                    admitted: p.admitted,
+                    sample: p.sample,
+                })
+                .collect(),
+            finished,
+        }
+    }
+
     /// Runs one step on every rank in lockstep; fails if any rank fails or the ranks disagree.
-    /// Returns the sampled tokens and rank 0's timings.
     /// `span`'s context travels to the workers in the requests' metadata.
-    pub async fn step(
+    async fn run_step(
         &mut self,
-        sequences: Vec<pb::SequenceStep>,
+        plan: &StepPlan,
         span: &tracing::Span,
-    ) -> Result<(Vec<pb::SampledToken>, StepTimings)> {
-        let request = pb::StepRequest {
-            step_id: self.next_step,
-            sequences,
-        };
+    ) -> Result<StepOutput, StepError> {
+        let mut finished = std::mem::take(&mut self.pending_finished);
+        finished.extend_from_slice(&plan.finished);
+        let request = Self::step_request(plan, self.next_step, finished);
         self.next_step += 1;
         let (timeout, lag) = (self.step_timeout, self.straggler_timeout);
         let mut calls: FuturesUnordered<_> = self
@@ -271,81 +316,154 @@ impl WorkerGroup {
             .enumerate()
             .map(|(rank, client)| {
                 let mut client = client.clone();
-                let worker = &self.workers[rank];
-                let who = format!("rank {rank} ({} at {})", worker.id, worker.worker_addr);
                 let mut request = tonic::Request::new(request.clone());
-                caravan_proto::telemetry::inject(span, request.metadata_mut());
+                caravan_common::telemetry::inject(span, request.metadata_mut());
                 async move {
-                    let answer = match tokio::time::timeout(timeout, client.step(request)).await {
-                        Err(_) => Err(anyhow!(
-                            "{who} timed out: no answer to the step within {timeout:?}"
-                        )),
-                        Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-                            Err(anyhow!("{who} is unreachable: {}", status.message()))
-                        }
-                        Ok(Err(status)) => Err(anyhow!("{who}: {}", status.message())),
-                        Ok(Ok(response)) => Ok(response.into_inner()),
-                    };
-                    (rank, answer)
+                    let answer = tokio::time::timeout(timeout, client.step(request)).await;
+                    (rank, answer.map(|a| a.map(tonic::Response::into_inner)))
                 }
             })
             .collect();
-        // The first failing rank fails the step: a rank cut off from the network never answers,
-        // but its peers' collectives time out and say so. If the cut comes after the step's last
-        // collective, the peers answer and only the cut-off rank's answer is lost; ranks finish
-        // a step together, so once one has answered the others get one collective timeout.
-        let mut answers: Vec<Option<pb::StepResponse>> = vec![None; self.ranks.len()];
+        // A rank that fails fails the step at once, unless it refused the step as invalid:
+        // then the others are heard too, since only a refusal by every rank leaves the group in
+        // step. A rank cut off from the network never answers, but its peers' collectives time
+        // out and say so. If the cut comes after the step's last collective, the peers answer
+        // and only the cut-off rank's answer is lost; ranks finish a step together, so once one
+        // has answered the others get one collective timeout.
+        let mut answers: Vec<Option<Result<pb::StepResponse, String>>> =
+            vec![None; self.ranks.len()];
         let mut first_answer: Option<(usize, tokio::time::Instant)> = None;
-        while let Some((rank, answer)) = match first_answer {
-            None => calls.next().await,
-            Some((first, at)) => tokio::time::timeout_at(at + lag, calls.next())
-                .await
-                .map_err(|_| {
-                    let missing = answers.iter().position(Option::is_none).unwrap_or(0);
-                    let worker = &self.workers[missing];
-                    anyhow!(
-                        "rank {missing} ({} at {}) timed out: no answer to the step within \
-                         {lag:?} of rank {first}'s (cut off from the coordinator?)",
-                        worker.id,
-                        worker.worker_addr
-                    )
-                })?,
-        } {
+        loop {
+            // Ranks refuse a step before its first collective, so a refusal by every rank comes
+            // within moments; a rank that has not refused by then is running the step.
+            let refused = answers.iter().flatten().any(Result::is_err);
+            let wait = if refused { lag.min(REFUSAL_GRACE) } else { lag };
+            let next = match first_answer {
+                None => calls.next().await,
+                Some((first, at)) => match tokio::time::timeout_at(at + wait, calls.next()).await {
+                    Ok(next) => next,
+                    Err(_) if refused => {
+                        let missing = answers.iter().position(Option::is_none).unwrap_or(0);
+                        return Err(StepError::new(
+                            StepErrorKind::Diverged,
+                            format!(
+                                "a rank refused the step the others ran ({} did not refuse it \
+                                 within {wait:?} of rank {first}'s refusal)",
+                                self.describe(missing)
+                            ),
+                        ));
+                    }
+                    Err(_) => {
+                        let missing = answers.iter().position(Option::is_none).unwrap_or(0);
+                        return Err(StepError::new(
+                            StepErrorKind::Timeout,
+                            format!(
+                                "{} timed out: no answer to the step within {lag:?} of rank \
+                                 {first}'s (cut off from the coordinator?)",
+                                self.describe(missing)
+                            ),
+                        ));
+                    }
+                },
+            };
+            let Some((rank, answer)) = next else { break };
+            let who = self.describe(rank);
+            let fail =
+                |kind, message: String| Err(after_refusal(refused, StepError::new(kind, message)));
+            let answer = match answer {
+                Err(_) => fail(
+                    StepErrorKind::Timeout,
+                    format!("{who} timed out: no answer to the step within {timeout:?}"),
+                ),
+                Ok(Err(status)) => match status.code() {
+                    tonic::Code::InvalidArgument => Ok(Err(format!("{who}: {}", status.message()))),
+                    tonic::Code::Unavailable => fail(
+                        StepErrorKind::Unreachable,
+                        format!("{who} is unreachable: {}", status.message()),
+                    ),
+                    // Out of order, a sequence it does not know, no shard: its state is not the
+                    // coordinator's.
+                    tonic::Code::FailedPrecondition => fail(
+                        StepErrorKind::Diverged,
+                        format!("{who}: {}", status.message()),
+                    ),
+                    // Its collective failed (a peer died or the link broke).
+                    _ => fail(
+                        StepErrorKind::Unreachable,
+                        format!("{who}: {}", status.message()),
+                    ),
+                },
+                Ok(Ok(response)) => Ok(Ok(response)),
+            };
             answers[rank] = Some(answer?);
             first_answer.get_or_insert((rank, tokio::time::Instant::now()));
         }
+        let answers: Vec<Result<pb::StepResponse, String>> =
+            answers.into_iter().flatten().collect();
+        let refused = answers.iter().filter(|a| a.is_err()).count();
+        if refused > 0 && refused == answers.len() {
+            let message = answers
+                .into_iter()
+                .find_map(Result::err)
+                .unwrap_or_default();
+            return Err(StepError::new(StepErrorKind::Rejected, message));
+        }
+        if refused > 0 {
+            let (ran, refusal) = (
+                answers.iter().position(Result::is_ok).unwrap_or(0),
+                answers.iter().position(Result::is_err).unwrap_or(0),
+            );
+            let why = answers[refusal].as_ref().err().cloned().unwrap_or_default();
+            return Err(StepError::new(
+                StepErrorKind::Diverged,
+                format!(
+                    "a rank refused the step the others ran (rank {ran} ran it, rank {refusal} \
+                     refused: {why})"
+                ),
+            ));
+        }
         let mut answers = answers.into_iter().flatten();
-        let first = answers.next().context("a group has at least one rank")?;
+        let first = answers
+            .next()
+            .ok_or_else(|| StepError::new(StepErrorKind::Unreachable, "the group has no rank"))?;
         let ids = |r: &pb::StepResponse| r.tokens.iter().map(|t| t.token_id).collect::<Vec<_>>();
+        let asked: Vec<u64> = plan
+            .sequences
+            .iter()
+            .filter(|p| p.sample)
+            .map(|p| p.id)
+            .collect();
+        let answered: Vec<u64> = first.tokens.iter().map(|t| t.sequence_id).collect();
+        if answered != asked {
+            return Err(StepError::new(
+                StepErrorKind::Diverged,
+                format!("rank 0 sampled for sequences {answered:?}, the plan asked for {asked:?}"),
+            ));
+        }
         for (i, other) in answers.enumerate() {
             if ids(&other) != ids(&first) {
-                bail!(
-                    "ranks 0 and {} sampled different tokens: the group is out of step",
-                    i + 1
-                );
+                return Err(StepError::new(
+                    StepErrorKind::Diverged,
+                    format!(
+                        "ranks 0 and {} sampled different tokens: the group is out of step",
+                        i + 1
+                    ),
+                ));
             }
         }
-        let timings = StepTimings {
-            compute: Duration::from_micros(first.compute_us),
-            collectives: Duration::from_micros(first.collective_us),
-        };
-        Ok((first.tokens, timings))
+        Ok(StepOutput {
+            timings: StepTimings {
+                compute: Duration::from_micros(first.compute_us),
+                collectives: Duration::from_micros(first.collective_us),
+            },
+            tokens: first.tokens,
+        })
     }
 
-    /// Tells every rank to drop the sampling state of `ids` (best effort: it is only memory).
-    pub async fn release(&self, ids: Vec<u64>) {
-        let calls = self.ranks.iter().map(|client| {
-            let mut client = client.clone();
-            let request = pb::ReleaseRequest {
-                sequence_ids: ids.clone(),
-            };
-            async move { client.release(request).await }
-        });
-        for result in join_all(calls).await {
-            if let Err(e) = result {
-                tracing::warn!(error = %e.message(), "release failed");
-            }
-        }
+    /// "rank R (ID at ADDR)", for messages.
+    fn describe(&self, rank: usize) -> String {
+        let worker = &self.workers[rank];
+        format!("rank {rank} ({} at {})", worker.id, worker.worker_addr)
     }
 
     /// A handle that checks the ranks' health without borrowing the group.
@@ -353,6 +471,56 @@ impl WorkerGroup {
         HealthProbe {
             ranks: self.ranks.clone(),
         }
+    }
+}
+
+/// A rank's failure after another rank refused the step: the refusal left the others stuck in
+/// the step, so the ranks no longer agree whatever this failure says.
+fn after_refusal(refused: bool, error: StepError) -> StepError {
+    match refused {
+        false => error,
+        true => StepError::new(
+            StepErrorKind::Diverged,
+            format!("a rank refused the step the others ran ({error})"),
+        ),
+    }
+}
+
+/// Refuses a group whose ranks speak another protocol or mix CPU and CUDA devices (their
+/// collectives could not meet: NCCL needs every rank on a GPU, the TCP ring runs on hosts).
+fn check_members(infos: &[pb::InfoResponse]) -> Result<()> {
+    for (rank, info) in infos.iter().enumerate() {
+        if info.protocol_version != caravan_proto::PROTOCOL_VERSION {
+            bail!(
+                "rank {rank} ({}) speaks protocol {:?}, this coordinator {:?}: run the same \
+                 Caravan release on every process",
+                info.host,
+                info.protocol_version,
+                caravan_proto::PROTOCOL_VERSION
+            );
+        }
+    }
+    let on_gpu = |i: &pb::InfoResponse| i.device.starts_with("cuda");
+    if let (Some(cpu), Some(gpu)) = (
+        infos.iter().position(|i| !on_gpu(i)),
+        infos.iter().position(on_gpu),
+    ) {
+        bail!(
+            "a group cannot mix CPU and CUDA ranks: rank {cpu} is on {}, rank {gpu} on {}",
+            infos[cpu].device,
+            infos[gpu].device
+        );
+    }
+    Ok(())
+}
+
+impl StepExecutor for WorkerGroup {
+    async fn step(
+        &mut self,
+        plan: &StepPlan,
+        span: &tracing::Span,
+    ) -> Result<StepOutput, StepError> {
+        self.run_step(plan, span).await
     }
 }
 
@@ -431,3 +599,31 @@ impl HealthProbe {
 
 /// Shared handle used by the health monitor.
 pub type SharedHealth = Arc<GroupHealth>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(device: &str, protocol: &str) -> pb::InfoResponse {
+        pb::InfoResponse {
+            protocol_version: protocol.into(),
+            host: "h".into(),
+            device: device.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn groups_of_one_device_kind_and_protocol_are_accepted_others_refused() {
+        let v1 = caravan_proto::PROTOCOL_VERSION;
+        assert!(check_members(&[info("cpu", v1), info("cpu", v1)]).is_ok());
+        assert!(check_members(&[info("cuda:0", v1), info("cuda:1", v1)]).is_ok());
+        let mixed = check_members(&[info("cpu", v1), info("cuda:0", v1)]).unwrap_err();
+        assert!(
+            mixed.to_string().contains("cannot mix CPU and CUDA"),
+            "{mixed}"
+        );
+        let old = check_members(&[info("cpu", v1), info("cpu", "caravan.v0")]).unwrap_err();
+        assert!(old.to_string().contains("rank 1"), "{old}");
+    }
+}

@@ -67,11 +67,6 @@ impl LocalWorkers {
         Ok((child, lifeline))
     }
 
-    /// Process ids of the running workers.
-    pub fn pids(&self) -> Vec<u32> {
-        self.children.iter().filter_map(|c| c.id()).collect()
-    }
-
     /// Resolves when any worker process exits: its index and a description.
     pub async fn any_exit(&mut self) -> (usize, String) {
         let waits = self.children.iter_mut().enumerate().map(|(i, c)| {

@@ -10,23 +10,27 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use axum::serve::ListenerExt;
+use caravan_common::telemetry::LogFormat;
+use caravan_proto as pb;
 use caravan_proto::coordinator_server::CoordinatorServer;
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use tokio::sync::watch;
 
 use crate::{
     api::{self, AppState, Control},
     blocks::BlockManager,
-    engine::{Engine, SchedulerConfig},
+    engine::Engine,
     etcd::{Etcd, Leadership},
     group::{GroupHealth, HealthProbe, KvCacheSize, ShardPlan, WorkerGroup},
     local_workers::LocalWorkers,
     model_info::ModelInfo,
     registry::{CoordinatorService, Registry, HEARTBEAT_INTERVAL, STALE_AFTER},
+    scheduler::SchedulerConfig,
     stats::EngineStats,
     tokenizer::Tokenizer,
 };
+use caravan_common::units::{parse_bytes, parse_duration};
 
 /// Everything `caravan-coordinator` can be told.
 #[derive(Args, Debug, Clone)]
@@ -61,12 +65,12 @@ pub struct ServeArgs {
     /// Device for local workers: cpu or cuda:N.
     #[arg(long, env = "CARAVAN_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Compute dtype: f32, f16 or bf16.
-    #[arg(long, env = "CARAVAN_DTYPE", default_value = "f32")]
-    pub dtype: String,
-    /// Embedding and LM head placement: auto, replicated or parallel.
-    #[arg(long, env = "CARAVAN_VOCAB_SHARDING", default_value = "auto")]
-    pub vocab_sharding: String,
+    /// Compute dtype.
+    #[arg(long, env = "CARAVAN_DTYPE", value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
+    /// Embedding and LM head placement (auto: vocabulary-parallel when it divides evenly).
+    #[arg(long, env = "CARAVAN_VOCAB_SHARDING", value_enum, default_value_t = VocabSharding::Auto)]
+    pub vocab_sharding: VocabSharding,
     /// Longest sequence (prompt plus completion) served; default: the model's
     /// max_position_embeddings.
     #[arg(long, env = "CARAVAN_MAX_MODEL_LEN")]
@@ -103,9 +107,10 @@ pub struct ServeArgs {
     /// Requests that may wait for a batch slot; beyond it, 429.
     #[arg(long, env = "CARAVAN_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
-    /// Seconds a collective waits for a peer before the step fails.
-    #[arg(long, env = "CARAVAN_COLLECTIVE_TIMEOUT", default_value_t = 30)]
-    pub collective_timeout: u64,
+    /// How long a collective waits for a peer before the step fails (e.g. 30s, 500ms; a bare
+    /// number is seconds).
+    #[arg(long, env = "CARAVAN_COLLECTIVE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub collective_timeout: Duration,
     /// libtorch threads per worker (0: cores / tp for local workers, libtorch's default otherwise).
     #[arg(long, env = "CARAVAN_THREADS_PER_WORKER", default_value_t = 0)]
     pub threads_per_worker: u32,
@@ -123,17 +128,17 @@ pub struct ServeArgs {
     /// http://HOST:PORT from --host and the bound port).
     #[arg(long, env = "CARAVAN_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
-    /// Log format on stderr: text or json.
-    #[arg(long, env = "CARAVAN_LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    /// Log format on stderr (local workers get the same).
+    #[arg(long, env = "CARAVAN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Export OpenTelemetry traces over OTLP/gRPC to this collector (default:
     /// OTEL_EXPORTER_OTLP_ENDPOINT, if set). Local workers get the same endpoint.
     #[arg(long, env = "CARAVAN_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     #[command(flatten)]
-    pub tls: caravan_proto::tls::TlsArgs,
+    pub tls: caravan_common::tls::TlsArgs,
     #[command(flatten)]
-    pub etcd_tls: caravan_proto::tls::EtcdTlsArgs,
+    pub etcd_tls: caravan_common::tls::EtcdTlsArgs,
     /// Require `Authorization: Bearer KEY` on the HTTP API (repeat, or comma-separate, for
     /// several keys).
     #[arg(
@@ -149,10 +154,114 @@ pub struct ServeArgs {
     /// With API keys, still answer /health and /metrics without one (probes, Prometheus).
     #[arg(long, env = "CARAVAN_PUBLIC_HEALTH_AND_METRICS")]
     pub public_health_and_metrics: bool,
-    /// Seconds a drain (SIGTERM, `caravanctl drain`) lets requests in flight finish before
-    /// ending them with an error.
-    #[arg(long, env = "CARAVAN_DRAIN_TIMEOUT", default_value_t = 30)]
-    pub drain_timeout: u64,
+    /// How long a drain (SIGTERM, `caravanctl drain`) lets requests in flight finish before
+    /// ending them with an error (e.g. 30s, 2m; a bare number is seconds).
+    #[arg(long, env = "CARAVAN_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// Compute dtype of the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<Dtype> for pb::Dtype {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => pb::Dtype::F32,
+            Dtype::F16 => pb::Dtype::F16,
+            Dtype::Bf16 => pb::Dtype::Bf16,
+        }
+    }
+}
+
+/// Where the embedding and the LM head live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VocabSharding {
+    Auto,
+    Replicated,
+    Parallel,
+}
+
+impl From<VocabSharding> for pb::VocabSharding {
+    fn from(v: VocabSharding) -> Self {
+        match v {
+            VocabSharding::Auto => pb::VocabSharding::Auto,
+            VocabSharding::Replicated => pb::VocabSharding::Replicated,
+            VocabSharding::Parallel => pb::VocabSharding::Parallel,
+        }
+    }
+}
+
+/// What the flags say about the model and its limits, checked once before anything starts.
+struct ServedModel {
+    model_dir: PathBuf,
+    model: ModelInfo,
+    tokenizer: Arc<Tokenizer>,
+    kv_cache: KvCacheSize,
+    scheduler: SchedulerConfig,
+}
+
+impl ServedModel {
+    fn load(args: &ServeArgs) -> Result<Self> {
+        let model_dir = std::fs::canonicalize(&args.model)
+            .with_context(|| format!("model folder {}", args.model.display()))?;
+        let name = args.served_model_name.clone().unwrap_or_else(|| {
+            model_dir
+                .file_name()
+                .map_or("model".into(), |n| n.to_string_lossy().into_owned())
+        });
+        let mut model = ModelInfo::load(&model_dir, name)?;
+        if let Some(len) = args.max_model_len {
+            if len == 0 || len > model.max_context {
+                bail!(
+                    "--max-model-len {len} must be between 1 and the model's context, {}",
+                    model.max_context
+                );
+            }
+            model.max_context = len;
+        }
+        let tokenizer = Arc::new(Tokenizer::load(&model_dir)?);
+        if args.block_size == 0 || args.max_batch_size == 0 {
+            bail!("--block-size and --max-batch-size must be positive");
+        }
+        if args.max_num_batched_tokens < args.max_batch_size {
+            bail!(
+                "--max-num-batched-tokens ({}) must be at least --max-batch-size ({}): every \
+                 running sequence decodes one token per step",
+                args.max_num_batched_tokens,
+                args.max_batch_size
+            );
+        }
+        if !(args.kv_cache_memory_fraction > 0.0 && args.kv_cache_memory_fraction <= 1.0) {
+            bail!("--kv-cache-memory-fraction must be in (0, 1]");
+        }
+        let block_size = args.block_size;
+        let kv_cache = match args.kv_cache_tokens {
+            Some(tokens) => KvCacheSize::Blocks(tokens.div_ceil(block_size) as u32),
+            None => KvCacheSize::Memory {
+                per_rank_bytes: args.kv_cache_memory,
+                fraction: args.kv_cache_memory_fraction,
+                // More than every batch slot at full context is never used.
+                max_blocks: (args.max_batch_size * model.max_context).div_ceil(block_size) as u32,
+            },
+        };
+        let scheduler = SchedulerConfig {
+            max_batch_size: args.max_batch_size,
+            max_batched_tokens: args.max_num_batched_tokens,
+            max_waiting: args.max_waiting.max(1),
+        };
+        Ok(ServedModel {
+            model_dir,
+            model,
+            tokenizer,
+            kv_cache,
+            scheduler,
+        })
+    }
 }
 
 /// Runs the coordinator until SIGINT/SIGTERM.
@@ -167,48 +276,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         args.api_key_file.as_deref(),
         args.public_health_and_metrics,
     )?;
-    let model_dir = std::fs::canonicalize(&args.model)
-        .with_context(|| format!("model folder {}", args.model.display()))?;
-    let name = args.served_model_name.clone().unwrap_or_else(|| {
-        model_dir
-            .file_name()
-            .map_or("model".into(), |n| n.to_string_lossy().into_owned())
-    });
-    let mut model = ModelInfo::load(&model_dir, name)?;
-    if let Some(len) = args.max_model_len {
-        if len == 0 || len > model.max_context {
-            bail!(
-                "--max-model-len {len} must be between 1 and the model's context, {}",
-                model.max_context
-            );
-        }
-        model.max_context = len;
-    }
-    let tokenizer = Arc::new(Tokenizer::load(&model_dir)?);
-    if args.block_size == 0 || args.max_batch_size == 0 {
-        bail!("--block-size and --max-batch-size must be positive");
-    }
-    if args.max_num_batched_tokens < args.max_batch_size {
-        bail!(
-            "--max-num-batched-tokens ({}) must be at least --max-batch-size ({}): every running \
-             sequence decodes one token per step",
-            args.max_num_batched_tokens,
-            args.max_batch_size
-        );
-    }
-    if !(args.kv_cache_memory_fraction > 0.0 && args.kv_cache_memory_fraction <= 1.0) {
-        bail!("--kv-cache-memory-fraction must be in (0, 1]");
-    }
+    let ServedModel {
+        model_dir,
+        model,
+        tokenizer,
+        kv_cache,
+        scheduler,
+    } = ServedModel::load(&args)?;
     let block_size = args.block_size;
-    let kv_cache = match args.kv_cache_tokens {
-        Some(tokens) => KvCacheSize::Blocks(tokens.div_ceil(block_size) as u32),
-        None => KvCacheSize::Memory {
-            per_rank_bytes: args.kv_cache_memory,
-            fraction: args.kv_cache_memory_fraction,
-            // More than every batch slot at full context is never used.
-            max_blocks: (args.max_batch_size * model.max_context).div_ceil(block_size) as u32,
-        },
-    };
 
     let health = Arc::new(GroupHealth::default());
     let stats = Arc::new(EngineStats::default());
@@ -274,14 +349,17 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 
     let (stop_workers, stop_workers_rx) = watch::channel(false);
     let supervisor = if args.local_workers {
-        let mut extra = vec!["--log-format".to_string(), args.log_format.clone()];
+        let mut extra = vec![
+            "--log-format".to_string(),
+            args.log_format.as_str().to_string(),
+        ];
         if let Some(endpoint) = &args.otlp_endpoint {
             extra.extend(["--otlp-endpoint".to_string(), endpoint.clone()]);
         }
         if let Some(tls) = &tls {
             extra.extend(tls.files.to_args());
         }
-        let url = caravan_proto::tls::with_scheme(&grpc_addr.to_string(), tls.is_some());
+        let url = caravan_common::tls::with_scheme(&grpc_addr.to_string(), tls.is_some());
         let workers = LocalWorkers::spawn(args.tp, &url, &args.device, extra)?;
         Some(tokio::spawn(workers.supervise(stop_workers_rx)))
     } else {
@@ -297,18 +375,13 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
     let plan = ShardPlan {
         model_path: model_dir.display().to_string(),
-        dtype: args.dtype.clone(),
-        vocab_sharding: args.vocab_sharding.clone(),
+        dtype: args.dtype.into(),
+        vocab_sharding: args.vocab_sharding.into(),
         kv_cache,
         block_size: block_size as u32,
-        collective_timeout: Duration::from_secs(args.collective_timeout.max(1)),
+        collective_timeout: args.collective_timeout,
         threads_per_worker: threads,
         tls: tls.clone(),
-    };
-    let scheduler = SchedulerConfig {
-        max_batch_size: args.max_batch_size,
-        max_batched_tokens: args.max_num_batched_tokens,
-        max_waiting: args.max_waiting.max(1),
     };
 
     let shutdown = async {
@@ -414,6 +487,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                     }
                 }
             };
+            EngineStats::add(&stats.group_formations, 1);
             let kv_blocks = group.kv_cache_blocks();
             let kv_tokens = kv_blocks * block_size;
             if kv_tokens < model.max_context {
@@ -440,29 +514,34 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                 scheduler.clone(),
                 stats.clone(),
             );
-            *state.engine.write().unwrap_or_else(|e| e.into_inner()) = Some(engine);
+            *state.engine.write().unwrap_or_else(|e| e.into_inner()) = Some(engine.clone());
             health.set_ready();
             println!("ready: serving {} on http://{http_addr}", model.name);
             tracing::info!(epoch, kv_cache_tokens = kv_tokens, "ready");
 
-            tokio::select! {
+            let problem = tokio::select! {
+                error = engine.failed() => {
+                    // The engine has already marked the group failed.
+                    format!("a step failed ({}): {error}", error.kind.as_str())
+                }
                 problem = watch_group(&probe, &registry, &members, stale_after) => {
                     health.fail(problem.clone());
-                    eprintln!("worker group failed: {problem}; forming it again");
-                    // Every request in flight ends with an error; the engine stops.
-                    retire_engine(&state);
-                    // Workers that do not answer leave the pool; the rest join the next group.
-                    // (In etcd, a dead worker's registration expires with its lease.)
-                    if stale_after.is_some() {
-                        for (id, alive) in probe.liveness(&members).await {
-                            if !alive {
-                                registry.remove(&id);
-                            }
-                        }
-                    }
+                    problem
                 }
                 _ = &mut shutdown => break 'leading,
                 _ = &mut lost_leadership => break 'serving,
+            };
+            eprintln!("worker group failed: {problem}; forming it again");
+            // Every request in flight ends with an error; the engine stops.
+            retire_engine(&state);
+            // Workers that do not answer leave the pool; the rest join the next group.
+            // (In etcd, a dead worker's registration expires with its lease.)
+            if stale_after.is_some() {
+                for (id, alive) in probe.liveness(&members).await {
+                    if !alive {
+                        registry.remove(&id);
+                    }
+                }
             }
         }
         // The leadership is lost: a standby may lead (and drive the workers) by now, so stop
@@ -486,26 +565,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         leadership = None;
     }
 
-    // Drain: stop admitting, let requests in flight finish, then end the rest explicitly.
-    control.draining.store(true, Ordering::Release);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_timeout);
-    let in_flight = || EngineStats::get(&stats.in_flight);
-    if in_flight() > 0 {
-        eprintln!("draining: {} requests in flight", in_flight());
-    }
-    while in_flight() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if in_flight() > 0 {
-        health.fail(format!(
-            "shutting down: the drain timeout ({} s) passed",
-            args.drain_timeout
-        ));
-        let grace = tokio::time::Instant::now() + Duration::from_secs(2);
-        while in_flight() > 0 && tokio::time::Instant::now() < grace {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    drain(&control, &health, &stats, args.drain_timeout).await;
     health.shut_down();
     control.drained.store(true, Ordering::Release);
     // Hand the leadership over now rather than when the lease runs out.
@@ -520,6 +580,29 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     }
     http_server.abort();
     Ok(())
+}
+
+/// Stops admitting, lets requests in flight finish within `timeout`, then ends the rest
+/// explicitly (marking the group failed makes the engine end them).
+async fn drain(control: &Control, health: &GroupHealth, stats: &EngineStats, timeout: Duration) {
+    control.draining.store(true, Ordering::Release);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let in_flight = || EngineStats::get(&stats.in_flight);
+    if in_flight() > 0 {
+        eprintln!("draining: {} requests in flight", in_flight());
+    }
+    while in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if in_flight() > 0 {
+        health.fail(format!(
+            "shutting down: the drain timeout ({timeout:?}) passed"
+        ));
+        let grace = tokio::time::Instant::now() + Duration::from_secs(2);
+        while in_flight() > 0 && tokio::time::Instant::now() < grace {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// Stops the current engine, if any (see [`EngineHandle::retire`]).
@@ -581,36 +664,6 @@ async fn watch_group(
     }
 }
 
-/// Parses a byte size: a number with an optional unit (B, KiB, MiB, GiB, TiB, or KB/MB/GB/TB
-/// as powers of 1000).
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size like 4GiB or 512MiB"))?;
-    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024f64.powi(2),
-        "g" | "gib" => 1024f64.powi(3),
-        "t" | "tib" => 1024f64.powi(4),
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        other => return Err(format!("unknown size unit {other:?} in {text:?}")),
-    };
-    let bytes = number * scale;
-    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
-        return Err(format!("{text:?} is not a positive size"));
-    }
-    Ok(bytes as u64)
-}
-
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -628,20 +681,4 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_bytes;
-
-    #[test]
-    fn byte_sizes_parse_with_units() {
-        assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
-        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
-        assert_eq!(parse_bytes("1.5 GB"), Ok(1_500_000_000));
-        assert_eq!(parse_bytes("1000"), Ok(1000));
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("4 parsecs").is_err());
-        assert!(parse_bytes("0").is_err());
-    }
 }

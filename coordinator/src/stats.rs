@@ -6,6 +6,8 @@ use std::{
     time::Duration,
 };
 
+use crate::executor::StepErrorKind;
+
 /// Upper bounds of latency buckets, in seconds.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -78,12 +80,22 @@ pub struct EngineStats {
     pub worker_compute_micros: AtomicU64,
     /// Of which inside collectives.
     pub collective_micros: AtomicU64,
+    /// Step wall time less rank 0's compute: the plan's way to the ranks and the answers' back
+    /// (gRPC, the workers' handlers, waiting for the slowest rank).
+    pub outside_worker_micros: AtomicU64,
     /// Requests ended, by how.
     pub requests_stopped: AtomicU64,
     pub requests_length: AtomicU64,
     pub requests_failed: AtomicU64,
     pub requests_cancelled: AtomicU64,
     pub requests_rejected_queue_full: AtomicU64,
+    /// Failed steps, by kind (timeout, unreachable, rejected, diverged).
+    pub step_failures_timeout: AtomicU64,
+    pub step_failures_unreachable: AtomicU64,
+    pub step_failures_rejected: AtomicU64,
+    pub step_failures_diverged: AtomicU64,
+    /// Worker groups formed (loaded and warmed up), the first one included.
+    pub group_formations: AtomicU64,
     /// Arrival at the scheduler to the first token.
     pub time_to_first_token: Histogram,
     /// Between consecutive tokens of a sequence.
@@ -93,6 +105,16 @@ pub struct EngineStats {
 }
 
 impl EngineStats {
+    /// The failure counter of `kind`.
+    pub fn step_failures(&self, kind: StepErrorKind) -> &AtomicU64 {
+        match kind {
+            StepErrorKind::Timeout => &self.step_failures_timeout,
+            StepErrorKind::Unreachable => &self.step_failures_unreachable,
+            StepErrorKind::Rejected => &self.step_failures_rejected,
+            StepErrorKind::Diverged => &self.step_failures_diverged,
+        }
+    }
+
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
@@ -111,7 +133,7 @@ impl EngineStats {
 
     /// The Prometheus text exposition of every value.
     pub fn render(&self) -> String {
-        let plain: [(&str, &str, &str, &AtomicU64); 14] = [
+        let plain: [(&str, &str, &str, &AtomicU64); 15] = [
             (
                 "caravan_requests_in_flight",
                 "gauge",
@@ -196,6 +218,12 @@ impl EngineStats {
                 "Tokens computed by the worker group (prefill and decode).",
                 &self.step_tokens,
             ),
+            (
+                "caravan_group_formations_total",
+                "counter",
+                "Worker groups formed (shards loaded, warmed up), the first one included.",
+                &self.group_formations,
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in plain {
@@ -220,6 +248,11 @@ impl EngineStats {
                 "Rank 0's time inside collectives (TCP ring).",
                 &self.collective_micros,
             ),
+            (
+                "caravan_step_outside_worker_seconds_total",
+                "Step wall time outside rank 0's compute (gRPC both ways, handlers, the slowest rank); per step: divide by caravan_steps_total.",
+                &self.outside_worker_micros,
+            ),
         ] {
             let seconds = Self::get(value) as f64 / 1e6;
             out += &format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {seconds}\n");
@@ -234,6 +267,18 @@ impl EngineStats {
         ] {
             out += &format!(
                 "caravan_requests_total{{status=\"{status}\"}} {}\n",
+                Self::get(value)
+            );
+        }
+        out += "# HELP caravan_step_failures_total Failed steps, by kind.\n# TYPE caravan_step_failures_total counter\n";
+        for (kind, value) in [
+            ("timeout", &self.step_failures_timeout),
+            ("unreachable", &self.step_failures_unreachable),
+            ("rejected", &self.step_failures_rejected),
+            ("diverged", &self.step_failures_diverged),
+        ] {
+            out += &format!(
+                "caravan_step_failures_total{{kind=\"{kind}\"}} {}\n",
                 Self::get(value)
             );
         }

@@ -27,8 +27,10 @@ def packed(values):
 
 
 def sequence(seq_id, tokens, start, blocks, sample=True):
+    """A sequence admitted in this step (field 5, default sampling), so a rank that has not seen
+    it before takes `blocks` as its whole table."""
     return (field(1, 0, seq_id) + field(2, 2, packed(tokens)) + field(3, 0, start)
-            + field(4, 2, packed(blocks)) + field(6, 0, int(sample)))
+            + field(4, 2, packed(blocks)) + field(5, 2, b"") + field(6, 0, int(sample)))
 
 
 def step(step_id, sequences):

@@ -13,8 +13,6 @@ pub enum Error {
     },
     #[error("invalid config {path}: {reason}")]
     InvalidConfig { path: PathBuf, reason: String },
-    #[error("unsupported model: {0}")]
-    Unsupported(String),
     #[error("cannot shard this model over {world_size} ranks: {reason}")]
     InvalidParallelism { world_size: usize, reason: String },
     #[error("invalid checkpoint {path}: {reason}")]
@@ -46,25 +44,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// A short, stable name for the kind of failure, usable as a metric label.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Error::Io { .. } => "io",
-            Error::InvalidConfig { .. } => "invalid_config",
-            Error::Unsupported(_) => "unsupported",
-            Error::InvalidParallelism { .. } => "invalid_parallelism",
-            Error::InvalidCheckpoint { .. } => "invalid_checkpoint",
-            Error::MissingWeight { .. } => "missing_weight",
-            Error::ShapeMismatch { .. } => "shape_mismatch",
-            Error::UnsupportedDtype { .. } => "unsupported_dtype",
-            Error::InvalidBatch(_) => "invalid_batch",
-            Error::Collective { .. } => "collective",
-            Error::CollectiveTimeout { .. } => "collective_timeout",
-            Error::Threads { .. } => "threads",
-            Error::Torch(_) => "torch",
-        }
-    }
-
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -1,8 +1,12 @@
-//! The wire contract between coordinator and workers, package `caravan.v1` (see
-//! `proto/caravan/v1/*.proto`, where every RPC and field is documented).
+//! The contracts between Caravan's processes: the gRPC wire contract between coordinator and
+//! workers, package `caravan.v1` (see `proto/caravan/v1/*.proto`, where every RPC and field is
+//! documented), the layout of cluster state in [`etcd`], and the [`admin`] JSON that
+//! `caravanctl` reads from the coordinator.
 
 /// Protocol version a coordinator and its workers must agree on.
-pub const PROTOCOL_VERSION: &str = "caravan.v1";
+/// The gRPC package stays `caravan.v1`; the version says which revision of it (v1.1: stateful
+/// steps, no `Release`, enums for dtype and vocabulary placement).
+pub const PROTOCOL_VERSION: &str = "caravan.v1.1";
 
 /// Generated messages and services.
 pub mod v1 {
@@ -29,5 +33,4 @@ pub mod etcd {
         format!("{}/coordinator-leader", prefix.trim_end_matches('/'))
     }
 }
-pub mod telemetry;
-pub mod tls;
+pub mod admin;

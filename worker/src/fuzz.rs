@@ -10,7 +10,7 @@ use caravan_ops::{
 use caravan_proto as pb;
 use prost::Message;
 
-use crate::engine::sequence_steps;
+use crate::sequences::Sequences;
 
 /// Bytes 0..3 pick the limits (so the fuzzer explores small caches and short contexts); the rest
 /// is a protobuf `StepRequest`. Returns whether the batch was accepted.
@@ -27,7 +27,10 @@ pub fn step_plan(data: &[u8]) -> bool {
     let Ok(request) = pb::StepRequest::decode(rest) else {
         return false;
     };
-    let batch = sequence_steps(&request);
+    // A rank that has not seen the sequences yet: only admitted ones make a batch.
+    let Ok(batch) = Sequences::default().prepare(&request) else {
+        return false;
+    };
     let mut accepted = false;
     for selection in [LogitsSelection::LastTokens, LogitsSelection::AllTokens] {
         match StepPlan::new(&batch, selection, &limits) {

@@ -1,16 +1,23 @@
 //! A Caravan tensor-parallel rank: one shard of every layer and of the KV cache, joined to its
 //! peers by a collective.
 //!
-//! The served path: [`service`] (gRPC, `caravan.v1.Worker`) forwards to [`engine`] (the one thread
-//! that owns the model, the cache and [`sampling`] state). The offline path: [`generate`] runs a
-//! rank of a fixed generation job and [`local_group`] starts a group as local processes.
+//! The served path: [`service`] (gRPC, `caravan.v1.Worker`) forwards to [`runner`] (the one thread
+//! that owns the model, the cache and each sequence's [`sequences`] state: block table and
+//! [`sampling`] stream). [`faults`] injects step failures for recovery tests. The offline path:
+//! [`generate`] runs a rank of a fixed generation job and [`local_group`] starts a group as local
+//! processes.
 
-pub mod engine;
+pub mod faults;
+/// The checkers of the `cargo fuzz` targets (`fuzz/`): built for them (feature `fuzzing`) and
+/// for the tests that replay their seeds and regressions, not part of the library otherwise.
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod generate;
 pub mod host;
 pub mod local_group;
 pub mod membership;
+pub mod runner;
 pub mod sampling;
+pub mod sequences;
 pub mod service;
 pub mod telemetry;

@@ -7,7 +7,7 @@ use caravan_proto::{self as pb, worker_server::Worker};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Command, SharedStatus};
+use crate::runner::{Command, SharedStatus};
 
 /// What the service reports about this worker in `Info`.
 #[derive(Debug, Clone)]
@@ -90,19 +90,9 @@ impl Worker for WorkerService {
             rank = self.rank(),
             sequences = request.get_ref().sequences.len()
         );
-        caravan_proto::telemetry::set_parent_from(&span, request.metadata());
+        caravan_common::telemetry::set_parent_from(&span, request.metadata());
         let req = request.into_inner();
         self.call(|tx| Command::Step(req, span, tx)).await
-    }
-
-    async fn release(
-        &self,
-        request: Request<pb::ReleaseRequest>,
-    ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        self.commands
-            .send(Command::Release(request.into_inner().sequence_ids))
-            .map_err(|_| Status::unavailable("the model thread has stopped"))?;
-        Ok(Response::new(pb::ReleaseResponse {}))
     }
 
     async fn health(

@@ -19,7 +19,8 @@ use super::{
     SharedState, MAX_BODY_BYTES,
 };
 use crate::{
-    engine::{Event, FinishReason, GenerationRequest, SubmitError, TokenOut},
+    engine::{GenerationRequest, SubmitError},
+    output::{Event, FinishReason, TokenOut},
     tokenizer::llama2_chat_prompt,
 };
 

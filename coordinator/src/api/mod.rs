@@ -18,6 +18,7 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
+use caravan_proto::admin;
 use serde_json::json;
 
 use tokio::sync::Notify;
@@ -142,7 +143,7 @@ async fn health(State(state): State<SharedState>) -> Response {
 }
 
 /// What `caravanctl status` shows: the group, rank by rank (each asked for its health now).
-async fn admin_status(State(state): State<SharedState>) -> Json<serde_json::Value> {
+async fn admin_status(State(state): State<SharedState>) -> Json<admin::Status> {
     let members = state
         .workers
         .read()
@@ -161,39 +162,45 @@ async fn admin_status(State(state): State<SharedState>) -> Json<serde_json::Valu
     let workers = members
         .iter()
         .enumerate()
-        .map(|(rank, w)| {
-            json!({
-                "rank": rank,
-                "shard": format!("{} of {world}", rank + 1),
-                "id": w.id,
-                "address": w.worker_addr,
-                "ring_address": w.ring_addr,
-                "host": w.host,
-                "device": w.device,
-                "memory_bytes": w.memory_bytes,
-                "health": health.get(rank).cloned().unwrap_or_else(|| "unknown".into()),
-            })
+        .map(|(rank, w)| admin::GroupMember {
+            rank,
+            shard: format!("{} of {world}", rank + 1),
+            id: w.id.clone(),
+            address: w.worker_addr.clone(),
+            ring_address: w.ring_addr.clone(),
+            host: w.host.clone(),
+            device: w.device.clone(),
+            memory_bytes: w.memory_bytes,
+            health: health
+                .get(rank)
+                .cloned()
+                .unwrap_or_else(|| "unknown".into()),
         })
-        .collect::<Vec<_>>();
+        .collect();
     let s = &state.stats;
-    Json(json!({
-        "model": state.model.name,
-        "tensor_parallel_size": state.tp,
-        "ready": state.is_ready(),
-        "reason": if state.is_ready() { String::new() } else { state.not_ready_reason() },
-        "draining": state.control.draining.load(Ordering::Acquire),
-        "drained": state.control.drained.load(Ordering::Acquire),
-        "in_flight": EngineStats::get(&s.in_flight),
-        "running": EngineStats::get(&s.running),
-        "waiting": EngineStats::get(&s.waiting),
-        "kv_cache_blocks_used": EngineStats::get(&s.kv_blocks_used),
-        "kv_cache_blocks_total": EngineStats::get(&s.kv_blocks_total),
-        "workers": workers,
-    }))
+    let ready = state.is_ready();
+    Json(admin::Status {
+        model: state.model.name.clone(),
+        tensor_parallel_size: state.tp,
+        ready,
+        reason: if ready {
+            String::new()
+        } else {
+            state.not_ready_reason()
+        },
+        draining: state.control.draining.load(Ordering::Acquire),
+        drained: state.control.drained.load(Ordering::Acquire),
+        in_flight: EngineStats::get(&s.in_flight),
+        running: EngineStats::get(&s.running),
+        waiting: EngineStats::get(&s.waiting),
+        kv_cache_blocks_used: EngineStats::get(&s.kv_blocks_used),
+        kv_cache_blocks_total: EngineStats::get(&s.kv_blocks_total),
+        workers,
+    })
 }
 
 /// What `caravanctl workers` shows: every registered worker, in the group or not.
-async fn admin_workers(State(state): State<SharedState>) -> Json<serde_json::Value> {
+async fn admin_workers(State(state): State<SharedState>) -> Json<admin::Workers> {
     let members: Vec<String> = state
         .workers
         .read()
@@ -205,20 +212,18 @@ async fn admin_workers(State(state): State<SharedState>) -> Json<serde_json::Val
         .registry
         .workers()
         .into_iter()
-        .map(|w| {
-            json!({
-                "id": w.id,
-                "rank": members.iter().position(|m| *m == w.id),
-                "address": w.worker_addr,
-                "ring_address": w.ring_addr,
-                "host": w.host,
-                "device": w.device,
-                "memory_bytes": w.memory_bytes,
-                "last_seen_ms": w.last_seen.elapsed().as_millis() as u64,
-            })
+        .map(|w| admin::RegisteredWorker {
+            rank: members.iter().position(|m| *m == w.id),
+            id: w.id,
+            address: w.worker_addr,
+            ring_address: w.ring_addr,
+            host: w.host,
+            device: w.device,
+            memory_bytes: w.memory_bytes,
+            last_seen_ms: w.last_seen.elapsed().as_millis() as u64,
         })
-        .collect::<Vec<_>>();
-    Json(json!({ "workers": workers }))
+        .collect();
+    Json(admin::Workers { workers })
 }
 
 /// Starts a drain: no new requests; the process stops once those in flight end (or the drain
@@ -227,10 +232,10 @@ async fn admin_drain(State(state): State<SharedState>) -> Response {
     state.control.drain_requested.notify_one();
     (
         StatusCode::ACCEPTED,
-        Json(json!({
-            "status": "draining",
-            "in_flight": EngineStats::get(&state.stats.in_flight),
-        })),
+        Json(admin::DrainStarted {
+            status: "draining".into(),
+            in_flight: EngineStats::get(&state.stats.in_flight),
+        }),
     )
         .into_response()
 }

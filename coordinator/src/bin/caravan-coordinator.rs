@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
+use caravan_common::telemetry::{self, TelemetryConfig};
 use caravan_coordinator::server::{serve, ServeArgs};
-use caravan_proto::telemetry::{self, TelemetryConfig};
 use clap::Parser;
 
 /// Serve a Llama 2 model over HTTP, tensor-parallel across workers.
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     let _telemetry = match telemetry::init(TelemetryConfig {
         service: "caravan-coordinator",
         default_filter: "warn".into(),
-        log_format: cli.serve.log_format.clone(),
+        log_format: cli.serve.log_format,
         otlp_endpoint: cli.serve.otlp_endpoint.clone(),
     }) {
         Ok(guard) => guard,

@@ -84,7 +84,7 @@ fn parse_ids(s: &str) -> Result<Vec<i64>, String> {
 
 fn main() -> ExitCode {
     let restart = caravan_ops::cpu::restart_with_passive_openmp();
-    let _telemetry = telemetry::init("warn", "text", None);
+    let _telemetry = telemetry::init("warn", caravan_common::telemetry::LogFormat::Text, None);
     if let Err(e) = restart {
         tracing::warn!("running with spinning OpenMP threads (slower decode): cannot restart: {e}");
     }

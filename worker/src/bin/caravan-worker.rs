@@ -4,14 +4,15 @@
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
+use caravan_common::telemetry::LogFormat;
 use caravan_ops::comm::RingListener;
 use caravan_proto::{
     self as pb, coordinator_client::CoordinatorClient, worker_server::WorkerServer,
 };
 use caravan_worker::{
-    engine::{Engine, SharedStatus},
     generate::parse_device,
     membership::EtcdRegistration,
+    runner::{ModelRunner, SharedStatus},
     service::{WorkerIdentity, WorkerService},
     telemetry,
 };
@@ -59,17 +60,17 @@ struct Args {
     /// cpu or cuda:N.
     #[arg(long, env = "CARAVAN_DEVICE", default_value = "cpu")]
     device: String,
-    /// Log format on stderr: text or json.
-    #[arg(long, env = "CARAVAN_LOG_FORMAT", default_value = "text")]
-    log_format: String,
+    /// Log format on stderr.
+    #[arg(long, env = "CARAVAN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Export OpenTelemetry traces over OTLP/gRPC to this collector (default:
     /// OTEL_EXPORTER_OTLP_ENDPOINT, if set).
     #[arg(long, env = "CARAVAN_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
     #[command(flatten)]
-    tls: caravan_proto::tls::TlsArgs,
+    tls: caravan_common::tls::TlsArgs,
     #[command(flatten)]
-    etcd_tls: caravan_proto::tls::EtcdTlsArgs,
+    etcd_tls: caravan_common::tls::EtcdTlsArgs,
     /// Exit when standard input closes (set by a coordinator that spawned this worker, so that
     /// workers never outlive it).
     #[arg(long, hide = true)]
@@ -92,7 +93,7 @@ fn main() -> ExitCode {
     };
     // The OTLP exporter's gRPC channel needs the runtime.
     let _entered = runtime.enter();
-    let _telemetry = match telemetry::init("warn", &args.log_format, args.otlp_endpoint.clone()) {
+    let _telemetry = match telemetry::init("warn", args.log_format, args.otlp_endpoint.clone()) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("error: {e}");
@@ -155,7 +156,7 @@ async fn run(args: Args) -> Result<()> {
     };
     let tls = args.tls.load()?;
     let etcd_tls = args.etcd_tls.client_config_for(&args.etcd_endpoints)?;
-    let advertised_grpc = caravan_proto::tls::with_scheme(
+    let advertised_grpc = caravan_common::tls::with_scheme(
         &join_host_port(&advertise, grpc_addr.port()),
         tls.is_some(),
     );
@@ -168,10 +169,14 @@ async fn run(args: Args) -> Result<()> {
 
     let status = SharedStatus::default();
     let (commands, receiver) = std::sync::mpsc::channel();
-    let engine = Engine::new(device, ring, status.clone());
+    let fault = caravan_worker::faults::Fault::from_env().map_err(anyhow::Error::msg)?;
+    if let Some(fault) = &fault {
+        tracing::warn!(?fault, "a fault will be injected (CARAVAN_INJECT_FAULT)");
+    }
+    let runner = ModelRunner::new(device, ring, status.clone(), fault);
     std::thread::Builder::new()
         .name("caravan-model".into())
-        .spawn(move || engine.run(receiver))?;
+        .spawn(move || runner.run(receiver))?;
     let identity = WorkerIdentity {
         host: caravan_worker::host::hostname(),
         device: args.device.clone(),
@@ -279,9 +284,9 @@ async fn heartbeats(
 
 async fn connect(
     url: &str,
-    tls: Option<&caravan_proto::tls::ClusterTls>,
+    tls: Option<&caravan_common::tls::ClusterTls>,
 ) -> Result<CoordinatorClient<tonic::transport::Channel>> {
-    let url = caravan_proto::tls::with_scheme(url, tls.is_some());
+    let url = caravan_common::tls::with_scheme(url, tls.is_some());
     let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
         .with_context(|| format!("bad coordinator address {url:?}"))?
         .connect_timeout(Duration::from_secs(5));

@@ -1,23 +1,27 @@
-//! `caravanctl`: the operator CLI. Talks to a coordinator's HTTP admin endpoints, and runs the
-//! offline tools (checkpoint conversion, layout planning).
+//! `caravanctl`: the operator CLI. Talks to a coordinator's HTTP admin endpoints (their JSON is
+//! `caravan_proto::admin`), and runs the offline tools in [`operator`] (checkpoint conversion,
+//! layout planning).
+
+mod operator;
 
 use std::{
+    io::{BufRead, BufReader, Write},
     path::PathBuf,
     process::ExitCode,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use caravan_coordinator::operator::{
+use caravan_common::units::parse_bytes;
+use caravan_proto::admin;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use operator::{
     convert::{Conversion, ConvertOptions},
     hardware,
     plan::{self, Goal, ModelShape, PlanRequest},
 };
-use caravan_coordinator::server::parse_bytes;
-use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// Operate a Caravan cluster.
 #[derive(Parser, Debug)]
@@ -149,17 +153,7 @@ fn main() -> ExitCode {
             }
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(&cli.url, api_key, cli.json, online)) {
+    match run(&cli.url, api_key, cli.json, online) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -244,36 +238,18 @@ fn run_offline(command: Command, json: bool) -> Result<ExitCode> {
 }
 
 /// Commands that talk to a coordinator.
-async fn run(url: &str, api_key: Option<String>, json: bool, command: Online) -> Result<ExitCode> {
+fn run(url: &str, api_key: Option<String>, json: bool, command: Online) -> Result<ExitCode> {
     let base = Base::parse(url, api_key)?;
     match command {
-        Online::Status => {
-            let body = base.get_ok("/admin/status").await?;
-            let status: Value = serde_json::from_str(&body).context("parsing /admin/status")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print_status(&status);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Online::Workers => {
-            let body = base.get_ok("/admin/workers").await?;
-            let workers: Value = serde_json::from_str(&body).context("parsing /admin/workers")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&workers)?);
-            } else {
-                print_workers(&workers);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Online::Status => show(&base, "/admin/status", json, print_status),
+        Online::Workers => show(&base, "/admin/workers", json, print_workers),
         Online::Generate {
             prompt,
             max_tokens,
             temperature,
-        } => generate(&base, &prompt, max_tokens, temperature, json).await,
+        } => generate(&base, &prompt, max_tokens, temperature, json),
         Online::Health => {
-            let (code, body) = base.request("GET", "/health", None).await?;
+            let (code, body) = base.request("GET", "/health", None)?;
             if json {
                 println!("{body}");
             } else {
@@ -295,41 +271,65 @@ async fn run(url: &str, api_key: Option<String>, json: bool, command: Online) ->
             })
         }
         Online::Drain { timeout } => {
-            let (code, body) = base.request("POST", "/admin/drain", None).await?;
+            let (code, body) = base.request("POST", "/admin/drain", None)?;
             if code != 202 {
                 bail!("drain refused (HTTP {code}): {body}");
             }
             let deadline = Instant::now() + Duration::from_secs(timeout);
             let mut last = None;
             loop {
-                let status = match base.request("GET", "/admin/status", None).await {
-                    Ok((_, body)) => serde_json::from_str::<Value>(&body)?,
+                let (status, body) = match base.request("GET", "/admin/status", None) {
+                    Ok((_, body)) => (
+                        serde_json::from_str::<admin::Status>(&body)
+                            .context("parsing /admin/status")?,
+                        body,
+                    ),
                     // The coordinator finished draining and exited.
                     Err(_) => {
                         eprintln!("drained: the coordinator has stopped");
                         return Ok(ExitCode::SUCCESS);
                     }
                 };
-                let in_flight = status["in_flight"].as_u64().unwrap_or(0);
-                if status["drained"].as_bool() == Some(true) {
+                if status.drained {
                     eprintln!("drained");
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&status)?);
+                        println!("{body}");
                     }
                     return Ok(ExitCode::SUCCESS);
                 }
-                if last != Some(in_flight) {
-                    eprintln!("draining: {in_flight} requests in flight");
-                    last = Some(in_flight);
+                if last != Some(status.in_flight) {
+                    eprintln!("draining: {} requests in flight", status.in_flight);
+                    last = Some(status.in_flight);
                 }
                 if Instant::now() > deadline {
-                    eprintln!("still {in_flight} requests in flight after {timeout} s");
+                    eprintln!(
+                        "still {} requests in flight after {timeout} s",
+                        status.in_flight
+                    );
                     return Ok(ExitCode::FAILURE);
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                std::thread::sleep(Duration::from_millis(200));
             }
         }
     }
+}
+
+/// GETs an admin endpoint and prints it: as (pretty) JSON, or as `table` prints its typed form.
+fn show<T: serde::de::DeserializeOwned>(
+    base: &Base,
+    path: &str,
+    json: bool,
+    table: fn(&T),
+) -> Result<ExitCode> {
+    let body = base.get_ok(path)?;
+    let parsing = || format!("parsing {path}");
+    if json {
+        let value: Value = serde_json::from_str(&body).with_context(parsing)?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        table(&serde_json::from_str(&body).with_context(parsing)?);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Converts with progress on stderr: a bar on a terminal, else a line at every tenth of the
@@ -396,14 +396,14 @@ fn run_convert(options: ConvertOptions, json: bool) -> Result<ExitCode> {
 }
 
 /// Streams one completion, printing text as it arrives.
-async fn generate(
+fn generate(
     base: &Base,
     prompt: &str,
     max_tokens: u32,
     temperature: f32,
     json: bool,
 ) -> Result<ExitCode> {
-    let models = base.get_ok("/v1/models").await?;
+    let models = base.get_ok("/v1/models")?;
     let models: Value = serde_json::from_str(&models).context("parsing /v1/models")?;
     let model = models["data"][0]["id"]
         .as_str()
@@ -413,15 +413,18 @@ async fn generate(
         "model": model, "prompt": prompt, "max_tokens": max_tokens,
         "temperature": temperature, "stream": true,
     });
-    let mut stream = base
-        .open("POST", "/v1/completions", Some(&body.to_string()))
-        .await?;
-    if stream.status != 200 {
-        let status = stream.status;
-        bail!("HTTP {status}: {}", stream.read_rest().await?);
+    let response = base.send("POST", "/v1/completions", Some(&body.to_string()), None)?;
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    if status != 200 {
+        bail!(
+            "HTTP {status}: {}",
+            body.read_to_string().unwrap_or_default()
+        );
     }
     let mut out = std::io::stdout();
-    while let Some(line) = stream.next_line().await? {
+    for line in BufReader::new(body.into_reader()).lines() {
+        let line = line.context("reading the stream")?;
         let Some(data) = line.strip_prefix("data: ") else {
             continue;
         };
@@ -443,7 +446,6 @@ async fn generate(
             );
         }
         if let Some(text) = event["choices"][0]["text"].as_str() {
-            use std::io::Write;
             print!("{text}");
             out.flush()?;
         }
@@ -454,66 +456,62 @@ async fn generate(
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_workers(w: &Value) {
+fn print_workers(w: &admin::Workers) {
     println!("WORKER           RANK  HOST             DEVICE   MEMORY     LAST SEEN  ADDRESS");
-    for w in w["workers"].as_array().into_iter().flatten() {
+    for w in &w.workers {
         println!(
             "{:<16} {:<5} {:<16} {:<8} {:<10} {:<10} {}",
-            w["id"].as_str().unwrap_or(""),
-            w["rank"]
-                .as_u64()
-                .map_or("-".to_string(), |r| r.to_string()),
-            w["host"].as_str().unwrap_or(""),
-            w["device"].as_str().unwrap_or(""),
-            gib(&w["memory_bytes"]),
-            format!("{} ms", w["last_seen_ms"]),
-            w["address"].as_str().unwrap_or(""),
+            w.id,
+            w.rank.map_or("-".to_string(), |r| r.to_string()),
+            w.host,
+            w.device,
+            gib(w.memory_bytes),
+            format!("{} ms", w.last_seen_ms),
+            w.address,
         );
     }
 }
 
-fn gib(bytes: &Value) -> String {
-    format!(
-        "{:.1} GiB",
-        bytes.as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64
-    )
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-fn print_status(s: &Value) {
-    let ready = s["ready"].as_bool().unwrap_or(false);
+fn print_status(s: &admin::Status) {
     println!(
         "model      {}\nready      {}{}\nin flight  {} ({} running, {} waiting)\nKV cache   {} / {} blocks in use",
-        s["model"].as_str().unwrap_or("?"),
-        if ready { "yes" } else { "no" },
-        match s["reason"].as_str() {
-            Some(r) if !r.is_empty() => format!(" ({r})"),
-            _ => String::new(),
+        s.model,
+        if s.ready { "yes" } else { "no" },
+        if s.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.reason)
         },
-        s["in_flight"],
-        s["running"],
-        s["waiting"],
-        s["kv_cache_blocks_used"],
-        s["kv_cache_blocks_total"],
+        s.in_flight,
+        s.running,
+        s.waiting,
+        s.kv_cache_blocks_used,
+        s.kv_cache_blocks_total,
     );
     println!("\nRANK  SHARD   WORKER           HOST             DEVICE   MEMORY     RING                   HEALTH");
-    for w in s["workers"].as_array().into_iter().flatten() {
+    for w in &s.workers {
         println!(
             "{:<5} {:<7} {:<16} {:<16} {:<8} {:<10} {:<22} {}",
-            w["rank"].as_u64().unwrap_or(0),
-            w["shard"].as_str().unwrap_or(""),
-            w["id"].as_str().unwrap_or(""),
-            w["host"].as_str().unwrap_or(""),
-            w["device"].as_str().unwrap_or(""),
-            gib(&w["memory_bytes"]),
-            w["ring_address"].as_str().unwrap_or(""),
-            w["health"].as_str().unwrap_or(""),
+            w.rank,
+            w.shard,
+            w.id,
+            w.host,
+            w.device,
+            gib(w.memory_bytes),
+            w.ring_address,
+            w.health,
         );
     }
 }
 
 /// A plain-HTTP base URL (the coordinator serves HTTP; put TLS in front of it).
 struct Base {
-    authority: String,
+    url: String,
+    agent: ureq::Agent,
     /// Sent as `Authorization: Bearer` when the coordinator requires a key.
     api_key: Option<String>,
 }
@@ -523,7 +521,7 @@ impl Base {
         let Some(rest) = url.strip_prefix("http://") else {
             bail!("--url must be http://HOST:PORT, got {url:?}");
         };
-        let authority = rest.trim_end_matches('/').to_string();
+        let authority = rest.trim_end_matches('/');
         if authority.is_empty() || authority.contains('/') {
             bail!("--url must be http://HOST:PORT, got {url:?}");
         }
@@ -532,140 +530,87 @@ impl Base {
                 bail!("--api-key must be printable ASCII without spaces");
             }
         }
-        Ok(Base { authority, api_key })
+        let agent = ureq::Agent::config_builder()
+            // Straight to the coordinator, as before: never hand the API key to a proxy from the
+            // environment.
+            .proxy(None)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            // The status line and headers; a streamed body may take as long as it takes.
+            .timeout_recv_response(Some(Duration::from_secs(30)))
+            // Statuses are answers here, not transport errors: their JSON says why.
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Ok(Base {
+            url: format!("http://{authority}"),
+            agent,
+            api_key,
+        })
     }
 
-    /// One request with `Connection: close`: (status, body).
-    async fn request(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
-        let mut response = self.open(method, path, body).await?;
-        let status = response.status;
-        let body = tokio::time::timeout(Duration::from_secs(30), response.read_rest())
-            .await
-            .context("reading the response: timed out")??;
+    /// Sends a request; the response's body is read by the caller, within `body_timeout` when
+    /// one is given (a stream has none).
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        body_timeout: Option<Duration>,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
+        let url = format!("{}{path}", self.url);
+        let auth = self.api_key.as_ref().map(|k| format!("Bearer {k}"));
+        let sent = match method {
+            "GET" => {
+                let mut r = self
+                    .agent
+                    .get(&url)
+                    .config()
+                    .timeout_recv_body(body_timeout)
+                    .build();
+                if let Some(auth) = &auth {
+                    r = r.header("Authorization", auth);
+                }
+                r.call()
+            }
+            "POST" => {
+                let mut r = self
+                    .agent
+                    .post(&url)
+                    .config()
+                    .timeout_recv_body(body_timeout)
+                    .build()
+                    .content_type("application/json");
+                if let Some(auth) = &auth {
+                    r = r.header("Authorization", auth);
+                }
+                r.send(body.unwrap_or(""))
+            }
+            other => bail!("unsupported method {other}"),
+        };
+        sent.with_context(|| format!("{method} {url}"))
+    }
+
+    /// One request, its whole body read (within 30 s): (status, body).
+    fn request(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+        let response = self.send(method, path, body, Some(Duration::from_secs(30)))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()
+            .with_context(|| format!("reading the answer to {method} {path}"))?;
         Ok((status, body))
     }
 
     /// A GET that must answer 200; anything else is an error carrying the server's message.
-    async fn get_ok(&self, path: &str) -> Result<String> {
-        let (status, body) = self.request("GET", path, None).await?;
+    fn get_ok(&self, path: &str) -> Result<String> {
+        let (status, body) = self.request("GET", path, None)?;
         if status != 200 {
             let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
             let message = v["error"]["message"].as_str().unwrap_or(body.trim());
             bail!("GET {path}: HTTP {status}: {message}");
         }
         Ok(body)
-    }
-
-    /// Sends a request and reads the status line and headers.
-    async fn open(&self, method: &str, path: &str, body: Option<&str>) -> Result<Response> {
-        let connect = tokio::net::TcpStream::connect(&self.authority);
-        let mut stream = tokio::time::timeout(Duration::from_secs(5), connect)
-            .await
-            .with_context(|| format!("connecting to {}: timed out", self.authority))?
-            .with_context(|| format!("connecting to {}", self.authority))?;
-        let body = body.unwrap_or("");
-        let auth = match &self.api_key {
-            Some(key) => format!("Authorization: Bearer {key}\r\n"),
-            None => String::new(),
-        };
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             {auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
-            self.authority,
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await?;
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line).await?;
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("malformed HTTP response")?;
-        let mut chunked = false;
-        loop {
-            line.clear();
-            if reader.read_line(&mut line).await? == 0 || line == "\r\n" {
-                break;
-            }
-            let lower = line.to_ascii_lowercase();
-            if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
-                chunked = true;
-            }
-        }
-        Ok(Response {
-            status,
-            reader,
-            chunked,
-            pending: Vec::new(),
-            done: false,
-        })
-    }
-}
-
-/// A response body, read as it arrives (plain or chunked).
-struct Response {
-    status: u16,
-    reader: BufReader<tokio::net::TcpStream>,
-    chunked: bool,
-    /// Body bytes read but not yet returned as lines.
-    pending: Vec<u8>,
-    done: bool,
-}
-
-impl Response {
-    /// More body bytes into `pending`; false at the end.
-    async fn fill(&mut self) -> Result<bool> {
-        if self.done {
-            return Ok(false);
-        }
-        if !self.chunked {
-            let mut buf = [0u8; 8192];
-            let n = self.reader.read(&mut buf).await?;
-            self.pending.extend_from_slice(&buf[..n]);
-            self.done = n == 0;
-            return Ok(n > 0);
-        }
-        let mut size = String::new();
-        if self.reader.read_line(&mut size).await? == 0 {
-            self.done = true;
-            return Ok(false);
-        }
-        let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
-            .context("malformed chunk size")?;
-        if size == 0 {
-            self.done = true;
-            return Ok(false);
-        }
-        let mut chunk = vec![0u8; size + 2];
-        self.reader.read_exact(&mut chunk).await?;
-        chunk.truncate(size);
-        self.pending.extend_from_slice(&chunk);
-        Ok(true)
-    }
-
-    /// The next line of the body (without its line ending), or `None` at the end.
-    async fn next_line(&mut self) -> Result<Option<String>> {
-        loop {
-            if let Some(i) = self.pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.pending.drain(..=i).collect();
-                let text = String::from_utf8_lossy(&line);
-                return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
-            }
-            if !self.fill().await? {
-                if self.pending.is_empty() {
-                    return Ok(None);
-                }
-                let rest: Vec<u8> = std::mem::take(&mut self.pending);
-                return Ok(Some(String::from_utf8_lossy(&rest).into_owned()));
-            }
-        }
-    }
-
-    async fn read_rest(&mut self) -> Result<String> {
-        while self.fill().await? {}
-        Ok(String::from_utf8_lossy(&std::mem::take(&mut self.pending)).into_owned())
     }
 }

@@ -1,25 +1,28 @@
-//! The thread that owns a worker's model shard, KV cache and per-sequence sampling state.
+//! The model runner: the thread that owns a worker's model shard, KV cache and per-sequence
+//! state ([`Sequences`]).
 //!
 //! tch tensors are `Send` but not `Sync`, and a rank's collectives must run in order, so exactly
 //! one thread touches the model. gRPC handlers send it [`Command`]s and await the answer on a
 //! oneshot channel (the pattern of text-generation-inference's queue).
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex},
     time::Instant,
 };
 
 use caravan_ops::{
     comm::RingListener, Checkpoint, Communicator, DType, KvCache, Llama, LlamaConfig, LoadOptions,
-    LogitsSelection, SequenceStep, ShardLayout, VocabSharding,
+    LogitsSelection, ShardLayout, VocabSharding,
 };
 use caravan_proto as pb;
 use tch::Device;
 use tokio::sync::oneshot;
 use tonic::Status;
 
-use crate::sampling::{SamplingParams, SequenceSampler};
+use crate::{
+    faults::{Fault, FaultKind},
+    sequences::Sequences,
+};
 
 /// Work for the model thread.
 pub enum Command {
@@ -33,44 +36,52 @@ pub enum Command {
         tracing::Span,
         oneshot::Sender<Result<pb::StepResponse, Status>>,
     ),
-    Release(Vec<u64>),
 }
 
 /// State shared with the gRPC handlers (read-only for them).
 #[derive(Debug, Clone, Default)]
-pub struct EngineStatus {
+pub struct RunnerStatus {
     pub rank: Option<u32>,
     pub ready: bool,
     pub detail: String,
 }
 
-/// Shared view of the engine's health.
-pub type SharedStatus = Arc<Mutex<EngineStatus>>;
+/// Shared view of the runner's health.
+pub type SharedStatus = Arc<Mutex<RunnerStatus>>;
 
 struct Loaded {
     model: Llama,
     comm: Arc<Communicator>,
     cache: KvCache,
-    samplers: HashMap<u64, SequenceSampler>,
+    sequences: Sequences,
+    rank: u32,
     next_step: u64,
 }
 
 /// The model thread's state.
-pub struct Engine {
+pub struct ModelRunner {
     device: Device,
     /// Kept for the worker's lifetime: every formation of a group joins the ring through it.
     listener: RingListener,
     loaded: Option<Loaded>,
     status: SharedStatus,
+    /// A fault to inject, for recovery tests ([`crate::faults`]).
+    fault: Option<Fault>,
 }
 
-impl Engine {
-    pub fn new(device: Device, listener: RingListener, status: SharedStatus) -> Self {
-        Engine {
+impl ModelRunner {
+    pub fn new(
+        device: Device,
+        listener: RingListener,
+        status: SharedStatus,
+        fault: Option<Fault>,
+    ) -> Self {
+        ModelRunner {
             device,
             listener,
             loaded: None,
             status,
+            fault,
         }
     }
 
@@ -85,19 +96,15 @@ impl Engine {
                 Command::Step(req, span, reply) => {
                     let result = span.in_scope(|| self.step(req));
                     if let Err(e) = &result {
-                        if e.code() != tonic::Code::InvalidArgument {
+                        if !matches!(
+                            e.code(),
+                            tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+                        ) {
                             // A failed collective leaves the group unusable.
                             self.set_status(false, e.message().to_string());
                         }
                     }
                     let _ = reply.send(result);
-                }
-                Command::Release(ids) => {
-                    if let Some(loaded) = &mut self.loaded {
-                        for id in ids {
-                            loaded.samplers.remove(&id);
-                        }
-                    }
                 }
             }
         }
@@ -117,8 +124,17 @@ impl Engine {
         }
         self.set_status(false, "loading a shard".into());
         let invalid = |e: String| Status::invalid_argument(e);
-        let dtype: DType = req.dtype.parse().map_err(invalid)?;
-        let vocab: VocabSharding = req.vocab_sharding.parse().map_err(invalid)?;
+        let dtype = match req.dtype() {
+            pb::Dtype::Unspecified => return Err(invalid("no dtype given".into())),
+            pb::Dtype::F32 => DType::F32,
+            pb::Dtype::F16 => DType::F16,
+            pb::Dtype::Bf16 => DType::BF16,
+        };
+        let vocab = match req.vocab_sharding() {
+            pb::VocabSharding::Auto => VocabSharding::Auto,
+            pb::VocabSharding::Replicated => VocabSharding::Replicated,
+            pb::VocabSharding::Parallel => VocabSharding::Parallel,
+        };
         let (rank, world) = (req.rank as usize, req.world_size as usize);
         if req.block_size == 0 || (req.kv_cache_blocks == 0 && req.kv_cache_memory_bytes == 0) {
             return Err(invalid(
@@ -205,7 +221,8 @@ impl Engine {
             model,
             comm,
             cache,
-            samplers: HashMap::new(),
+            sequences: Sequences::default(),
+            rank: req.rank,
             next_step: 0,
         });
         {
@@ -225,13 +242,29 @@ impl Engine {
             .as_mut()
             .ok_or_else(|| Status::failed_precondition("no shard loaded"))?;
         if req.step_id != loaded.next_step {
-            return Err(Status::invalid_argument(format!(
+            // The coordinator's plan and this rank's state no longer agree.
+            return Err(Status::failed_precondition(format!(
                 "step {} out of order (expected {})",
                 req.step_id, loaded.next_step
             )));
         }
         loaded.next_step += 1;
-        let batch = sequence_steps(&req);
+        loaded.sequences.forget(&req.finished);
+        let fault = self
+            .fault
+            .as_ref()
+            .filter(|f| f.fires(req.step_id, loaded.rank))
+            .map(|f| f.kind);
+        if fault == Some(FaultKind::Reject) {
+            return Err(Status::invalid_argument(format!(
+                "injected fault: step {} refused",
+                req.step_id
+            )));
+        }
+        let batch = loaded
+            .sequences
+            .prepare(&req)
+            .map_err(Status::failed_precondition)?;
         let logits = tracing::info_span!(
             "forward",
             tokens = batch.iter().map(|s| s.tokens.len()).sum::<usize>()
@@ -262,16 +295,19 @@ impl Engine {
             if !seq.sample {
                 continue;
             }
-            let params = to_params(seq.sampling.as_ref());
-            let sampler = loaded
-                .samplers
-                .entry(seq.sequence_id)
-                .or_insert_with(|| SequenceSampler::new(params.seed));
+            let state = loaded
+                .sequences
+                .get_mut(seq.sequence_id)
+                .ok_or_else(|| Status::internal("a prepared sequence went missing"))?;
             let row = &logits[i * vocab..(i + 1) * vocab];
-            let sampled = sampler.sample(row, log_sum_exp[i], &params);
+            let sampled = state.sampler.sample(row, log_sum_exp[i], &state.params);
+            let token_id = match fault {
+                Some(FaultKind::Diverge) => (sampled.token + 1) % vocab as i64,
+                _ => sampled.token,
+            };
             tokens.push(pb::SampledToken {
                 sequence_id: seq.sequence_id,
-                token_id: sampled.token,
+                token_id,
                 logprob: sampled.logprob,
                 top_logprobs: sampled
                     .top_logprobs
@@ -280,37 +316,13 @@ impl Engine {
                     .collect(),
             });
         }
+        if let Some(FaultKind::Stall(pause)) = fault {
+            std::thread::sleep(pause);
+        }
         Ok(pb::StepResponse {
             tokens,
             compute_us: started.elapsed().as_micros() as u64,
             collective_us: loaded.comm.take_busy_micros(),
         })
-    }
-}
-
-/// The batch a step request asks the model for (checked by the model against its limits).
-pub fn sequence_steps(req: &pb::StepRequest) -> Vec<SequenceStep> {
-    req.sequences
-        .iter()
-        .map(|s| SequenceStep {
-            tokens: s.tokens.clone(),
-            start_position: s.start_position as usize,
-            block_table: s.block_table.clone(),
-        })
-        .collect()
-}
-
-fn to_params(p: Option<&pb::SamplingParams>) -> SamplingParams {
-    match p {
-        None => SamplingParams::default(),
-        Some(p) => SamplingParams {
-            temperature: p.temperature,
-            top_p: if p.top_p <= 0.0 { 1.0 } else { p.top_p },
-            top_k: p.top_k as usize,
-            seed: p.seed,
-            presence_penalty: p.presence_penalty,
-            frequency_penalty: p.frequency_penalty,
-            top_logprobs: p.top_logprobs as usize,
-        },
     }
 }

@@ -12,6 +12,23 @@ use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerPro
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
 
+/// How log lines are written on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    /// The flag value, for passing it on to child processes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 /// How a process reports.
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
@@ -19,8 +36,7 @@ pub struct TelemetryConfig {
     pub service: &'static str,
     /// Filter when `RUST_LOG` is unset, e.g. "warn".
     pub default_filter: String,
-    /// "text" or "json".
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// OTLP/gRPC collector, e.g. http://otel-collector:4317; `None` exports nothing.
     pub otlp_endpoint: Option<String>,
 }
@@ -43,17 +59,16 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, String> {
     let filter = || {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.default_filter))
     };
-    let logs = match config.log_format.as_str() {
-        "text" => tracing_subscriber::fmt::layer()
+    let logs = match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_filter(filter())
             .boxed(),
-        "json" => tracing_subscriber::fmt::layer()
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
             .with_filter(filter())
             .boxed(),
-        other => return Err(format!("--log-format must be text or json, not {other:?}")),
     };
     let endpoint = config
         .otlp_endpoint

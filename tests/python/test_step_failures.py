@@ -1,0 +1,71 @@
+"""End-to-end tests of what each kind of step failure does to a serving group, with real processes.
+
+A fault is injected into the workers of a local TP-2 group (CARAVAN_INJECT_FAULT, see
+worker/src/faults.rs; local workers inherit the coordinator's environment) at step 3, a decode
+step of the first request. Every rank alive, the group must serve again afterwards:
+- rejected (every rank refuses the step as invalid): only the step's requests end, with an
+  explicit error; the group is not formed again and /health never leaves 200;
+- diverged (rank 1 answers a different token, or rank 1 alone refuses the step that rank 0
+  runs) and timeout (rank 1 answers 2 s late, past --collective-timeout): the request ends with
+  an explicit error, /health turns 503, the group is formed again from the same worker
+  processes, /health says 200 again, and the transformers reference text comes back.
+
+Run: .venv/bin/python -m pytest tests/python/test_step_failures.py  (after `cargo build --workspace --bins`)
+"""
+import os
+
+import httpx
+import openai
+import pytest
+
+from conftest import READY_TIMEOUT_S, Coordinator, children, greedy_text, metrics, wait_for_status
+
+TIMEOUT_S = 60.0
+
+CASES = {
+    # the failure's kind, fault, extra flags, the error's words, whether the group is formed again
+    "rejected": ("rejected", "reject@3", [], "injected fault: step 3 refused", False),
+    "diverged": ("diverged", "diverge@3/rank1", [], "sampled different tokens", True),
+    "refused-by-one": ("diverged", "reject@3/rank1", ["--collective-timeout", 1],
+                       "refused the step the others ran", True),
+    "timeout": ("timeout", "stall@3/rank1/2000ms", ["--collective-timeout", 1], "timed out", True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_after_a_step_failure_with_every_rank_alive_the_group_serves_again(checkpoint, reference, case):
+    kind, fault, flags, words, reformed = CASES[case]
+    env = dict(os.environ, CARAVAN_INJECT_FAULT=fault)
+    coordinator = Coordinator(["--model", checkpoint, "--tp", 2, "--local-workers", "--port", 0, *flags], env=env)
+    try:
+        url = coordinator.wait_ready()
+        workers = sorted(children(coordinator.proc.pid))
+        assert len(workers) == 2, f"expected 2 worker processes, found {workers}"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+        ref = reference["completions"][0]
+        with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
+            before = metrics(http)
+            assert before["caravan_group_formations_total"] == 1
+            with pytest.raises(openai.APIStatusError) as failed:
+                client.completions.create(model=checkpoint.name, prompt=ref["prompt"], temperature=0,
+                                          max_tokens=8, extra_body={"ignore_eos": True})
+            assert failed.value.status_code == 503, failed.value
+            assert words in str(failed.value), failed.value
+
+            after = metrics(http)
+            assert after[f'caravan_step_failures_total{{kind="{kind}"}}'] == 1, after
+            assert after['caravan_requests_total{status="error"}'] == 1, after
+            if reformed:
+                wait_for_status(http, "/health", 200, READY_TIMEOUT_S)
+                assert metrics(http)["caravan_group_formations_total"] == 2
+                assert "forming it again" in coordinator.stderr()
+            else:
+                assert http.get("/health").status_code == 200, "a rejected step must not fail the group"
+                assert after["caravan_group_formations_total"] == 1
+                assert "forming it again" not in coordinator.stderr()
+            # The same worker processes serve the reference text again.
+            assert greedy_text(client, checkpoint.name, ref) == ref["text"]
+            assert sorted(children(coordinator.proc.pid)) == workers, "a worker was restarted"
+            assert http.get("/health").status_code == 200
+    finally:
+        coordinator.stop()

@@ -1,0 +1,213 @@
+//! What a rank keeps per sequence between steps: its sampling parameters, its random stream and
+//! its KV block table. The step protocol sends each once (when the coordinator admits the
+//! sequence) and later only new blocks, so every rank's table must stay exactly the
+//! coordinator's; [`Sequences::prepare`] checks a step against it before changing anything.
+
+use std::collections::{HashMap, HashSet};
+
+use caravan_ops::SequenceStep;
+use caravan_proto as pb;
+
+use crate::sampling::{SamplingParams, SequenceSampler};
+
+/// One sequence's state on this rank.
+#[derive(Debug, Clone)]
+pub struct SequenceState {
+    pub params: SamplingParams,
+    pub sampler: SequenceSampler,
+    pub blocks: Vec<u32>,
+}
+
+/// Every sequence this rank knows, by id.
+#[derive(Debug, Default)]
+pub struct Sequences {
+    by_id: HashMap<u64, SequenceState>,
+}
+
+impl Sequences {
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut SequenceState> {
+        self.by_id.get_mut(&id)
+    }
+
+    /// Forgets the sequences a step says have ended (unknown ids are ignored: the coordinator
+    /// reports cancelled ones the rank may never have seen).
+    pub fn forget(&mut self, ids: &[u64]) {
+        for id in ids {
+            self.by_id.remove(id);
+        }
+    }
+
+    /// Applies a step's admissions and new blocks and returns the batch for the model. A step
+    /// that names a sequence this rank does not know (and does not admit it), or one sequence
+    /// twice, is refused before anything changes: the rank and the coordinator disagree.
+    pub fn prepare(&mut self, req: &pb::StepRequest) -> Result<Vec<SequenceStep>, String> {
+        let mut seen = HashSet::with_capacity(req.sequences.len());
+        for s in &req.sequences {
+            if !seen.insert(s.sequence_id) {
+                return Err(format!(
+                    "sequence {} appears twice in the step",
+                    s.sequence_id
+                ));
+            }
+            if s.admitted.is_none() && !self.by_id.contains_key(&s.sequence_id) {
+                return Err(format!(
+                    "sequence {} is not known to this rank and the step does not admit it",
+                    s.sequence_id
+                ));
+            }
+        }
+        let mut batch = Vec::with_capacity(req.sequences.len());
+        for s in &req.sequences {
+            let state = match &s.admitted {
+                Some(sampling) => {
+                    let params = to_params(sampling);
+                    let state = self
+                        .by_id
+                        .entry(s.sequence_id)
+                        .or_insert_with(|| SequenceState {
+                            sampler: SequenceSampler::new(params.seed),
+                            params: params.clone(),
+                            blocks: Vec::new(),
+                        });
+                    // Back after a preemption: the same random stream, a new table.
+                    state.params = params;
+                    state.blocks.clear();
+                    state
+                }
+                None => self.by_id.get_mut(&s.sequence_id).expect("checked above"),
+            };
+            state.blocks.extend_from_slice(&s.new_blocks);
+            batch.push(SequenceStep {
+                tokens: s.tokens.clone(),
+                start_position: s.start_position as usize,
+                block_table: state.blocks.clone(),
+            });
+        }
+        Ok(batch)
+    }
+}
+
+fn to_params(p: &pb::SamplingParams) -> SamplingParams {
+    SamplingParams {
+        temperature: p.temperature,
+        top_p: if p.top_p <= 0.0 { 1.0 } else { p.top_p },
+        top_k: p.top_k as usize,
+        seed: p.seed,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        top_logprobs: p.top_logprobs as usize,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(
+        id: u64,
+        tokens: Vec<i64>,
+        start: u32,
+        blocks: Vec<u32>,
+        admit: bool,
+    ) -> pb::SequenceStep {
+        pb::SequenceStep {
+            sequence_id: id,
+            tokens,
+            start_position: start,
+            new_blocks: blocks,
+            admitted: admit.then(|| pb::SamplingParams {
+                seed: 7,
+                ..Default::default()
+            }),
+            sample: true,
+        }
+    }
+
+    fn step(sequences: Vec<pb::SequenceStep>, finished: Vec<u64>) -> pb::StepRequest {
+        pb::StepRequest {
+            step_id: 0,
+            sequences,
+            finished,
+        }
+    }
+
+    #[test]
+    fn tables_grow_by_new_blocks_and_restart_on_admission() {
+        let mut s = Sequences::default();
+        let batch = s
+            .prepare(&step(
+                vec![seq(1, vec![5, 6, 7], 0, vec![3, 4], true)],
+                vec![],
+            ))
+            .unwrap();
+        assert_eq!(batch[0].block_table, vec![3, 4]);
+        let batch = s
+            .prepare(&step(vec![seq(1, vec![8], 3, vec![], false)], vec![]))
+            .unwrap();
+        assert_eq!(batch[0].block_table, vec![3, 4]);
+        assert_eq!(batch[0].start_position, 3);
+        let batch = s
+            .prepare(&step(vec![seq(1, vec![9], 4, vec![9], false)], vec![]))
+            .unwrap();
+        assert_eq!(batch[0].block_table, vec![3, 4, 9]);
+        // Preempted and admitted again: a new table, the same sampler.
+        s.get_mut(1).unwrap().sampler = SequenceSampler::new(99);
+        let batch = s
+            .prepare(&step(
+                vec![seq(1, vec![5, 6, 7, 8, 9], 0, vec![0, 1, 2], true)],
+                vec![],
+            ))
+            .unwrap();
+        assert_eq!(batch[0].block_table, vec![0, 1, 2]);
+        let kept = format!("{:?}", s.get_mut(1).unwrap().sampler);
+        assert_eq!(kept, format!("{:?}", SequenceSampler::new(99)));
+    }
+
+    #[test]
+    fn unknown_or_repeated_sequences_are_refused_without_changing_anything() {
+        let mut s = Sequences::default();
+        s.prepare(&step(vec![seq(1, vec![5], 0, vec![3], true)], vec![]))
+            .unwrap();
+        let err = s
+            .prepare(&step(
+                vec![
+                    seq(1, vec![6], 1, vec![4], false),
+                    seq(2, vec![1], 0, vec![], false),
+                ],
+                vec![],
+            ))
+            .unwrap_err();
+        assert!(err.contains("sequence 2 is not known"), "{err}");
+        assert_eq!(s.get_mut(1).unwrap().blocks, vec![3], "nothing applied");
+        let err = s
+            .prepare(&step(
+                vec![
+                    seq(1, vec![6], 1, vec![], false),
+                    seq(1, vec![6], 1, vec![], false),
+                ],
+                vec![],
+            ))
+            .unwrap_err();
+        assert!(err.contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn finished_sequences_are_forgotten() {
+        let mut s = Sequences::default();
+        s.prepare(&step(vec![seq(1, vec![5], 0, vec![3], true)], vec![]))
+            .unwrap();
+        s.forget(&[1, 42]);
+        assert!(s.is_empty());
+        assert!(s
+            .prepare(&step(vec![seq(1, vec![6], 1, vec![], false)], vec![]))
+            .is_err());
+    }
+}
