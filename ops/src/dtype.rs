@@ -1,64 +1,19 @@
-//! Floating-point formats for weights and compute, and their libtorch kinds.
+//! The libtorch kind of each floating-point format (the formats themselves are
+//! `caravan_checkpoint::DType`, which knows nothing of libtorch).
 
-use std::{fmt, str::FromStr};
+use caravan_checkpoint::DType;
 
-/// A floating-point format Caravan loads or computes in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DType {
-    F32,
-    F16,
-    BF16,
+/// The libtorch kind a format computes in.
+pub trait TorchKind {
+    fn kind(self) -> tch::Kind;
 }
 
-impl DType {
-    /// The matching libtorch kind.
-    pub fn kind(self) -> tch::Kind {
+impl TorchKind for DType {
+    fn kind(self) -> tch::Kind {
         match self {
             DType::F32 => tch::Kind::Float,
             DType::F16 => tch::Kind::Half,
             DType::BF16 => tch::Kind::BFloat16,
-        }
-    }
-
-    /// Bytes per element.
-    pub fn size_in_bytes(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-        }
-    }
-
-    /// Parses the names Hugging Face uses in `config.json` (`torch_dtype` / `dtype`).
-    pub fn from_hf_name(name: &str) -> Option<Self> {
-        match name {
-            "float32" | "float" => Some(DType::F32),
-            "float16" | "half" => Some(DType::F16),
-            "bfloat16" => Some(DType::BF16),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for DType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-        })
-    }
-}
-
-impl FromStr for DType {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "fp32" | "float32" => Ok(DType::F32),
-            "f16" | "fp16" | "float16" => Ok(DType::F16),
-            "bf16" | "bfloat16" => Ok(DType::BF16),
-            other => Err(format!(
-                "unknown dtype {other:?} (expected f32, f16 or bf16)"
-            )),
         }
     }
 }

@@ -11,10 +11,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid config {path}: {reason}")]
-    InvalidConfig { path: PathBuf, reason: String },
-    #[error("cannot shard this model over {world_size} ranks: {reason}")]
-    InvalidParallelism { world_size: usize, reason: String },
+    /// The checkpoint itself: its config, its files, or a layout over it.
+    #[error(transparent)]
+    Checkpoint(#[from] caravan_checkpoint::Error),
     #[error("invalid checkpoint {path}: {reason}")]
     InvalidCheckpoint { path: PathBuf, reason: String },
     #[error("missing weight {name} in checkpoint {dir}")]

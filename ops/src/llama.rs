@@ -16,9 +16,8 @@ use crate::{
         attention::AttentionWeights, mlp::MlpWeights, Attention, LmHead, Mlp, ParallelEmbedding,
         RmsNorm, RotaryEmbedding,
     },
-    parallel::ShardLayout,
     weights::{Checkpoint, WeightLoader, WeightSpec},
-    DType, LlamaConfig, Result,
+    DType, LlamaConfig, Result, ShardLayout, TorchKind,
 };
 
 /// The checkpoint names and full shapes of one decoder layer's weights.

@@ -1,24 +1,19 @@
 //! Memory-mapped safetensors checkpoints and per-rank weight slicing.
 //!
 //! A checkpoint is a Hugging Face folder: `model.safetensors`, or several files listed in
-//! `model.safetensors.index.json`. Files are memory-mapped and only the headers are parsed up
-//! front; a rank copies out just its own rows or columns of each weight, so no process ever
+//! `model.safetensors.index.json`, listed and checked by `caravan_checkpoint::SafetensorsFolder`.
+//! Files are memory-mapped and only the headers are parsed up front; a rank copies out just its own rows or columns of each weight, so no process ever
 //! holds the whole model.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    fs::File,
-    ops::Range,
-    path::{Path, PathBuf},
-};
+use std::{fs::File, ops::Range, path::Path};
 
+use caravan_checkpoint::{SafetensorsFolder, TensorEntry};
 use indicatif::{ProgressBar, ProgressStyle};
 use memmap2::Mmap;
-use safetensors::{tensor::Metadata, Dtype as StDtype, SafeTensors};
-use serde::Deserialize;
+use safetensors::Dtype as StDtype;
 use tch::{Device, Kind, Tensor};
 
-use crate::{DType, Error, Result};
+use crate::{DType, Error, Result, TorchKind};
 
 /// Which part of a 2-D `[out, in]` weight a rank takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,99 +42,33 @@ impl WeightSpec {
     }
 }
 
-struct MappedFile {
-    mmap: Mmap,
-    /// Byte offset of the data section (after the 8-byte length and the JSON header).
-    data_start: usize,
-    metadata: Metadata,
-}
-
-/// An opened checkpoint folder: every safetensors file mapped, every header parsed.
+/// An opened checkpoint folder: its tensors listed (and checked) by
+/// [`SafetensorsFolder`], every file memory-mapped.
 pub struct Checkpoint {
-    dir: PathBuf,
-    files: Vec<MappedFile>,
-    /// Tensor name to index into `files`.
-    locations: HashMap<String, usize>,
-}
-
-#[derive(Deserialize)]
-struct ShardIndex {
-    weight_map: HashMap<String, String>,
+    folder: SafetensorsFolder,
+    /// One mapping per file of `folder`, in its order.
+    mmaps: Vec<Mmap>,
 }
 
 impl Checkpoint {
-    /// Opens `dir` (single file or sharded with an index) and parses every header.
+    /// Opens `dir` (single file or sharded with an index), parses every header and maps every
+    /// file.
     pub fn open(dir: &Path) -> Result<Self> {
-        let index_path = dir.join("model.safetensors.index.json");
-        let single = dir.join("model.safetensors");
-        let (file_names, weight_map): (Vec<String>, Option<HashMap<String, String>>) =
-            if index_path.exists() {
-                let text =
-                    std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-                let index: ShardIndex =
-                    serde_json::from_str(&text).map_err(|e| Error::InvalidCheckpoint {
-                        path: index_path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                let names: BTreeSet<String> = index.weight_map.values().cloned().collect();
-                (names.into_iter().collect(), Some(index.weight_map))
-            } else if single.exists() {
-                (vec!["model.safetensors".to_string()], None)
-            } else {
-                return Err(Error::InvalidCheckpoint {
-                    path: dir.to_path_buf(),
-                    reason: "no model.safetensors or model.safetensors.index.json".into(),
-                });
-            };
-
-        let mut files = Vec::with_capacity(file_names.len());
-        let mut locations = HashMap::new();
-        for (i, name) in file_names.iter().enumerate() {
-            let path = dir.join(name);
-            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let folder = SafetensorsFolder::open(dir)?;
+        let mut mmaps = Vec::with_capacity(folder.files().len());
+        for path in folder.files() {
+            let file = File::open(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the mapping is read-only; a checkpoint modified while serving is outside
             // what any loader can defend against (the same contract as safetensors' own mmap).
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let (header_len, metadata) =
-                SafeTensors::read_metadata(&mmap).map_err(|e| Error::InvalidCheckpoint {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-            for tensor in metadata.tensors().keys() {
-                let listed_here = weight_map
-                    .as_ref()
-                    .is_none_or(|map| map.get(tensor).is_some_and(|f| f == name));
-                if listed_here {
-                    locations.insert(tensor.clone(), i);
-                }
-            }
-            files.push(MappedFile {
-                mmap,
-                data_start: 8 + header_len,
-                metadata,
-            });
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            mmaps.push(mmap);
         }
-        if let Some(map) = &weight_map {
-            if let Some(name) = map.keys().find(|n| !locations.contains_key(*n)) {
-                return Err(Error::InvalidCheckpoint {
-                    path: index_path,
-                    reason: format!(
-                        "{name} is listed in the index but missing from {}",
-                        map[name]
-                    ),
-                });
-            }
-        }
-        Ok(Checkpoint {
-            dir: dir.to_path_buf(),
-            files,
-            locations,
-        })
+        Ok(Checkpoint { folder, mmaps })
     }
 
     /// The folder this checkpoint was opened from.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.folder.dir()
     }
 
     /// Checks that every weight in `specs` exists with its expected shape and a float dtype,
@@ -159,19 +88,17 @@ impl Checkpoint {
         Ok(())
     }
 
-    fn lookup(&self, name: &str) -> Result<(&MappedFile, StDtype, Vec<usize>)> {
-        let missing = || Error::MissingWeight {
+    fn lookup(&self, name: &str) -> Result<(&TensorEntry, StDtype, Vec<usize>)> {
+        let entry = self.folder.get(name).ok_or_else(|| Error::MissingWeight {
             name: name.to_string(),
-            dir: self.dir.clone(),
-        };
-        let file = &self.files[*self.locations.get(name).ok_or_else(missing)?];
-        let info = file.metadata.info(name).ok_or_else(missing)?;
-        Ok((file, info.dtype, info.shape.clone()))
+            dir: self.dir().to_path_buf(),
+        })?;
+        Ok((entry, entry.dtype, entry.shape.clone()))
     }
 
     /// Reads `slice` of weight `spec` into a new CPU tensor of its stored dtype.
     fn read(&self, spec: &WeightSpec, slice: &Slice) -> Result<Tensor> {
-        let (file, st, shape) = self.lookup(&spec.name)?;
+        let (entry, st, shape) = self.lookup(&spec.name)?;
         if shape != spec.shape {
             return Err(Error::ShapeMismatch {
                 name: spec.name.clone(),
@@ -180,12 +107,11 @@ impl Checkpoint {
             });
         }
         let dtype = st_dtype(&spec.name, st)?;
-        let info = file.metadata.info(&spec.name).expect("looked up above");
-        let (begin, end) = info.data_offsets;
-        let bytes = &file.mmap[file.data_start + begin..file.data_start + end];
+        // In range: the folder checked every tensor's bytes against its file.
+        let bytes = &self.mmaps[entry.file][entry.bytes.start as usize..entry.bytes.end as usize];
         let elt = dtype.size_in_bytes();
         let bad_slice = |what: &str| Error::InvalidCheckpoint {
-            path: self.dir.clone(),
+            path: self.dir().to_path_buf(),
             reason: format!("cannot take {what} of {} with shape {shape:?}", spec.name),
         };
         let tensor = match slice {
@@ -222,15 +148,10 @@ impl Checkpoint {
 }
 
 fn st_dtype(name: &str, dtype: StDtype) -> Result<DType> {
-    match dtype {
-        StDtype::F32 => Ok(DType::F32),
-        StDtype::F16 => Ok(DType::F16),
-        StDtype::BF16 => Ok(DType::BF16),
-        other => Err(Error::UnsupportedDtype {
-            name: name.to_string(),
-            dtype: format!("{other:?}"),
-        }),
-    }
+    DType::from_safetensors(dtype).ok_or_else(|| Error::UnsupportedDtype {
+        name: name.to_string(),
+        dtype: format!("{dtype:?}"),
+    })
 }
 
 /// Loads a rank's slices of a checkpoint into tensors of the compute dtype on one device,

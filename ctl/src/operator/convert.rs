@@ -13,16 +13,17 @@
 //! and renamed into place, so an interrupted conversion leaves nothing half-written behind.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     fs::File,
     io::{BufWriter, Write},
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
+use caravan_checkpoint::{LlamaConfig, SafetensorsFolder, TensorEntry};
 use half::{bf16, f16};
-use safetensors::{tensor::Metadata, Dtype};
+use safetensors::Dtype;
 use serde_json::{json, Value};
 
 /// What to convert, and how to write it.
@@ -53,17 +54,6 @@ pub struct ConvertReport {
 struct SourceFile {
     path: PathBuf,
     file: File,
-    /// Offset of the data section: 8-byte header length plus the header.
-    data_start: u64,
-}
-
-/// A tensor of the input: where its bytes are and what they hold.
-struct SourceTensor {
-    name: String,
-    file: usize,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    offsets: (usize, usize),
 }
 
 /// How an output tensor's bytes are produced from its source.
@@ -100,22 +90,15 @@ struct HeadCounts {
     layers: usize,
 }
 
-fn read_head_counts(config: &Value, path: &Path) -> Result<HeadCounts> {
-    let shape = super::plan::ModelShape::from_config(config)
-        .with_context(|| format!("reading {}", path.display()))?;
-    ensure!(
-        shape.q_heads % shape.kv_heads == 0,
-        "{}: num_key_value_heads {} does not divide num_attention_heads {}",
-        path.display(),
-        shape.kv_heads,
-        shape.q_heads
-    );
-    Ok(HeadCounts {
-        q_heads: shape.q_heads as usize,
-        kv_heads: shape.kv_heads as usize,
-        head_dim: shape.head_dim as usize,
-        layers: shape.layers as usize,
-    })
+impl From<&LlamaConfig> for HeadCounts {
+    fn from(c: &LlamaConfig) -> Self {
+        HeadCounts {
+            q_heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            layers: c.num_hidden_layers,
+        }
+    }
 }
 
 /// Why `target` KV heads cannot be made from `counts`, if it cannot.
@@ -146,105 +129,22 @@ fn divisors(n: usize) -> String {
         .join(", ")
 }
 
-/// Opens every safetensors file of `dir` and lists its tensors in file order, then offset order.
-fn open_sources(dir: &Path) -> Result<(Vec<SourceFile>, Vec<SourceTensor>)> {
-    let index_path = dir.join("model.safetensors.index.json");
-    let (names, weight_map): (Vec<String>, Option<HashMap<String, String>>) =
-        if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path)
-                .with_context(|| format!("reading {}", index_path.display()))?;
-            let index: Value = serde_json::from_str(&text)
-                .with_context(|| format!("parsing {}", index_path.display()))?;
-            let map: HashMap<String, String> = serde_json::from_value(index["weight_map"].clone())
-                .with_context(|| {
-                    format!(
-                        "{}: weight_map is not a name-to-file map",
-                        index_path.display()
-                    )
-                })?;
-            let mut files: Vec<String> = map.values().cloned().collect();
-            files.sort();
-            files.dedup();
-            (files, Some(map))
-        } else if dir.join("model.safetensors").is_file() {
-            (vec!["model.safetensors".into()], None)
-        } else {
-            bail!(
-                "{}: no model.safetensors or model.safetensors.index.json",
-                dir.display()
-            );
-        };
-
-    let mut files = Vec::new();
-    let mut tensors = Vec::new();
-    for name in names {
-        ensure!(
-            !name.contains('/') && !name.contains(".."),
-            "{}: shard name {name:?} is not a plain file name",
-            index_path.display()
-        );
-        let path = dir.join(&name);
-        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        let file_len = file.metadata()?.len();
-        let mut len_bytes = [0u8; 8];
-        file.read_exact_at(&mut len_bytes, 0)
-            .with_context(|| format!("{}: too short for a safetensors file", path.display()))?;
-        let header_len = u64::from_le_bytes(len_bytes);
-        ensure!(
-            header_len <= 100_000_000 && 8 + header_len <= file_len,
-            "{}: header length {header_len} does not fit the file",
-            path.display()
-        );
-        let mut header = vec![0u8; header_len as usize];
-        file.read_exact_at(&mut header, 8)?;
-        let metadata: Metadata = serde_json::from_slice(&header)
-            .with_context(|| format!("{}: invalid safetensors header", path.display()))?;
-        let data_start = 8 + header_len;
-        let data_len = file_len - data_start;
-        let file_index = files.len();
-        let mut here: Vec<SourceTensor> = metadata
-            .tensors()
-            .into_iter()
-            .filter(|(tensor, _)| {
-                weight_map
-                    .as_ref()
-                    .is_none_or(|m| m.get(tensor) == Some(&name))
+/// Opens every safetensors file of `dir` for positioned reads, and lists its tensors (checked
+/// against their files) in file order, then offset order.
+fn open_sources(dir: &Path) -> Result<(Vec<SourceFile>, Vec<TensorEntry>)> {
+    let folder = SafetensorsFolder::open(dir)?;
+    let files = folder
+        .files()
+        .iter()
+        .map(|path| {
+            let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            Ok(SourceFile {
+                path: path.clone(),
+                file,
             })
-            .map(|(tensor, info)| SourceTensor {
-                name: tensor,
-                file: file_index,
-                dtype: info.dtype,
-                shape: info.shape.clone(),
-                offsets: info.data_offsets,
-            })
-            .collect();
-        for t in &here {
-            ensure!(
-                t.offsets.1 as u64 <= data_len,
-                "{}: {} runs past the end of the file",
-                path.display(),
-                t.name
-            );
-        }
-        here.sort_by_key(|t| t.offsets);
-        tensors.extend(here);
-        files.push(SourceFile {
-            path,
-            file,
-            data_start,
-        });
-    }
-    if let Some(map) = &weight_map {
-        let found: std::collections::HashSet<&str> =
-            tensors.iter().map(|t| t.name.as_str()).collect();
-        if let Some((name, file)) = map.iter().find(|(n, _)| !found.contains(n.as_str())) {
-            bail!(
-                "{}: {name} is listed in the index but missing from {file}",
-                index_path.display()
-            );
-        }
-    }
-    Ok((files, tensors))
+        })
+        .collect::<Result<_>>()?;
+    Ok((files, folder.tensors().to_vec()))
 }
 
 /// Whether `name` is a key or value projection (weight or bias) of some layer.
@@ -267,7 +167,7 @@ fn is_kv_projection(name: &str) -> bool {
 
 /// Plans each output tensor: its shape and whether it is pooled.
 fn plan_outputs(
-    sources: &[SourceTensor],
+    sources: &[TensorEntry],
     counts: &HeadCounts,
     target: usize,
 ) -> Result<Vec<OutputTensor>> {
@@ -334,7 +234,7 @@ fn plan_outputs(
 /// keeping checkpoint order.
 fn assign_shards(
     outputs: &[OutputTensor],
-    sources: &[SourceTensor],
+    sources: &[TensorEntry],
     max_bytes: u64,
 ) -> Vec<Vec<usize>> {
     let mut shards: Vec<Vec<usize>> = vec![];
@@ -404,12 +304,12 @@ fn mean_pool_heads(
 }
 
 /// Reads and transforms one output tensor's bytes.
-fn produce(out: &OutputTensor, sources: &[SourceTensor], files: &[SourceFile]) -> Result<Vec<u8>> {
+fn produce(out: &OutputTensor, sources: &[TensorEntry], files: &[SourceFile]) -> Result<Vec<u8>> {
     let src = &sources[out.source];
     let file = &files[src.file];
-    let mut bytes = vec![0u8; src.offsets.1 - src.offsets.0];
+    let mut bytes = vec![0u8; src.len() as usize];
     file.file
-        .read_exact_at(&mut bytes, file.data_start + src.offsets.0 as u64)
+        .read_exact_at(&mut bytes, src.bytes.start)
         .with_context(|| format!("reading {} from {}", src.name, file.path.display()))?;
     Ok(match out.transform {
         Transform::Copy => bytes,
@@ -428,7 +328,7 @@ fn write_shard(
     path: &Path,
     members: &[usize],
     outputs: &[OutputTensor],
-    sources: &[SourceTensor],
+    sources: &[TensorEntry],
     files: &[SourceFile],
     on_tensor: &mut dyn FnMut(u64),
 ) -> Result<u64> {
@@ -473,7 +373,7 @@ pub struct Conversion {
     config: Value,
     counts: HeadCounts,
     files: Vec<SourceFile>,
-    sources: Vec<SourceTensor>,
+    sources: Vec<TensorEntry>,
     outputs: Vec<OutputTensor>,
 }
 
@@ -483,12 +383,13 @@ impl Conversion {
         let input = &options.input;
         ensure!(input.is_dir(), "{} is not a folder", input.display());
         let config_path = input.join("config.json");
+        let counts = HeadCounts::from(&LlamaConfig::from_path(&config_path)?);
+        // Written back with only num_key_value_heads changed, every other field as it was.
         let config: Value = serde_json::from_str(
             &std::fs::read_to_string(&config_path)
                 .with_context(|| format!("reading {}", config_path.display()))?,
         )
         .with_context(|| format!("parsing {}", config_path.display()))?;
-        let counts = read_head_counts(&config, &config_path)?;
         check_target(&counts, options.kv_heads)?;
         let output = &options.output;
         if output.exists() {
@@ -579,11 +480,7 @@ impl Conversion {
             .iter()
             .filter(|o| matches!(o.transform, Transform::MeanPoolHeads { .. }))
             .count();
-        let bytes_before = self
-            .sources
-            .iter()
-            .map(|s| (s.offsets.1 - s.offsets.0) as u64)
-            .sum();
+        let bytes_before = self.sources.iter().map(TensorEntry::len).sum();
         Ok(ConvertReport {
             kv_heads_before: self.counts.kv_heads,
             kv_heads_after: self.options.kv_heads,
@@ -670,13 +567,13 @@ mod tests {
 
     #[test]
     fn shards_respect_the_size_limit_and_keep_order() {
-        let sources: Vec<SourceTensor> = (0..4)
-            .map(|i| SourceTensor {
+        let sources: Vec<TensorEntry> = (0..4)
+            .map(|i| TensorEntry {
                 name: format!("t{i}"),
                 file: 0,
                 dtype: Dtype::F32,
                 shape: vec![10],
-                offsets: (i * 40, i * 40 + 40),
+                bytes: i * 40..i * 40 + 40,
             })
             .collect();
         let outputs: Vec<OutputTensor> = (0..4)

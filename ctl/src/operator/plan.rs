@@ -22,9 +22,9 @@
 
 use std::path::Path;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
+use caravan_checkpoint::{self as checkpoint, LlamaConfig, ShardLayout, VocabSharding};
 use serde::Serialize;
-use serde_json::Value;
 
 use super::hardware::{Gpu, Link, NETWORK_ALLREDUCE_LATENCY_US};
 
@@ -64,46 +64,41 @@ impl ModelShape {
         })
     }
 
-    /// A preset name, a `config.json`, or a checkpoint folder holding one.
+    /// A preset name, a `config.json`, or a checkpoint folder holding one (parsed and checked
+    /// as the workers do).
     pub fn load(model: &str) -> Result<Self> {
         if let Some(shape) = Self::preset(model) {
             return Ok(shape);
         }
         let path = Path::new(model);
-        let path = if path.is_dir() {
-            path.join("config.json")
-        } else {
-            path.to_path_buf()
-        };
         if !path.exists() {
             bail!(
                 "{model:?} is neither a config.json, a checkpoint folder, nor a preset \
                  (llama-2-7b, llama-2-13b, llama-2-70b)"
             );
         }
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let config: Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        Self::from_config(&config).with_context(|| format!("in {}", path.display()))
+        Ok(Self::from(&LlamaConfig::from_path(path)?))
     }
 
-    pub fn from_config(config: &Value) -> Result<Self> {
-        let field = |name: &str| config[name].as_u64().filter(|&v| v > 0);
-        let need = |name: &str| field(name).with_context(|| format!("missing or invalid {name}"));
-        let hidden = need("hidden_size")?;
-        let q_heads = need("num_attention_heads")?;
-        Ok(ModelShape {
-            hidden,
-            intermediate: need("intermediate_size")?,
-            layers: need("num_hidden_layers")?,
-            q_heads,
-            kv_heads: field("num_key_value_heads").unwrap_or(q_heads),
-            head_dim: field("head_dim").unwrap_or(hidden / q_heads),
-            vocab: need("vocab_size")?,
-            tie_embeddings: config["tie_word_embeddings"].as_bool().unwrap_or(false),
-            max_context: field("max_position_embeddings").unwrap_or(4096),
-        })
+    /// The configuration the workers would check a layout against.
+    fn config(&self) -> LlamaConfig {
+        let size = |v: u64| v as usize;
+        LlamaConfig {
+            hidden_size: size(self.hidden),
+            intermediate_size: size(self.intermediate),
+            num_hidden_layers: size(self.layers),
+            num_attention_heads: size(self.q_heads),
+            num_key_value_heads: size(self.kv_heads),
+            head_dim: size(self.head_dim),
+            vocab_size: size(self.vocab),
+            max_position_embeddings: size(self.max_context),
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: self.tie_embeddings,
+            dtype: None,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        }
     }
 
     /// Every parameter of the model.
@@ -137,27 +132,31 @@ impl ModelShape {
         self.layers * (attention + mlp + norms) + tables * vocab_rows * h + h
     }
 
-    /// Why the workers would refuse to split this model `tp` ways, if they would.
+    /// Why the workers would refuse to split this model `tp` ways, if they would: the same
+    /// rules, from the same code ([`ShardLayout`]).
     pub fn sharding_problem(&self, tp: u64) -> Option<String> {
-        if !self.q_heads.is_multiple_of(tp) {
-            return Some(format!(
-                "{} attention heads do not divide by TP {tp}",
-                self.q_heads
-            ));
+        match ShardLayout::validate(&self.config(), tp as usize, VocabSharding::Auto) {
+            Ok(()) => None,
+            Err(checkpoint::Error::InvalidParallelism { reason, .. }) => Some(reason),
+            Err(other) => Some(other.to_string()),
         }
-        if !self.kv_heads.is_multiple_of(tp) && !tp.is_multiple_of(self.kv_heads) {
-            return Some(format!(
-                "{} KV heads and TP {tp}: neither divides the other",
-                self.kv_heads
-            ));
+    }
+}
+
+impl From<&LlamaConfig> for ModelShape {
+    fn from(c: &LlamaConfig) -> Self {
+        let size = |v: usize| v as u64;
+        ModelShape {
+            hidden: size(c.hidden_size),
+            intermediate: size(c.intermediate_size),
+            layers: size(c.num_hidden_layers),
+            q_heads: size(c.num_attention_heads),
+            kv_heads: size(c.num_key_value_heads),
+            head_dim: size(c.head_dim),
+            vocab: size(c.vocab_size),
+            tie_embeddings: c.tie_word_embeddings,
+            max_context: size(c.max_position_embeddings),
         }
-        if !self.intermediate.is_multiple_of(tp) {
-            return Some(format!(
-                "MLP width {} does not divide by TP {tp}",
-                self.intermediate
-            ));
-        }
-        None
     }
 }
 
@@ -773,9 +772,9 @@ mod tests {
         assert!(plan.recommended.is_none());
         assert!(
             plan.reason.contains("TP 1: does not fit")
-                && plan
-                    .reason
-                    .contains("TP 3: 64 attention heads do not divide by TP 3"),
+                && plan.reason.contains(
+                    "TP 3: num_attention_heads 64 is not divisible by the tensor-parallel size 3"
+                ),
             "{}",
             plan.reason
         );
@@ -788,7 +787,7 @@ mod tests {
             .problem
             .as_deref()
             .unwrap()
-            .contains("KV heads"));
+            .contains("must divide one another"));
         // A context longer than the model's is refused outright.
         let mut long = request(1, 8);
         long.context = 8192;

@@ -16,9 +16,8 @@ use crate::{
     cpu,
     kv_cache::LayerKv,
     layers::{ColumnParallelLinear, RotaryEmbedding, RowParallelLinear},
-    parallel::ShardLayout,
     weights::{WeightLoader, WeightSpec},
-    Result,
+    Result, ShardLayout,
 };
 
 /// The checkpoint names and shapes of one layer's attention weights.

@@ -1,4 +1,4 @@
-//! Llama 2 hyper-parameters, parsed from a Hugging Face `config.json`.
+//! Llama 2 hyper-parameters, parsed and validated from a Hugging Face `config.json`.
 //!
 //! Accepts the spellings that exist in the wild: `rope_theta` at top level (older files),
 //! under `rope_parameters` (transformers 5), or absent (10000); `torch_dtype` or `dtype`;
