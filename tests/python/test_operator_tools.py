@@ -357,7 +357,7 @@ def test_plan_refuses_what_it_cannot_answer():
     proc = caravanctl("plan", "--model", "llama-2-70b", "--gpus-per-node", 3, "--gpu", "a100-80gb", check=False)
     assert proc.returncode == 1, proc.stdout
     reason = proc.stdout.split("recommended: ")[1]
-    assert "TP 1: does not fit" in reason and "TP 3: 64 attention heads do not divide by TP 3" in reason, reason
+    assert "TP 1: does not fit" in reason and "TP 3: num_attention_heads 64 is not divisible by the tensor-parallel size 3" in reason, reason
     for args, message in ((("--gpus-per-node", 0), "--gpus-per-node must be at least 1"),
                           (("--gpus-per-node", 8, "--nodes", 0), "--nodes must be at least 1"),
                           (("--gpus-per-node", 8, "--context", 8192), "exceeds the model's context")):

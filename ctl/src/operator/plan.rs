@@ -753,7 +753,7 @@ mod tests {
             .problem
             .as_deref()
             .unwrap()
-            .contains("attention heads"));
+            .contains("num_attention_heads 64 is not divisible"));
         assert!(three.estimate.is_none());
         // Llama-2-70B on two A10s fits nowhere.
         let mut small = request(1, 2);
