@@ -2,8 +2,8 @@
 //!
 //! What a checkpoint is (its config, files and the slices a rank owns) lives in the libtorch-free
 //! `caravan-checkpoint` crate, re-exported here. The pieces, in the order data meets them:
-//! [`weights`] (mmap and slice safetensors), [`comm`]
-//! (collectives: single, TCP ring), [`cpu`] (threads and decode products), [`layers`] (one file per block), [`kv_cache`] and [`batch`]
+//! [`weights`] (mmap and slice safetensors), [`comm`] (collectives: single, TCP ring), [`cpu`]
+//! (threads and decode products), [`layers`] (one file per block), [`kv_cache`] and [`batch`]
 //! (what a step reads and writes), and [`llama`] (the model).
 
 pub mod batch;
