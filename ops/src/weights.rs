@@ -2,8 +2,8 @@
 //!
 //! A checkpoint is a Hugging Face folder: `model.safetensors`, or several files listed in
 //! `model.safetensors.index.json`, listed and checked by `caravan_checkpoint::SafetensorsFolder`.
-//! Files are memory-mapped and only the headers are parsed up front; a rank copies out just its own rows or columns of each weight, so no process ever
-//! holds the whole model.
+//! Files are memory-mapped and only the headers are parsed up front; a rank copies out just its
+//! own rows or columns of each weight, so no process ever holds the whole model.
 
 use std::{fs::File, ops::Range, path::Path};
 
