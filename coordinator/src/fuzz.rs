@@ -4,8 +4,8 @@
 //!
 //! - `request`: an HTTP body for either endpoint is refused with a 4xx, or validates into
 //!   sampling parameters within their documented ranges.
-//! - `chat_template`: a conversation renders in the Llama 2 format exactly when its roles are
-//!   well formed.
+//! - `chat_template`: a conversation renders with the built-in Llama 2 template exactly when
+//!   its roles alternate as the template demands, and the rendering holds every turn.
 //! - `detokenize`: streaming a sequence of token ids yields, piece by piece, the text decoding
 //!   them all at once gives.
 
@@ -16,7 +16,8 @@ use crate::{
         parse_body, ChatRequest, CompletionRequest, ValidSampling, MAX_LOGPROBS, MAX_STOP_LENGTH,
         MAX_STOP_SEQUENCES,
     },
-    tokenizer::{llama2_chat_prompt, ChatMessage, Detokenizer, Tokenizer},
+    chat_template::{ChatTemplate, RenderOptions, TemplateOrigin, LLAMA2_CHAT_TEMPLATE},
+    tokenizer::{Detokenizer, Tokenizer},
 };
 
 /// Returns whether either endpoint accepted the body.
@@ -32,7 +33,8 @@ pub fn request(data: &[u8]) -> bool {
     match parse_body::<ChatRequest>(data) {
         Ok(req) => {
             let top = req.top_logprobs.unwrap_or(0).min(MAX_LOGPROBS);
-            let rendered = llama2_chat_prompt(&req.messages).is_ok();
+            let rendered = crate::api::types::chat_messages(&req.messages)
+                .is_ok_and(|m| llama2().render(&m, &RenderOptions::default()).is_ok());
             accepted |= check_sampling(req.sampling.validate(top)) && rendered;
         }
         Err(e) => assert!(e.status.is_client_error(), "{e:?}"),
@@ -62,43 +64,78 @@ fn check_sampling(validated: Result<ValidSampling, crate::api::error::ApiError>)
     true
 }
 
+/// The built-in Llama 2 template with Llama 2's special tokens.
+fn llama2() -> &'static ChatTemplate {
+    static TEMPLATE: OnceLock<ChatTemplate> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let special = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>"});
+        ChatTemplate::compile(
+            LLAMA2_CHAT_TEMPLATE.into(),
+            TemplateOrigin::BuiltInLlama2,
+            special.as_object().expect("an object").clone(),
+        )
+        .expect("the built-in template compiles")
+    })
+}
+
 /// Messages as a role byte (0 system, 1 user, 2 assistant, anything else a stranger role) and
 /// content, separated by 0xFF. Returns whether the conversation rendered.
 pub fn chat_template(data: &[u8]) -> bool {
-    let messages: Vec<ChatMessage> = data
+    let messages: Vec<(&str, String)> = data
         .split(|&b| b == 0xFF)
         .filter(|m| !m.is_empty())
-        .map(|m| ChatMessage {
-            role: match m[0] {
+        .map(|m| {
+            let role = match m[0] {
                 0 => "system",
                 1 => "user",
                 2 => "assistant",
                 _ => "tool",
-            }
-            .into(),
-            content: String::from_utf8_lossy(&m[1..]).into_owned(),
+            };
+            (role, String::from_utf8_lossy(&m[1..]).into_owned())
         })
         .collect();
-    let roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
-    let turns = roles.strip_prefix(&["system"]).unwrap_or(&roles);
-    let well_formed = turns.len() % 2 == 1
-        && turns
-            .iter()
-            .enumerate()
-            .all(|(i, r)| *r == ["user", "assistant"][i % 2]);
-    match llama2_chat_prompt(&messages) {
+    let json: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+        .collect();
+    let roles: Vec<&str> = messages.iter().map(|m| m.0).collect();
+    // Meta's template: after an optional system message, user turns exactly at even places.
+    let turns = match roles.first() {
+        Some(&"system") => &roles[1..],
+        _ => &roles[..],
+    };
+    let well_formed = turns
+        .iter()
+        .enumerate()
+        .all(|(i, r)| (*r == "user") == (i % 2 == 0));
+    let options = RenderOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    match llama2().render(&json, &options) {
         Ok(text) => {
             assert!(well_formed, "rendered {roles:?}");
-            assert!(text.starts_with("<s>[INST] "), "{text:?}");
-            assert!(text.ends_with(" [/INST]"), "{text:?}");
-            for m in &messages {
-                assert!(text.contains(m.content.trim()), "{:?} lost", m.content);
+            let shown = |(i, (role, content)): (usize, &(&str, String))| {
+                // A system message shows inside the first user turn; stranger roles not at all.
+                let shown = matches!(*role, "user" | "assistant")
+                    || (i == 0 && *role == "system" && turns.first() == Some(&"user"));
+                !shown || text.contains(content.trim())
+            };
+            assert!(
+                messages.iter().enumerate().all(shown),
+                "{text:?} lost a turn"
+            );
+            if turns.first() == Some(&"user") {
+                assert!(text.starts_with("<s>[INST] "), "{text:?}");
+            }
+            if turns.last() == Some(&"user") {
+                assert!(text.ends_with(" [/INST]"), "{text:?}");
             }
             true
         }
         Err(message) => {
             assert!(!well_formed, "refused {roles:?}: {message}");
-            assert!(!message.is_empty());
+            assert!(!message.0.is_empty());
             false
         }
     }

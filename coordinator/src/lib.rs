@@ -12,10 +12,11 @@
 //!
 //! Around it: [`registry`] (workers join), [`etcd`] (membership and leadership), [`server`]
 //! (start-up, forming the group again after a failure, draining), [`tokenizer`], [`stats`]
-//! (metrics). The operator CLI, `caravanctl`, is its own crate (`ctl/`).
+//! (metrics), [`chat_template`] (the checkpoint's own chat template). The operator CLI, `caravanctl`, is its own crate (`ctl/`).
 
 pub mod api;
 pub mod blocks;
+pub mod chat_template;
 pub mod engine;
 pub mod etcd;
 pub mod executor;

@@ -17,6 +17,7 @@ use clap::{Args, ValueEnum};
 
 use tokio::sync::watch;
 
+use crate::chat_template::ChatTemplate;
 use crate::{
     api::{self, AppState, Control},
     blocks::BlockManager,
@@ -41,6 +42,10 @@ pub struct ServeArgs {
     /// Name the API serves the model under (default: the folder's name).
     #[arg(long, env = "CARAVAN_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// Chat template: a Jinja file, or the template itself (default: the folder's
+    /// chat_template.jinja, else tokenizer_config.json's chat_template, else Llama 2's).
+    #[arg(long, env = "CARAVAN_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
     /// Tensor-parallel size: how many workers form the group.
     #[arg(
         long = "tensor-parallel-size",
@@ -201,6 +206,7 @@ struct ServedModel {
     model_dir: PathBuf,
     model: ModelInfo,
     tokenizer: Arc<Tokenizer>,
+    chat_template: Arc<ChatTemplate>,
     kv_cache: KvCacheSize,
     scheduler: SchedulerConfig,
 }
@@ -225,6 +231,11 @@ impl ServedModel {
             model.max_context = len;
         }
         let tokenizer = Arc::new(Tokenizer::load(&model_dir)?);
+        let chat_template = Arc::new(ChatTemplate::load(
+            &model_dir,
+            args.chat_template.as_deref(),
+        )?);
+        tracing::info!(origin = %chat_template.origin(), "chat template");
         if args.block_size == 0 || args.max_batch_size == 0 {
             bail!("--block-size and --max-batch-size must be positive");
         }
@@ -258,6 +269,7 @@ impl ServedModel {
             model_dir,
             model,
             tokenizer,
+            chat_template,
             kv_cache,
             scheduler,
         })
@@ -280,6 +292,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         model_dir,
         model,
         tokenizer,
+        chat_template,
         kv_cache,
         scheduler,
     } = ServedModel::load(&args)?;
@@ -296,6 +309,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let state = Arc::new(AppState {
         model: model.clone(),
         tokenizer: tokenizer.clone(),
+        chat_template,
         health: health.clone(),
         engine: RwLock::new(None),
         workers: RwLock::new(Vec::new()),

@@ -1,5 +1,5 @@
 //! Text to token ids and back: the checkpoint's `tokenizer.json` (Hugging Face `tokenizers`),
-//! incremental detokenization for streaming, and the Llama 2 chat template.
+//! and incremental detokenization for streaming.
 
 use std::path::Path;
 
@@ -33,6 +33,19 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[i64]) -> String {
         let ids: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
         self.inner.decode(&ids, true).unwrap_or_default()
+    }
+
+    /// Decodes `ids` as they are, special tokens included (vLLM's `/detokenize`).
+    pub fn decode_all(&self, ids: &[i64]) -> String {
+        let ids: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
+        self.inner.decode(&ids, false).unwrap_or_default()
+    }
+
+    /// Each id's vocabulary entry (`▁Hello`, `<0x0A>`), as `convert_ids_to_tokens` gives it.
+    pub fn token_strings(&self, ids: &[i64]) -> Vec<String> {
+        ids.iter()
+            .map(|&id| self.inner.id_to_token(id as u32).unwrap_or_default())
+            .collect()
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -83,88 +96,5 @@ impl Detokenizer {
         } else {
             String::new()
         }
-    }
-}
-
-/// A chat message.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-/// Renders a conversation in the Llama 2 chat format, as the checkpoints' own template does:
-/// `<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {assistant} </s><s>[INST] ...`.
-/// Roles must alternate user/assistant after an optional system message, ending with a user turn.
-pub fn llama2_chat_prompt(messages: &[ChatMessage]) -> Result<String, String> {
-    let (system, turns) = match messages.first() {
-        Some(m) if m.role == "system" => (Some(m.content.as_str()), &messages[1..]),
-        _ => (None, messages),
-    };
-    if turns.is_empty() {
-        return Err("messages must contain at least one user message".into());
-    }
-    let mut out = String::new();
-    for (i, m) in turns.iter().enumerate() {
-        let expected = if i % 2 == 0 { "user" } else { "assistant" };
-        if m.role != expected {
-            return Err(format!(
-                "messages[{}].role is {:?}: roles must alternate user/assistant after an optional system message",
-                i + usize::from(system.is_some()),
-                m.role
-            ));
-        }
-        let content = match (i, system) {
-            (0, Some(sys)) => format!("<<SYS>>\n{sys}\n<</SYS>>\n\n{}", m.content),
-            _ => m.content.clone(),
-        };
-        if m.role == "user" {
-            out += &format!("<s>[INST] {} [/INST]", content.trim());
-        } else {
-            out += &format!(" {} </s>", content.trim());
-        }
-    }
-    if turns.len() % 2 == 0 {
-        return Err("the last message must be from the user".into());
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-
-    #[test]
-    fn chat_template_matches_llama2_format() {
-        // As in Meta's template, strip() applies to the system block plus the user's text, so the
-        // user's leading space survives inside it.
-        let p = llama2_chat_prompt(&[msg("system", "Be brief."), msg("user", " Hi! ")]).unwrap();
-        assert_eq!(p, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n Hi! [/INST]");
-        let p = llama2_chat_prompt(&[msg("user", " Hi! ")]).unwrap();
-        assert_eq!(p, "<s>[INST] Hi! [/INST]");
-        let p = llama2_chat_prompt(&[msg("user", "a"), msg("assistant", "b"), msg("user", "c")])
-            .unwrap();
-        assert_eq!(p, "<s>[INST] a [/INST] b </s><s>[INST] c [/INST]");
-    }
-
-    #[test]
-    fn chat_template_rejects_bad_conversations() {
-        assert!(llama2_chat_prompt(&[]).is_err());
-        assert!(llama2_chat_prompt(&[msg("system", "x")]).is_err());
-        assert!(llama2_chat_prompt(&[msg("assistant", "x")])
-            .unwrap_err()
-            .contains("alternate"));
-        assert!(
-            llama2_chat_prompt(&[msg("user", "a"), msg("assistant", "b")])
-                .unwrap_err()
-                .contains("last message")
-        );
     }
 }

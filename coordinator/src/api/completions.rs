@@ -15,13 +15,16 @@ use tokio::sync::mpsc;
 
 use super::{
     error::ApiError,
-    types::{parse_body, ChatRequest, CompletionRequest, Prompt, ValidSampling, MAX_LOGPROBS},
+    types::{
+        chat_messages, parse_body, ChatRequest, CompletionRequest, Prompt, ValidSampling,
+        MAX_LOGPROBS,
+    },
     SharedState, MAX_BODY_BYTES,
 };
 use crate::{
+    chat_template::RenderOptions,
     engine::{GenerationRequest, SubmitError},
     output::{Event, FinishReason, TokenOut},
-    tokenizer::llama2_chat_prompt,
 };
 
 /// Which endpoint is answering: shapes the JSON.
@@ -43,7 +46,26 @@ struct Prepared {
     include_usage: bool,
 }
 
-async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
+/// A conversation's prompt ids: the messages checked, rendered with the served chat template,
+/// and tokenized (with the tokenizer's special tokens only if `add_special_tokens`).
+pub(super) fn chat_prompt_ids(
+    state: &SharedState,
+    messages: &[Value],
+    options: &RenderOptions,
+    add_special_tokens: bool,
+) -> Result<Vec<i64>, ApiError> {
+    let messages = chat_messages(messages)?;
+    let text = state
+        .chat_template
+        .render(&messages, options)
+        .map_err(|e| ApiError::invalid_param("messages", e.0))?;
+    state
+        .tokenizer
+        .encode(&text, add_special_tokens)
+        .map_err(|e| ApiError::invalid_param("messages", e.to_string()))
+}
+
+pub(super) async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
     axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|_| ApiError::too_large(MAX_BODY_BYTES))
@@ -59,7 +81,7 @@ fn include_usage(bytes: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
-fn check_model(state: &SharedState, model: &str) -> Result<(), ApiError> {
+pub(super) fn check_model(state: &SharedState, model: &str) -> Result<(), ApiError> {
     if model != state.model.name {
         return Err(ApiError::model_not_found(model));
     }
@@ -169,12 +191,17 @@ async fn prepare_chat(state: &SharedState, body: Body) -> Result<Prepared, ApiEr
     let bytes = read_body(body).await?;
     let req: ChatRequest = parse_body(&bytes)?;
     check_model(state, &req.model)?;
-    let text =
-        llama2_chat_prompt(&req.messages).map_err(|e| ApiError::invalid_param("messages", e))?;
-    let prompt = state
-        .tokenizer
-        .encode(&text, false)
-        .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
+    let options = RenderOptions {
+        add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+        continue_final_message: req.continue_final_message.unwrap_or(false),
+        kwargs: req.chat_template_kwargs.as_ref(),
+    };
+    let prompt = chat_prompt_ids(
+        state,
+        &req.messages,
+        &options,
+        req.add_special_tokens.unwrap_or(false),
+    )?;
     let top = req.top_logprobs.unwrap_or(0);
     if top > MAX_LOGPROBS {
         return Err(ApiError::invalid_param(

@@ -1,9 +1,10 @@
 //! The OpenAI-compatible HTTP API (axum): completions and chat completions, streaming or not,
-//! models, health, and Prometheus metrics.
+//! models, vLLM's tokenize and detokenize, health, and Prometheus metrics.
 
 pub mod auth;
 pub mod completions;
 pub mod error;
+pub mod tokenize;
 pub mod types;
 
 use std::sync::{
@@ -24,6 +25,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::{
+    chat_template::ChatTemplate,
     engine::EngineHandle,
     group::{HealthProbe, SharedHealth},
     model_info::ModelInfo,
@@ -40,6 +42,7 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub struct AppState {
     pub model: ModelInfo,
     pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: Arc<ChatTemplate>,
     pub health: SharedHealth,
     /// The scheduler of the current worker group; `None` while a group is being formed.
     pub engine: RwLock<Option<EngineHandle>>,
@@ -100,6 +103,8 @@ pub fn router(state: SharedState, keys: Option<Arc<auth::ApiKeys>>) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/admin/status", get(admin_status))

@@ -5,7 +5,6 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::tokenizer::ChatMessage;
 
 /// `prompt`: text or token ids.
 #[derive(Debug, Clone, Deserialize)]
@@ -59,7 +58,17 @@ pub struct CompletionRequest {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
     pub model: String,
-    pub messages: Vec<ChatMessage>,
+    /// OpenAI chat messages, checked and normalised by [`chat_messages`].
+    pub messages: Vec<Value>,
+    /// Extension (vLLM): end the prompt with the opening of an assistant turn (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// Extension (vLLM): leave the final assistant message open and continue it.
+    pub continue_final_message: Option<bool>,
+    /// Extension (vLLM): extra variables for the chat template.
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// Extension (vLLM): also add the tokenizer's special tokens (BOS) to the rendered text
+    /// (default false: the template writes them).
+    pub add_special_tokens: Option<bool>,
     pub max_tokens: Option<u32>,
     pub max_completion_tokens: Option<u32>,
     #[serde(default)]
@@ -248,6 +257,10 @@ impl RequestFields for ChatRequest {
     const READ: &'static [&'static str] = &[
         "model",
         "messages",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template_kwargs",
+        "add_special_tokens",
         "max_tokens",
         "max_completion_tokens",
         "stream",
@@ -268,6 +281,8 @@ impl RequestFields for ChatRequest {
         ("web_search_options", is_null),
         ("reasoning_effort", is_null),
         ("verbosity", is_null),
+        // vLLM's per-request template; the served one is chosen at start (--chat-template).
+        ("chat_template", is_null),
     ];
 }
 
@@ -314,4 +329,50 @@ pub fn parse_body<T: serde::de::DeserializeOwned + RequestFields>(
     }
     serde_json::from_value(body)
         .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}")))
+}
+
+/// Checks OpenAI chat messages and normalises them for the chat template: each is an object with
+/// a string `role`; `content` is a string, null, or an array of text parts, which are joined
+/// with newlines (as vLLM does for templates that expect a string). Other fields (`name`,
+/// `tool_calls`, ...) pass through to the template.
+pub fn chat_messages(messages: &[Value]) -> Result<Vec<Value>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "messages must hold at least one message",
+        ));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, message)| {
+            let bad = |why: &str| ApiError::invalid_param("messages", format!("messages[{i}]: {why}"));
+            let Value::Object(fields) = message else {
+                return Err(bad("a message must be an object"));
+            };
+            if !fields.get("role").is_some_and(Value::is_string) {
+                return Err(bad("`role` must be a string"));
+            }
+            let mut fields = fields.clone();
+            match fields.get("content") {
+                None | Some(Value::Null) | Some(Value::String(_)) => {}
+                Some(Value::Array(parts)) => {
+                    let texts = parts
+                        .iter()
+                        .map(|part| match (part.get("type"), part.get("text")) {
+                            (Some(Value::String(kind)), Some(Value::String(text)))
+                                if kind == "text" =>
+                            {
+                                Ok(text.as_str())
+                            }
+                            _ => Err(bad("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")),
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    fields.insert("content".into(), Value::String(texts.join("\n")));
+                }
+                Some(_) => return Err(bad("`content` must be a string or an array of text parts")),
+            }
+            Ok(Value::Object(fields))
+        })
+        .collect()
 }
