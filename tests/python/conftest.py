@@ -360,3 +360,32 @@ def metrics(http: httpx.Client) -> dict:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+GREEDY_MARGIN = 1e-3
+
+
+def hf_greedy(model, ids, n):
+    """transformers' greedy continuation of `ids` (a list of token ids) by `model`: the tokens,
+    and how many of them follow steps whose top-2 logit margin is at least GREEDY_MARGIN (past
+    a near-tie, f32 summation order may pick the other token, so only that many are compared)."""
+    import torch
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, len(ids):].tolist()
+    safe = 0
+    for scores in out.scores:
+        top = torch.topk(scores[0].float(), 2).values
+        if top[0] - top[1] < GREEDY_MARGIN:
+            break
+        safe += 1
+    return tokens, safe
+
+
+def continuation_text(tokenizer, prompt_ids, gen_ids):
+    """The text `gen_ids` add after the prompt, as the server streams it (the first word keeps
+    its space), without a dangling partial character."""
+    prefix = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    full = tokenizer.decode(prompt_ids + gen_ids, skip_special_tokens=True)
+    return full[len(prefix):].rstrip("\ufffd")

@@ -17,10 +17,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import Coordinator
+from conftest import Coordinator, continuation_text, hf_greedy
 
 TIMEOUT_S = 60.0
-MARGIN = 1e-3
 MIN_COMPARED = 4
 GEN_TOKENS = 8
 
@@ -137,30 +136,6 @@ def hf_model(checkpoint):
     return model
 
 
-def hf_greedy(model, ids, n):
-    """transformers' greedy continuation of `ids`: the tokens, and how many of them follow steps
-    whose top-2 logit margin is at least MARGIN."""
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, pad_token_id=0)
-    tokens = out.sequences[0, len(ids):].tolist()
-    safe = 0
-    for scores in out.scores:
-        top = torch.topk(scores[0].float(), 2).values
-        if top[0] - top[1] < MARGIN:
-            break
-        safe += 1
-    return tokens, safe
-
-
-def continuation_text(tokenizer, prompt_ids, gen_ids):
-    """The text `gen_ids` add after the prompt (as the server streams it: the first word keeps its
-    space), without a dangling partial character."""
-    prefix = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    full = tokenizer.decode(prompt_ids + gen_ids, skip_special_tokens=True)
-    return full[len(prefix):].rstrip("\ufffd")
-
-
 def check_conversations(served, tokenizer, hf_model, conversations, generate=True, **template_kwargs):
     """The server's ids and greedy outputs for `conversations` against transformers'."""
     problems = []
@@ -183,7 +158,7 @@ def check_conversations(served, tokenizer, hf_model, conversations, generate=Tru
         if resp.usage.prompt_tokens != len(want):
             problems.append(f"conversation {i}: usage.prompt_tokens {resp.usage.prompt_tokens} != {len(want)}")
         ref_tokens, safe = hf_greedy(hf_model, want, GEN_TOKENS)
-        assert safe >= MIN_COMPARED, f"conversation {i}: only {safe} steps with a margin >= {MARGIN}; pick another"
+        assert safe >= MIN_COMPARED, f"conversation {i}: only {safe} steps with a safe margin; pick another"
         got_text = resp.choices[0].message.content
         ref_text = continuation_text(tokenizer, want, ref_tokens[:safe])
         if not got_text.startswith(ref_text):
