@@ -45,7 +45,7 @@ fn main() {
             let prompt: Vec<i64> = (0..context as i64)
                 .map(|t| (t * 7 + i as i64) % 32000)
                 .collect();
-            scheduler.add(prompt, sampling);
+            scheduler.add(prompt, sampling.clone());
         }
         // The prefill step, then decode steps until the tables have grown a block.
         let mut tables: std::collections::HashMap<u64, Vec<u32>> = Default::default();
@@ -68,7 +68,7 @@ fn main() {
         let mut before = after.clone();
         for s in &mut before.sequences {
             s.new_blocks = tables[&s.sequence_id].clone();
-            s.admitted = Some(sampling);
+            s.admitted = Some(sampling.clone());
         }
         let (b, a) = (before.encoded_len(), after.encoded_len());
         println!(

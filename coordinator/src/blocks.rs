@@ -74,6 +74,11 @@ impl BlockManager {
         }
     }
 
+    /// Whether full blocks are kept and shared between identical prefixes.
+    pub fn prefix_caching(&self) -> bool {
+        self.prefix_caching
+    }
+
     pub fn block_size(&self) -> usize {
         self.block_size
     }

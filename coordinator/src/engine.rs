@@ -30,7 +30,7 @@ use crate::{
     executor::{StepError, StepExecutor},
     group::SharedHealth,
     model_info::ModelInfo,
-    output::{Event, FinishReason, RequestOutput, StopLimits},
+    output::{Event, FinishReason, RequestOutput, StopLimits, Stops},
     scheduler::{Scheduler, SchedulerConfig, SequenceId, StepPlan},
     stats::EngineStats,
     tokenizer::Tokenizer,
@@ -42,11 +42,16 @@ pub struct GenerationRequest {
     pub max_tokens: usize,
     pub sampling: pb::SamplingParams,
     pub stop: Vec<String>,
+    /// Tokens that end the request like end-of-sequence (not shown).
+    pub stop_token_ids: Vec<i64>,
     /// Generate past end-of-sequence until `max_tokens` or a stop string.
     pub ignore_eos: bool,
     pub events: mpsc::UnboundedSender<Event>,
     /// The request's trace span: queueing and steps become its children.
     pub span: tracing::Span,
+    /// Requests with the same key and prompt (the choices of one API request, `n` > 1) share
+    /// the prompt's KV blocks: the first submitted computes it, the others reuse it.
+    pub prompt_group: Option<u64>,
 }
 
 /// Submits requests to the engine.
@@ -123,6 +128,7 @@ struct Active {
     queue_span: Option<tracing::Span>,
     arrived: Instant,
     last_token_at: Option<Instant>,
+    prompt_group: Option<u64>,
 }
 
 /// The engine's state: the scheduler, the executor and the requests.
@@ -130,6 +136,8 @@ pub struct Engine<E: StepExecutor> {
     executor: E,
     scheduler: Scheduler,
     requests: HashMap<SequenceId, Active>,
+    /// The first request of each live prompt group, which computes the shared prompt.
+    group_leaders: HashMap<u64, SequenceId>,
     health: SharedHealth,
     tokenizer: Arc<Tokenizer>,
     eos_token_ids: Arc<[i64]>,
@@ -170,6 +178,7 @@ impl<E: StepExecutor> Engine<E> {
             executor,
             scheduler: Scheduler::new(config, blocks),
             requests: HashMap::new(),
+            group_leaders: HashMap::new(),
             health,
             tokenizer,
             eos_token_ids: model.eos_token_ids.into(),
@@ -230,21 +239,44 @@ impl<E: StepExecutor> Engine<E> {
         }
     }
 
-    fn enqueue(&mut self, request: GenerationRequest) {
+    fn enqueue(&mut self, mut request: GenerationRequest) {
         let queue_span = tracing::info_span!(parent: &request.span, "queue");
+        if request.sampling.min_tokens > 0 {
+            // The workers hold back whatever would end the request early.
+            let eos = (!request.ignore_eos).then_some(&self.eos_token_ids[..]);
+            request.sampling.min_tokens_banned = eos
+                .into_iter()
+                .flatten()
+                .chain(&request.stop_token_ids)
+                .copied()
+                .collect();
+        }
         let output = RequestOutput::new(
             self.tokenizer.clone(),
             self.eos_token_ids.clone(),
             &request.prompt,
-            request.stop,
+            Stops {
+                strings: request.stop,
+                token_ids: request.stop_token_ids,
+            },
             StopLimits {
                 max_tokens: request.max_tokens,
                 max_context: self.max_context,
                 ignore_eos: request.ignore_eos,
+                min_tokens: request.sampling.min_tokens as usize,
             },
             request.events,
+            request.sampling.prompt_logprobs.is_some(),
         );
-        let id = self.scheduler.add(request.prompt, request.sampling);
+        let leader = request
+            .prompt_group
+            .and_then(|g| self.group_leaders.get(&g).copied());
+        let id = self
+            .scheduler
+            .add_after(request.prompt, request.sampling, leader);
+        if let (Some(group), None) = (request.prompt_group, leader) {
+            self.group_leaders.insert(group, id);
+        }
         self.requests.insert(
             id,
             Active {
@@ -254,6 +286,7 @@ impl<E: StepExecutor> Engine<E> {
                 queue_span: Some(queue_span),
                 arrived: Instant::now(),
                 last_token_at: None,
+                prompt_group: request.prompt_group,
             },
         );
     }
@@ -262,6 +295,11 @@ impl<E: StepExecutor> Engine<E> {
     fn end(&mut self, id: SequenceId) -> Option<Active> {
         self.scheduler.finish(id);
         let mut active = self.requests.remove(&id)?;
+        if let Some(group) = active.prompt_group {
+            if self.group_leaders.get(&group) == Some(&id) {
+                self.group_leaders.remove(&group);
+            }
+        }
         if std::mem::take(&mut active.queued) {
             self.queued.fetch_sub(1, Ordering::AcqRel);
         }
@@ -398,6 +436,11 @@ impl<E: StepExecutor> Engine<E> {
             .map(|t| (t.sequence_id, t.token_id))
             .collect();
         self.scheduler.apply(&plan, &sampled);
+        for scores in output.prompt_logprobs {
+            if let Some(active) = self.requests.get_mut(&scores.sequence_id) {
+                active.output.push_prompt_logprobs(scores);
+            }
+        }
         let now = Instant::now();
         for token in &output.tokens {
             let Some(active) = self.requests.get_mut(&token.sequence_id) else {

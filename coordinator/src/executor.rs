@@ -22,6 +22,8 @@ pub struct StepTimings {
 pub struct StepOutput {
     /// One token for each planned sequence that asked to sample, in plan order.
     pub tokens: Vec<pb::SampledToken>,
+    /// Prompt log-probabilities of the sequences that asked for them.
+    pub prompt_logprobs: Vec<pb::PromptLogprobs>,
     /// Rank 0's timings.
     pub timings: StepTimings,
 }

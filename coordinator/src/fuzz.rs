@@ -26,7 +26,7 @@ pub fn request(data: &[u8]) -> bool {
     match parse_body::<CompletionRequest>(data) {
         Ok(req) => {
             let top = req.logprobs.unwrap_or(0).min(MAX_LOGPROBS);
-            accepted |= check_sampling(req.sampling.validate(top));
+            accepted |= check_sampling(req.sampling.validate(top, 32000));
         }
         Err(e) => assert!(e.status.is_client_error(), "{e:?}"),
     }
@@ -35,7 +35,7 @@ pub fn request(data: &[u8]) -> bool {
             let top = req.top_logprobs.unwrap_or(0).min(MAX_LOGPROBS);
             let rendered = crate::api::types::chat_messages(&req.messages)
                 .is_ok_and(|m| llama2().render(&m, &RenderOptions::default()).is_ok());
-            accepted |= check_sampling(req.sampling.validate(top)) && rendered;
+            accepted |= check_sampling(req.sampling.validate(top, 32000)) && rendered;
         }
         Err(e) => assert!(e.status.is_client_error(), "{e:?}"),
     }

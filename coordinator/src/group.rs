@@ -251,6 +251,7 @@ impl WorkerGroup {
                 admitted: Some(pb::SamplingParams::default()),
                 new_blocks: vec![0],
                 sample: true,
+                next_token: None,
             }],
             ..StepPlan::default()
         };
@@ -290,8 +291,9 @@ impl WorkerGroup {
                     tokens: p.tokens.clone(),
                     start_position: p.start_position as u32,
                     new_blocks: p.new_blocks.clone(),
-                    admitted: p.admitted,
+                    admitted: p.admitted.clone(),
                     sample: p.sample,
+                    next_token: p.next_token,
                 })
                 .collect(),
             finished,
@@ -457,6 +459,7 @@ impl WorkerGroup {
                 collectives: Duration::from_micros(first.collective_us),
             },
             tokens: first.tokens,
+            prompt_logprobs: first.prompt_logprobs,
         })
     }
 

@@ -39,9 +39,23 @@ pub struct TokenOut {
     pub top_logprobs: Vec<(String, f32)>,
 }
 
+/// One prompt token, as the API reports it with `echo` and prompt log-probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptTokenOut {
+    pub id: i64,
+    /// The text this token adds to the decoded prompt.
+    pub text: String,
+    /// `None` for the first token (nothing precedes it).
+    pub logprob: Option<f32>,
+    /// Most likely alternatives at its position as (text, logprob), most likely first.
+    pub top_logprobs: Vec<(String, f32)>,
+}
+
 /// What a request's stream receives.
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// The prompt's log-probabilities (requests that asked for them), before the first token.
+    Prompt(Vec<PromptTokenOut>),
     /// New text (after stop-string hold-back) and the token that produced it.
     Token { text: String, token: TokenOut },
     /// The end: the remaining text, why, and the usage counts.
@@ -55,6 +69,14 @@ pub enum Event {
     Error(String),
 }
 
+/// What ends a request when generated, besides end-of-sequence.
+#[derive(Debug, Clone, Default)]
+pub struct Stops {
+    pub strings: Vec<String>,
+    /// Tokens that end it like end-of-sequence (not shown).
+    pub token_ids: Vec<i64>,
+}
+
 /// When a request stops, besides its stop strings.
 #[derive(Debug, Clone, Copy)]
 pub struct StopLimits {
@@ -63,6 +85,9 @@ pub struct StopLimits {
     pub max_context: usize,
     /// Generate past end-of-sequence until `max_tokens` or a stop string.
     pub ignore_eos: bool,
+    /// Stop strings count only from this many generated tokens on (the workers do not sample
+    /// end-of-sequence or stop tokens before).
+    pub min_tokens: usize,
 }
 
 /// One request's output state.
@@ -71,6 +96,7 @@ pub struct RequestOutput {
     eos_token_ids: Arc<[i64]>,
     events: mpsc::UnboundedSender<Event>,
     stop: Vec<String>,
+    stop_token_ids: Vec<i64>,
     limits: StopLimits,
     prompt_tokens: usize,
     completion_tokens: usize,
@@ -78,6 +104,17 @@ pub struct RequestOutput {
     text: String,
     /// Bytes of `text` already sent.
     emitted: usize,
+    /// The prompt's log-probabilities as they arrive (requests that asked for them), until the
+    /// first token sends them.
+    prompt_scores: Option<PromptScores>,
+}
+
+/// A prompt's log-probabilities, filled position by position (a preempted sequence computes
+/// its prompt again: positions already known are kept).
+struct PromptScores {
+    prompt: Vec<i64>,
+    /// Index `p` scores `prompt[p]`; index 0 stays `None`.
+    positions: Vec<Option<pb::PositionLogprob>>,
 }
 
 impl RequestOutput {
@@ -85,15 +122,21 @@ impl RequestOutput {
         tokenizer: Arc<Tokenizer>,
         eos_token_ids: Arc<[i64]>,
         prompt: &[i64],
-        stop: Vec<String>,
+        stops: Stops,
         limits: StopLimits,
         events: mpsc::UnboundedSender<Event>,
+        prompt_logprobs: bool,
     ) -> Self {
         RequestOutput {
+            prompt_scores: prompt_logprobs.then(|| PromptScores {
+                prompt: prompt.to_vec(),
+                positions: vec![None; prompt.len()],
+            }),
             tokenizer,
             eos_token_ids,
             events,
-            stop,
+            stop: stops.strings,
+            stop_token_ids: stops.token_ids,
             limits,
             prompt_tokens: prompt.len(),
             completion_tokens: 0,
@@ -113,10 +156,72 @@ impl RequestOutput {
         let _ = self.events.send(Event::Error(reason.to_string()));
     }
 
+    /// Records prompt log-probabilities from a step (positions past the prompt, from a
+    /// recomputation after preemption, are not the prompt's and are dropped).
+    pub fn push_prompt_logprobs(&mut self, scores: pb::PromptLogprobs) {
+        let Some(known) = &mut self.prompt_scores else {
+            return;
+        };
+        for (i, position) in scores.positions.into_iter().enumerate() {
+            let at = scores.first_position as usize + i;
+            if let Some(slot @ None) = known.positions.get_mut(at) {
+                *slot = Some(position);
+            }
+        }
+    }
+
+    /// The prompt's tokens with their log-probabilities, once: `Err` names a position the
+    /// workers never scored.
+    fn take_prompt(&mut self) -> Option<Result<Vec<PromptTokenOut>, String>> {
+        let known = self.prompt_scores.take()?;
+        let decode = |id: i64| self.tokenizer.decode(&[id]);
+        // Each prompt token's text is what it adds to the decoded prompt, so the texts
+        // concatenate to it (as the generated tokens' pieces concatenate to the completion).
+        let mut detokenizer = Detokenizer::new(&[]);
+        let mut out = Vec::with_capacity(known.prompt.len());
+        for (p, (&id, score)) in known.prompt.iter().zip(known.positions).enumerate() {
+            let (logprob, top_logprobs) = match score {
+                Some(s) => (
+                    Some(s.logprob),
+                    s.top_logprobs
+                        .iter()
+                        .map(|t| (decode(t.token_id), t.logprob))
+                        .collect(),
+                ),
+                None if p == 0 => (None, Vec::new()),
+                None => {
+                    return Some(Err(format!(
+                        "the workers returned no log-probability for prompt position {p}"
+                    )))
+                }
+            };
+            out.push(PromptTokenOut {
+                id,
+                text: detokenizer.push(&self.tokenizer, id),
+                logprob,
+                top_logprobs,
+            });
+        }
+        Some(Ok(out))
+    }
+
     /// Streams one sampled token; returns `Some` when it ends the request (after sending the
-    /// final event).
+    /// final event). A request whose prompt log-probabilities are incomplete ends with an error
+    /// (`Some(Stop)` too: it is over).
     pub fn push(&mut self, token: &pb::SampledToken) -> Option<FinishReason> {
-        let eos = !self.limits.ignore_eos && self.eos_token_ids.contains(&token.token_id);
+        match self.take_prompt() {
+            Some(Ok(prompt)) => {
+                let _ = self.events.send(Event::Prompt(prompt));
+            }
+            Some(Err(why)) => {
+                self.fail(&why);
+                return Some(FinishReason::Stop);
+            }
+            None => {}
+        }
+        // End-of-sequence and stop tokens end the text without adding to it.
+        let eos = (!self.limits.ignore_eos && self.eos_token_ids.contains(&token.token_id))
+            || self.stop_token_ids.contains(&token.token_id);
         self.completion_tokens += 1;
         let piece = if eos {
             String::new()
@@ -127,7 +232,10 @@ impl RequestOutput {
         let mut reason = None;
         if eos {
             reason = Some(FinishReason::Stop);
-        } else if let Some(at) = find_stop(&self.text, &self.stop, self.emitted) {
+        } else if let Some(at) = (self.completion_tokens >= self.limits.min_tokens)
+            .then(|| find_stop(&self.text, &self.stop, self.emitted))
+            .flatten()
+        {
             self.text.truncate(at);
             reason = Some(FinishReason::Stop);
         } else if self.completion_tokens >= self.limits.max_tokens

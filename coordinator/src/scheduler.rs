@@ -51,6 +51,9 @@ pub struct PlannedSequence {
     pub new_blocks: Vec<u32>,
     /// Whether a token is sampled after this step (false for a non-final prompt chunk).
     pub sample: bool,
+    /// The token after `tokens`, when known (a non-final chunk): its prompt log-probability
+    /// comes from this step's last row.
+    pub next_token: Option<i64>,
 }
 
 /// What the next step computes.
@@ -97,6 +100,9 @@ struct Sequence {
     chain: HashChain,
     /// Admitted to the batch at least once.
     ever_admitted: bool,
+    /// A sequence with the same prompt (a sibling of `n` > 1) whose computed prompt this one
+    /// reuses from the prefix cache: it is not admitted before that prompt is in the caches.
+    after: Option<SequenceId>,
 }
 
 impl Sequence {
@@ -132,6 +138,24 @@ impl Scheduler {
 
     /// Queues a new sequence; returns its id.
     pub fn add(&mut self, prompt: Vec<i64>, sampling: pb::SamplingParams) -> SequenceId {
+        self.add_after(prompt, sampling, None)
+    }
+
+    /// Queues a new sequence whose prompt is `leader`'s (the other choices of one request): it
+    /// waits until `leader` has computed the prompt, then takes the prompt's full blocks from the
+    /// prefix cache instead of computing them again. Without prefix caching, or for a sequence
+    /// that scores its whole prompt, this is [`Scheduler::add`].
+    pub fn add_after(
+        &mut self,
+        prompt: Vec<i64>,
+        sampling: pb::SamplingParams,
+        leader: Option<SequenceId>,
+    ) -> SequenceId {
+        let after = leader.filter(|_| {
+            self.blocks.prefix_caching()
+                && sampling.prompt_logprobs.is_none()
+                && prompt.len() > self.blocks.block_size()
+        });
         self.next_id += 1;
         self.waiting.push_back(Sequence {
             id: self.next_id,
@@ -143,8 +167,24 @@ impl Scheduler {
             blocks_sent: None,
             chain: HashChain::default(),
             ever_admitted: false,
+            after,
         });
         self.next_id
+    }
+
+    /// Whether a waiting sequence may be admitted now: it follows no leader, or its leader has
+    /// computed its prompt (or is gone).
+    fn admissible(&self, seq: &Sequence) -> bool {
+        let Some(leader) = seq.after else {
+            return true;
+        };
+        if self.waiting.iter().any(|s| s.id == leader) {
+            return false;
+        }
+        self.running
+            .iter()
+            .find(|s| s.id == leader)
+            .is_none_or(|s| s.computed >= s.prompt_len)
     }
 
     pub fn waiting(&self) -> usize {
@@ -268,10 +308,18 @@ impl Scheduler {
             && budget > 0
             && self.running.len() < self.config.max_batch_size.max(1)
         {
-            let Some(mut seq) = self.waiting.pop_front() else {
+            let Some(mut seq) = self
+                .waiting
+                .iter()
+                .position(|s| self.admissible(s))
+                .and_then(|i| self.waiting.remove(i))
+            else {
                 break;
             };
-            if seq.blocks.is_empty() {
+            // Admitted once, it recomputes on its own if it is ever preempted.
+            seq.after = None;
+            // A sequence that wants its prompt's log-probabilities computes every prompt token.
+            if seq.blocks.is_empty() && seq.sampling.prompt_logprobs.is_none() {
                 // Reuse cached blocks of an identical prefix; at least one token is computed so
                 // the step yields logits.
                 let hit = self.blocks.lookup_prefix(&seq.tokens, seq.tokens.len() - 1);
@@ -300,7 +348,7 @@ impl Scheduler {
             };
             let (admitted, sent) = match seq.blocks_sent {
                 Some(sent) => (None, sent),
-                None => (Some(seq.sampling), 0),
+                None => (Some(seq.sampling.clone()), 0),
             };
             let end = seq.computed + n;
             plan.sequences.push(PlannedSequence {
@@ -310,6 +358,7 @@ impl Scheduler {
                 admitted,
                 new_blocks: seq.blocks[sent..].to_vec(),
                 sample: end == seq.tokens.len(),
+                next_token: seq.tokens.get(end).copied(),
             });
             seq.blocks_sent = Some(seq.blocks.len());
         }
@@ -457,10 +506,10 @@ mod tests {
             seed: 42,
             ..Default::default()
         };
-        let a = s.add(vec![1, 2, 3], sampling);
+        let a = s.add(vec![1, 2, 3], sampling.clone());
         let first = step(&mut s, 5);
         let p = &first.sequences[0];
-        assert_eq!((p.id, p.admitted), (a, Some(sampling)));
+        assert_eq!((p.id, p.admitted.clone()), (a, Some(sampling.clone())));
         assert_eq!(p.new_blocks.len(), 2, "3 tokens in blocks of 2");
         // Token 4 fits in the second block: nothing new to send; token 5 needs a third.
         let second = step(&mut s, 5);
@@ -535,6 +584,60 @@ mod tests {
         let plan = step(&mut s, 9);
         assert_eq!(plan.prefix_hit_tokens, 2);
         assert_eq!(shape(&plan), vec![(c, 2, 2, true)]);
+    }
+
+    #[test]
+    fn siblings_wait_for_the_leaders_prompt_then_share_its_blocks() {
+        // Budget 4: the 7-token prompt takes two steps.
+        let mut s = scheduler(16, 2, 8, 4);
+        let prompt: Vec<i64> = (1..=7).collect();
+        let a = s.add(prompt.clone(), Default::default());
+        let b = s.add_after(prompt.clone(), Default::default(), Some(a));
+        let c = s.add_after(prompt.clone(), Default::default(), Some(a));
+        let other = s.add(vec![20, 21], Default::default());
+        let plan = step(&mut s, 9);
+        assert_eq!(shape(&plan), vec![(a, 0, 4, false)], "the siblings wait");
+        let plan = step(&mut s, 9);
+        assert_eq!(
+            shape(&plan),
+            vec![(a, 4, 3, true), (other, 0, 1, false)],
+            "a later request is not held behind them"
+        );
+        let plan = step(&mut s, 9);
+        // a decodes; b and c take the prompt's three full blocks from the cache and compute
+        // only its last token.
+        assert_eq!(
+            shape(&plan),
+            vec![
+                (a, 7, 1, true),
+                (other, 1, 1, true),
+                (b, 6, 1, true),
+                (c, 6, 1, true)
+            ]
+        );
+        assert_eq!(plan.prefix_hit_tokens, 12);
+        // A leader that ends before its prompt is computed releases its siblings.
+        for id in [a, other, b, c] {
+            s.finish(id);
+        }
+        let d = s.add((30..37).collect(), Default::default());
+        let e = s.add_after((30..37).collect(), Default::default(), Some(d));
+        s.finish(d);
+        assert!(s.schedule().sequences.iter().any(|p| p.id == e));
+    }
+
+    #[test]
+    fn siblings_of_a_prompt_that_is_scored_are_not_held() {
+        let mut s = scheduler(16, 2, 8, 100);
+        let scored = pb::SamplingParams {
+            prompt_logprobs: Some(1),
+            ..Default::default()
+        };
+        let a = s.add(vec![1, 2, 3, 4, 5], scored.clone());
+        let b = s.add_after(vec![1, 2, 3, 4, 5], scored, Some(a));
+        let plan = step(&mut s, 9);
+        assert_eq!(shape(&plan), vec![(a, 0, 5, true), (b, 0, 5, true)]);
+        assert_eq!(plan.prefix_queried_tokens, 0);
     }
 
     #[test]

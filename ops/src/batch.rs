@@ -17,6 +17,8 @@ pub struct SequenceStep {
     pub start_position: usize,
     /// Cache blocks holding positions `0..start_position + tokens.len()`, in order.
     pub block_table: Vec<u32>,
+    /// Every one of its rows gets logits, whatever the selection (prompt log-probabilities).
+    pub all_logits: bool,
 }
 
 /// Which rows of the step get logits.
@@ -24,7 +26,8 @@ pub struct SequenceStep {
 pub enum LogitsSelection {
     /// Every token (golden tests, prompt log-probabilities).
     AllTokens,
-    /// The last token of each sequence (generation).
+    /// The last token of each sequence (generation), and every token of the sequences that ask
+    /// for all their logits ([`SequenceStep::all_logits`]).
     LastTokens,
 }
 
@@ -185,10 +188,12 @@ impl StepPlan {
                 .extend((seq.start_position..context).map(|p| p as i64));
             plan.slots.extend((seq.start_position..context).map(slot));
             match selection {
-                LogitsSelection::AllTokens => plan
+                LogitsSelection::LastTokens if !seq.all_logits => {
+                    plan.logit_rows.push((offset + len - 1) as i64)
+                }
+                _ => plan
                     .logit_rows
                     .extend((offset..offset + len).map(|r| r as i64)),
-                LogitsSelection::LastTokens => plan.logit_rows.push((offset + len - 1) as i64),
             }
             plan.sequences.push(PlannedSequence {
                 offset,

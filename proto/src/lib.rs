@@ -5,8 +5,8 @@
 
 /// Protocol version a coordinator and its workers must agree on.
 /// The gRPC package stays `caravan.v1`; the version says which revision of it (v1.1: stateful
-/// steps, no `Release`, enums for dtype and vocabulary placement).
-pub const PROTOCOL_VERSION: &str = "caravan.v1.1";
+/// steps, no `Release`, enums for dtype and vocabulary placement; v1.2: prompt log-probabilities).
+pub const PROTOCOL_VERSION: &str = "caravan.v1.2";
 
 /// Generated messages and services.
 pub mod v1 {

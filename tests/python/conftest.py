@@ -365,14 +365,16 @@ def metrics(http: httpx.Client) -> dict:
 GREEDY_MARGIN = 1e-3
 
 
-def hf_greedy(model, ids, n):
+def hf_greedy(model, ids, n, **generate_options):
     """transformers' greedy continuation of `ids` (a list of token ids) by `model`: the tokens,
     and how many of them follow steps whose top-2 logit margin is at least GREEDY_MARGIN (past
-    a near-tie, f32 summation order may pick the other token, so only that many are compared)."""
+    a near-tie, f32 summation order may pick the other token, so only that many are compared).
+    `generate_options` go to `generate` (its logits processors: `repetition_penalty`, ...); the
+    margins are those of the processed scores."""
     import torch
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, pad_token_id=0)
+                             return_dict_in_generate=True, pad_token_id=0, **generate_options)
     tokens = out.sequences[0, len(ids):].tolist()
     safe = 0
     for scores in out.scores:

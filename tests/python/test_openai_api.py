@@ -464,8 +464,8 @@ def _error_cases(model, ref):
         # OpenAI refuses fields it does not know, and we refuse those it knows that we do not
         # implement, unless their value is a no-op.
         ("unrecognized-field", "/v1/completions", {**ok, "frobnicate": True}, 400),
-        ("best-of-3", "/v1/completions", {**ok, "best_of": 3}, 400),
-        ("logit-bias", "/v1/completions", {**ok, "logit_bias": {"450": 100}}, 400),
+        ("best-of-below-n", "/v1/completions", {**ok, "n": 3, "best_of": 2}, 400),
+        ("logit-bias-over-100", "/v1/completions", {**ok, "logit_bias": {"450": 101}}, 400),
         ("chat-tools", "/v1/chat/completions",
          {"model": model, "messages": [{"role": "user", "content": "hi"}],
           "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400),

@@ -62,7 +62,10 @@ fn check(plan: &StepPlan, batch: &[SequenceStep], selection: LogitsSelection, li
         .all(|&p| (0..limits.max_positions as i64).contains(&p)));
     assert!(plan.slots.iter().all(|&s| (0..cache_slots).contains(&s)));
     let rows = match selection {
-        LogitsSelection::LastTokens => batch.len(),
+        LogitsSelection::LastTokens => batch
+            .iter()
+            .map(|s| if s.all_logits { s.tokens.len() } else { 1 })
+            .sum(),
         LogitsSelection::AllTokens => n,
     };
     assert_eq!(plan.logit_rows.len(), rows);

@@ -158,6 +158,7 @@ pub fn run_rank(job: &GenerateJob, comm: Communicator) -> Result<GenerateReport>
                 tokens: p.clone(),
                 start_position: 0,
                 block_table: table,
+                all_logits: false,
             }
         })
         .collect();

@@ -21,6 +21,7 @@ use tonic::Status;
 
 use crate::{
     faults::{Fault, FaultKind},
+    sampling::score,
     sequences::Sequences,
 };
 
@@ -291,16 +292,56 @@ impl ModelRunner {
         let logits: Vec<f32> = Vec::<f32>::try_from(logits.flatten(0, -1))
             .map_err(|e| Status::internal(e.to_string()))?;
         let mut tokens = Vec::new();
-        for (i, seq) in req.sequences.iter().enumerate() {
-            if !seq.sample {
-                continue;
-            }
+        let mut prompt_logprobs = Vec::new();
+        // Each sequence's rows of `logits`: its last token's, or all of its tokens' when it
+        // asked for prompt log-probabilities; the sampled row is always its last.
+        let mut first_row = 0;
+        for (seq, step) in req.sequences.iter().zip(&batch) {
+            let rows = if step.all_logits {
+                step.tokens.len()
+            } else {
+                1
+            };
+            let last = first_row + rows - 1;
+            let row = |r: usize| &logits[r * vocab..(r + 1) * vocab];
             let state = loaded
                 .sequences
                 .get_mut(seq.sequence_id)
                 .ok_or_else(|| Status::internal("a prepared sequence went missing"))?;
-            let row = &logits[i * vocab..(i + 1) * vocab];
-            let sampled = state.sampler.sample(row, log_sum_exp[i], &state.params);
+            if state.params.repetition_penalty != 1.0 {
+                state.sampler.observe(&step.tokens);
+            }
+            if let (true, Some(top)) = (step.all_logits, state.params.prompt_logprobs) {
+                // Row j scores the token after the step's j-th: the next one in the step, then
+                // the one the coordinator says follows (none after a final chunk: sampled).
+                let targets = step.tokens[1..].iter().copied().chain(seq.next_token);
+                let positions = targets
+                    .enumerate()
+                    .map(|(j, target)| {
+                        let r = first_row + j;
+                        let (logprob, alternatives) = score(row(r), log_sum_exp[r], target, top);
+                        pb::PositionLogprob {
+                            logprob,
+                            top_logprobs: alternatives
+                                .into_iter()
+                                .map(|(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
+                                .collect(),
+                        }
+                    })
+                    .collect();
+                prompt_logprobs.push(pb::PromptLogprobs {
+                    sequence_id: seq.sequence_id,
+                    first_position: seq.start_position + 1,
+                    positions,
+                });
+            }
+            first_row += rows;
+            if !seq.sample {
+                continue;
+            }
+            let sampled = state
+                .sampler
+                .sample(row(last), log_sum_exp[last], &state.params);
             let token_id = match fault {
                 Some(FaultKind::Diverge) => (sampled.token + 1) % vocab as i64,
                 _ => sampled.token,
@@ -321,6 +362,7 @@ impl ModelRunner {
         }
         Ok(pb::StepResponse {
             tokens,
+            prompt_logprobs,
             compute_us: started.elapsed().as_micros() as u64,
             collective_us: loaded.comm.take_busy_micros(),
         })

@@ -1,11 +1,12 @@
-//! Choosing the next token from a row of logits: OpenAI's penalties, temperature, top-k, top-p,
-//! and log-probabilities for the response.
+//! Choosing the next token from a row of logits: OpenAI's logit bias and penalties,
+//! transformers' repetition penalty, vLLM's `min_tokens`, temperature, top-k, top-p, and
+//! log-probabilities for the response.
 //!
 //! Every rank holds identical logits after the last collective and runs this same code with the
 //! same per-sequence random stream (ChaCha seeded by the request's seed, advanced once per
 //! sampled token), so all ranks choose the same token without communicating.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha12Rng;
@@ -24,6 +25,26 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Alternatives to report (0-5 in the OpenAI API; any number here).
     pub top_logprobs: usize,
+    /// Report prompt tokens' log-probabilities, with this many alternatives each.
+    pub prompt_logprobs: Option<usize>,
+    /// Added to these tokens' logits before sampling.
+    pub logit_bias: Vec<(i64, f32)>,
+    /// Over the prompt and the generated tokens; 1 disables.
+    pub repetition_penalty: f32,
+    /// `min_tokens_banned` is not sampled before this many tokens have been.
+    pub min_tokens: usize,
+    pub min_tokens_banned: Vec<i64>,
+}
+
+impl SamplingParams {
+    /// Whether the row's logits change before the choice.
+    fn reshapes_logits(&self) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
+            || !self.logit_bias.is_empty()
+            || (self.min_tokens > 0 && !self.min_tokens_banned.is_empty())
+    }
 }
 
 impl Default for SamplingParams {
@@ -36,6 +57,11 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             top_logprobs: 0,
+            prompt_logprobs: None,
+            logit_bias: Vec::new(),
+            repetition_penalty: 1.0,
+            min_tokens: 0,
+            min_tokens_banned: Vec::new(),
         }
     }
 }
@@ -54,6 +80,10 @@ pub struct SequenceSampler {
     rng: ChaCha12Rng,
     /// How often each token has been generated so far (for the penalties).
     counts: HashMap<i64, u32>,
+    /// Every token of the sequence so far, prompt included (for the repetition penalty).
+    seen: HashSet<i64>,
+    /// Tokens sampled so far.
+    generated: usize,
 }
 
 impl SequenceSampler {
@@ -61,7 +91,15 @@ impl SequenceSampler {
         SequenceSampler {
             rng: ChaCha12Rng::seed_from_u64(seed),
             counts: HashMap::new(),
+            seen: HashSet::new(),
+            generated: 0,
         }
+    }
+
+    /// Records tokens the sequence holds (a step's input: prompt chunks, then each sampled
+    /// token as the next step feeds it back). Recomputed tokens are recorded again, harmlessly.
+    pub fn observe(&mut self, tokens: &[i64]) {
+        self.seen.extend(tokens);
     }
 
     /// Chooses a token from `logits` (one row over the vocabulary) and records it.
@@ -69,16 +107,36 @@ impl SequenceSampler {
     /// in one vectorised libtorch call), so a log-probability is just `logit − log_sum_exp` and
     /// the vocabulary is never exponentiated here.
     pub fn sample(&mut self, logits: &[f32], log_sum_exp: f32, params: &SamplingParams) -> Sampled {
-        let penalised;
-        let scores = if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
+        let reshaped;
+        let scores = if params.reshapes_logits() {
             let mut scores = logits.to_vec();
+            if params.repetition_penalty > 0.0 && params.repetition_penalty != 1.0 {
+                let penalty = params.repetition_penalty;
+                for &token in &self.seen {
+                    if let Some(s) = logit_of(&mut scores, token) {
+                        *s = if *s > 0.0 { *s / penalty } else { *s * penalty };
+                    }
+                }
+            }
             for (&token, &count) in &self.counts {
-                if let Some(s) = scores.get_mut(token as usize) {
+                if let Some(s) = logit_of(&mut scores, token) {
                     *s -= params.presence_penalty + params.frequency_penalty * count as f32;
                 }
             }
-            penalised = scores;
-            &penalised[..]
+            for &(token, bias) in &params.logit_bias {
+                if let Some(s) = logit_of(&mut scores, token) {
+                    *s += bias;
+                }
+            }
+            if self.generated < params.min_tokens {
+                for &token in &params.min_tokens_banned {
+                    if let Some(s) = logit_of(&mut scores, token) {
+                        *s = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            reshaped = scores;
+            &reshaped[..]
         } else {
             logits
         };
@@ -88,6 +146,7 @@ impl SequenceSampler {
             self.draw(scores, params)
         };
         *self.counts.entry(token as i64).or_insert(0) += 1;
+        self.generated += 1;
         Sampled {
             token: token as i64,
             logprob: logits[token] - log_sum_exp,
@@ -139,6 +198,11 @@ impl SequenceSampler {
     }
 }
 
+/// A token's entry in a row (none for an id outside the vocabulary).
+fn logit_of(row: &mut [f32], token: i64) -> Option<&mut f32> {
+    usize::try_from(token).ok().and_then(|t| row.get_mut(t))
+}
+
 fn argmax(xs: &[f32]) -> usize {
     let mut best = 0;
     for (i, &x) in xs.iter().enumerate() {
@@ -155,6 +219,19 @@ pub fn log_sum_exp(xs: &[f32]) -> f32 {
     let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = xs.iter().map(|&x| ((x - max) as f64).exp()).sum();
     max + sum.ln() as f32
+}
+
+/// The log-probability of a known `token` in a row of logits, with the row's `n` most likely
+/// alternatives (prompt log-probabilities: nothing is drawn).
+pub fn score(logits: &[f32], log_sum_exp: f32, token: i64, n: usize) -> (f32, Vec<(i64, f32)>) {
+    let logprob = logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |l| l - log_sum_exp);
+    let top = top_n(logits, n)
+        .into_iter()
+        .map(|(t, logit)| (t, logit - log_sum_exp))
+        .collect();
+    (logprob, top)
 }
 
 /// The `n` largest values with their indices, largest first (ties by index).
@@ -258,5 +335,67 @@ mod tests {
             (1, 4),
             "token 1 penalised after its first use"
         );
+    }
+
+    #[test]
+    fn logit_bias_forces_and_bans_tokens() {
+        let forced = SamplingParams {
+            logit_bias: vec![(3, 100.0)],
+            ..Default::default()
+        };
+        assert_eq!(
+            SequenceSampler::new(0)
+                .sample(&logits(), lse(), &forced)
+                .token,
+            3
+        );
+        let banned = SamplingParams {
+            logit_bias: vec![(1, -100.0)],
+            ..Default::default()
+        };
+        let s = SequenceSampler::new(0).sample(&logits(), lse(), &banned);
+        assert_eq!(s.token, 4, "the runner-up");
+        // The reported log-probability is the model's own.
+        assert!((s.logprob - (logits()[4] - lse())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens() {
+        let params = SamplingParams {
+            repetition_penalty: 1.5,
+            ..Default::default()
+        };
+        // 3.0 / 1.5 = 2.0 falls below 2.9: the runner-up wins once token 1 has been seen.
+        let mut s = SequenceSampler::new(0);
+        assert_eq!(
+            s.sample(&logits(), lse(), &params).token,
+            1,
+            "nothing seen yet"
+        );
+        let mut s = SequenceSampler::new(0);
+        s.observe(&[1]);
+        assert_eq!(s.sample(&logits(), lse(), &params).token, 4);
+        // A negative logit is pushed further down (multiplied), not up.
+        let negative = vec![-1.0, -1.2, -3.0];
+        let mut s = SequenceSampler::new(0);
+        s.observe(&[0]);
+        assert_eq!(
+            s.sample(&negative, log_sum_exp(&negative), &params).token,
+            1
+        );
+    }
+
+    #[test]
+    fn min_tokens_holds_back_banned_tokens_until_enough_are_generated() {
+        let params = SamplingParams {
+            min_tokens: 2,
+            min_tokens_banned: vec![1],
+            ..Default::default()
+        };
+        let mut s = SequenceSampler::new(0);
+        let picks: Vec<i64> = (0..3)
+            .map(|_| s.sample(&logits(), lse(), &params).token)
+            .collect();
+        assert_eq!(picks, vec![4, 4, 1]);
     }
 }

@@ -89,6 +89,10 @@ impl Sequences {
                 tokens: s.tokens.clone(),
                 start_position: s.start_position as usize,
                 block_table: state.blocks.clone(),
+                // Rows beyond the sampled one score known tokens: the step's own after the
+                // first, and the one the coordinator says comes next.
+                all_logits: state.params.prompt_logprobs.is_some()
+                    && (s.tokens.len() > 1 || s.next_token.is_some()),
             });
         }
         Ok(batch)
@@ -104,6 +108,15 @@ fn to_params(p: &pb::SamplingParams) -> SamplingParams {
         presence_penalty: p.presence_penalty,
         frequency_penalty: p.frequency_penalty,
         top_logprobs: p.top_logprobs as usize,
+        prompt_logprobs: p.prompt_logprobs.map(|n| n as usize),
+        logit_bias: p.logit_bias.iter().map(|b| (b.token_id, b.bias)).collect(),
+        repetition_penalty: if p.repetition_penalty <= 0.0 {
+            1.0
+        } else {
+            p.repetition_penalty
+        },
+        min_tokens: p.min_tokens as usize,
+        min_tokens_banned: p.min_tokens_banned.clone(),
     }
 }
 
@@ -128,6 +141,7 @@ mod tests {
                 ..Default::default()
             }),
             sample: true,
+            next_token: None,
         }
     }
 

@@ -17,14 +17,14 @@ use super::{
     error::ApiError,
     types::{
         chat_messages, parse_body, ChatRequest, CompletionRequest, Prompt, ValidSampling,
-        MAX_LOGPROBS,
+        MAX_CHOICES, MAX_LOGPROBS,
     },
     SharedState, MAX_BODY_BYTES,
 };
 use crate::{
     chat_template::RenderOptions,
     engine::{GenerationRequest, SubmitError},
-    output::{Event, FinishReason, TokenOut},
+    output::{Event, FinishReason, PromptTokenOut, TokenOut},
 };
 
 /// Which endpoint is answering: shapes the JSON.
@@ -34,11 +34,23 @@ enum Endpoint {
     Chat,
 }
 
-/// A validated request, ready for the scheduler.
+/// One prompt of a validated request.
+struct PromptJob {
+    ids: Vec<i64>,
+    max_tokens: usize,
+    /// `echo`: the prompt's text, sent before each of its completions.
+    echo: Option<String>,
+}
+
+/// A validated request, ready for the scheduler: each prompt is generated `best_of` times, and
+/// the `n` most likely of those are returned.
 struct Prepared {
     endpoint: Endpoint,
-    prompt: Vec<i64>,
-    max_tokens: usize,
+    prompts: Vec<PromptJob>,
+    /// Choices returned per prompt.
+    n: usize,
+    /// Sequences generated per prompt (`>= n`).
+    best_of: usize,
     sampling: ValidSampling,
     /// Log-probabilities wanted: `None`, or `Some(top alternatives)`.
     logprobs: Option<u32>,
@@ -137,35 +149,59 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> R
     }
 }
 
+/// `min_tokens` cannot exceed the completion's length.
+fn check_min_tokens(sampling: &ValidSampling, max_tokens: usize) -> Result<(), ApiError> {
+    let min = sampling.params.min_tokens as usize;
+    if min > max_tokens {
+        return Err(ApiError::invalid_param(
+            "min_tokens",
+            format!("min_tokens ({min}) must not exceed max_tokens ({max_tokens})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one token-id prompt against the vocabulary.
+fn checked_ids(state: &SharedState, ids: &[i64]) -> Result<Vec<i64>, ApiError> {
+    let vocab = state.model.vocab_size as i64;
+    if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= vocab) {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary (0..{vocab})"),
+        ));
+    }
+    Ok(ids.to_vec())
+}
+
 async fn prepare_completion(state: &SharedState, body: Body) -> Result<Prepared, ApiError> {
     let bytes = read_body(body).await?;
     let req: CompletionRequest = parse_body(&bytes)?;
     check_model(state, &req.model)?;
-    if req.echo == Some(true) {
-        return Err(ApiError::invalid_param("echo", "echo is not supported"));
-    }
-    let prompt = match &req.prompt {
-        Prompt::Text(text) => state
+    let encode = |text: &str| {
+        state
             .tokenizer
             .encode(text, true)
-            .map_err(|e| ApiError::invalid_param("prompt", e.to_string()))?,
-        Prompt::Tokens(ids) => {
-            let vocab = state.model.vocab_size as i64;
-            if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= vocab) {
-                return Err(ApiError::invalid_param(
-                    "prompt",
-                    format!("token id {bad} is outside the vocabulary (0..{vocab})"),
-                ));
-            }
-            ids.clone()
-        }
-        Prompt::Batch(_) => {
-            return Err(ApiError::invalid_param(
-                "prompt",
-                "prompt must be a string or an array of token ids; batches of prompts are not supported",
-            ))
-        }
+            .map_err(|e| ApiError::invalid_param("prompt", e.to_string()))
     };
+    // Each prompt's ids, and its text as `echo` repeats it.
+    let prompts: Vec<(Vec<i64>, Option<&str>)> = match &req.prompt {
+        Prompt::Text(text) => vec![(encode(text)?, Some(text))],
+        Prompt::Tokens(ids) => vec![(checked_ids(state, ids)?, None)],
+        Prompt::Texts(texts) => texts
+            .iter()
+            .map(|t| Ok((encode(t)?, Some(t.as_str()))))
+            .collect::<Result<_, ApiError>>()?,
+        Prompt::TokenLists(lists) => lists
+            .iter()
+            .map(|ids| Ok((checked_ids(state, ids)?, None)))
+            .collect::<Result<_, ApiError>>()?,
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "prompt must hold at least one prompt",
+        ));
+    }
     let logprobs = req.logprobs;
     if logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
         return Err(ApiError::invalid_param(
@@ -173,13 +209,53 @@ async fn prepare_completion(state: &SharedState, body: Body) -> Result<Prepared,
             format!("logprobs must be at most {MAX_LOGPROBS}"),
         ));
     }
-    // OpenAI's default for completions.
-    let max_tokens = budget(state, prompt.len(), req.max_tokens, 16)?;
-    let sampling = req.sampling.validate(logprobs.unwrap_or(0))?;
+    let mut sampling = req
+        .sampling
+        .validate(logprobs.unwrap_or(0), state.model.vocab_size)?;
+    let n = sampling.n;
+    let best_of = match req.best_of {
+        None => n,
+        Some(b) if b as usize >= n && b <= MAX_CHOICES => b as usize,
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "best_of",
+                format!("best_of must be at least n ({n}) and at most {MAX_CHOICES}"),
+            ))
+        }
+    };
+    if best_of > n && req.stream {
+        return Err(ApiError::invalid_param(
+            "best_of",
+            "best_of greater than n cannot be streamed: the best choices are known only at the end",
+        ));
+    }
+    let echo = req.echo == Some(true);
+    if echo {
+        // The prompt's tokens get log-probabilities too, with as many alternatives.
+        sampling.params.prompt_logprobs = logprobs;
+    }
+    let prompts = prompts
+        .into_iter()
+        .map(|(ids, text)| {
+            // OpenAI's default for completions.
+            let max_tokens = budget(state, ids.len(), req.max_tokens, 16)?;
+            check_min_tokens(&sampling, max_tokens)?;
+            let echo = echo.then(|| match text {
+                Some(text) => text.to_owned(),
+                None => state.tokenizer.decode(&ids),
+            });
+            Ok(PromptJob {
+                ids,
+                max_tokens,
+                echo,
+            })
+        })
+        .collect::<Result<_, ApiError>>()?;
     Ok(Prepared {
         endpoint: Endpoint::Completions,
-        prompt,
-        max_tokens,
+        prompts,
+        n,
+        best_of,
         sampling,
         logprobs,
         stream: req.stream,
@@ -216,16 +292,28 @@ async fn prepare_chat(state: &SharedState, body: Body) -> Result<Prepared, ApiEr
         req.max_completion_tokens.or(req.max_tokens),
         usize::MAX,
     )?;
-    let sampling = req.sampling.validate(top)?;
+    let sampling = req.sampling.validate(top, state.model.vocab_size)?;
+    check_min_tokens(&sampling, max_tokens)?;
     Ok(Prepared {
         endpoint: Endpoint::Chat,
-        prompt,
-        max_tokens,
+        prompts: vec![PromptJob {
+            ids: prompt,
+            max_tokens,
+            echo: None,
+        }],
+        n: sampling.n,
+        best_of: sampling.n,
         sampling,
         logprobs,
         stream: req.stream,
         include_usage: include_usage(&bytes),
     })
+}
+
+/// One generated sequence of a request: which prompt, and where its events arrive.
+struct Submitted {
+    prompt: usize,
+    receiver: mpsc::UnboundedReceiver<Event>,
 }
 
 async fn run(state: SharedState, p: Prepared) -> Response {
@@ -251,38 +339,64 @@ async fn run(state: SharedState, p: Prepared) -> Response {
         ))
         .into_response();
     }
-    let (events, receiver) = mpsc::unbounded_channel();
-    let request = GenerationRequest {
-        prompt: p.prompt.clone(),
-        max_tokens: p.max_tokens,
-        sampling: p.sampling.params,
-        stop: p.sampling.stop.clone(),
-        ignore_eos: p.sampling.ignore_eos,
-        events,
-        // The root of this request's trace; it ends when the scheduler is done with it.
-        span: tracing::info_span!(
-            "request",
-            endpoint = match p.endpoint {
-                Endpoint::Completions => "completions",
-                Endpoint::Chat => "chat",
-            },
-            prompt_tokens = p.prompt.len(),
-            max_tokens = p.max_tokens,
-            stream = p.stream
-        ),
+    let endpoint = match p.endpoint {
+        Endpoint::Completions => "completions",
+        Endpoint::Chat => "chat",
     };
-    match engine.submit(request) {
-        Ok(()) => {}
-        Err(SubmitError::QueueFull) => return ApiError::overloaded().into_response(),
-        Err(SubmitError::Stopped) => {
-            return ApiError::unavailable("The scheduler has stopped.").into_response()
+    // If a submission fails, dropping the receivers of those already made cancels them.
+    let mut submitted = Vec::with_capacity(p.prompts.len() * p.best_of);
+    for (index, job) in p.prompts.iter().enumerate() {
+        // The sequences of one prompt share its KV blocks: the first computes them.
+        let prompt_group = (p.best_of > 1).then(rand::random::<u64>);
+        for j in 0..p.best_of {
+            let mut sampling = p.sampling.params.clone();
+            if j > 0 {
+                sampling.seed = if p.sampling.user_seed {
+                    sampling.seed.wrapping_add(j as u64)
+                } else {
+                    rand::random()
+                };
+            }
+            let (events, receiver) = mpsc::unbounded_channel();
+            let request = GenerationRequest {
+                prompt: job.ids.clone(),
+                max_tokens: job.max_tokens,
+                sampling,
+                stop: p.sampling.stop.clone(),
+                stop_token_ids: p.sampling.stop_token_ids.clone(),
+                ignore_eos: p.sampling.ignore_eos,
+                events,
+                // The root of this sequence's trace; it ends when the scheduler is done with it.
+                span: tracing::info_span!(
+                    "request",
+                    endpoint,
+                    prompt_tokens = job.ids.len(),
+                    max_tokens = job.max_tokens,
+                    stream = p.stream,
+                    prompt = index,
+                    sequence = j,
+                ),
+                prompt_group,
+            };
+            match engine.submit(request) {
+                Ok(()) => {}
+                Err(SubmitError::QueueFull) => return ApiError::overloaded().into_response(),
+                Err(SubmitError::Stopped) => {
+                    return ApiError::unavailable("The scheduler has stopped.").into_response()
+                }
+            }
+            submitted.push(Submitted {
+                prompt: index,
+                receiver,
+            });
         }
     }
     let meta = ResponseMeta::new(&state, p.endpoint, p.logprobs, p.include_usage);
+    let echoes: Vec<Option<String>> = p.prompts.into_iter().map(|job| job.echo).collect();
     if p.stream {
-        Sse::new(sse_stream(meta, receiver)).into_response()
+        Sse::new(sse_stream(meta, echoes, p.n, submitted)).into_response()
     } else {
-        collect(meta, receiver).await
+        collect(meta, echoes, p.n, submitted).await
     }
 }
 
@@ -333,6 +447,12 @@ impl ResponseMeta {
 
     /// The `logprobs` field for `tokens` (`text_offset` in characters, counted from `offset`).
     fn logprobs_json(&self, tokens: &[TokenOut], offset: usize) -> Value {
+        let entries: Vec<LogprobEntry> = tokens.iter().map(LogprobEntry::from).collect();
+        self.entries_json(&entries, offset)
+    }
+
+    /// The `logprobs` field for prompt and generated tokens alike.
+    fn entries_json(&self, tokens: &[LogprobEntry], offset: usize) -> Value {
         if self.logprobs.is_none() {
             return Value::Null;
         }
@@ -345,11 +465,11 @@ impl ResponseMeta {
                     at += t.piece.chars().count();
                 }
                 json!({
-                    "tokens": tokens.iter().map(|t| t.piece.clone()).collect::<Vec<_>>(),
+                    "tokens": tokens.iter().map(|t| t.piece).collect::<Vec<_>>(),
                     "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-                    "top_logprobs": tokens.iter().map(|t| {
-                        t.top_logprobs.iter().map(|(s, lp)| (s.clone(), json!(lp))).collect::<Map<_, _>>()
-                    }).collect::<Vec<_>>(),
+                    "top_logprobs": tokens.iter().map(|t| t.top.map(|top| {
+                        top.iter().map(|(s, lp)| (s.clone(), json!(lp))).collect::<Map<_, _>>()
+                    })).collect::<Vec<_>>(),
                     "text_offset": text_offset,
                 })
             }
@@ -358,7 +478,7 @@ impl ResponseMeta {
                     "token": t.piece,
                     "logprob": t.logprob,
                     "bytes": t.piece.as_bytes(),
-                    "top_logprobs": t.top_logprobs.iter().map(|(s, lp)| json!({
+                    "top_logprobs": t.top.unwrap_or_default().iter().map(|(s, lp)| json!({
                         "token": s, "logprob": lp, "bytes": s.as_bytes(),
                     })).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
@@ -373,6 +493,7 @@ impl ResponseMeta {
     /// One choice of a streamed chunk.
     fn chunk(
         &self,
+        index: usize,
         text: &str,
         tokens: &[TokenOut],
         offset: usize,
@@ -381,7 +502,7 @@ impl ResponseMeta {
     ) -> Value {
         let choice = match self.endpoint {
             Endpoint::Completions => json!({
-                "index": 0,
+                "index": index,
                 "text": text,
                 "logprobs": self.logprobs_json(tokens, offset),
                 "finish_reason": finish.map(FinishReason::as_str),
@@ -395,7 +516,7 @@ impl ResponseMeta {
                     json!({"content": text})
                 };
                 json!({
-                    "index": 0,
+                    "index": index,
                     "delta": delta,
                     "logprobs": self.logprobs_json(tokens, offset),
                     "finish_reason": finish.map(FinishReason::as_str),
@@ -410,14 +531,78 @@ impl ResponseMeta {
             "choices": [choice],
         })
     }
+
+    /// The last chunk of a stream with `include_usage`: no choices, the request's usage.
+    fn usage_chunk(&self, prompt: usize, completion: usize) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": ResponseMeta::usage(prompt, completion),
+        })
+    }
 }
 
-/// Waits for the whole generation and answers with one JSON body.
-async fn collect(meta: ResponseMeta, mut receiver: mpsc::UnboundedReceiver<Event>) -> Response {
-    let mut text = String::new();
+/// One token's entry in a `logprobs` object: generated, or (with `echo`) from the prompt, whose
+/// first token has no log-probability.
+struct LogprobEntry<'a> {
+    piece: &'a str,
+    logprob: Option<f32>,
+    top: Option<&'a [(String, f32)]>,
+}
+
+impl<'a> From<&'a TokenOut> for LogprobEntry<'a> {
+    fn from(t: &'a TokenOut) -> Self {
+        LogprobEntry {
+            piece: &t.piece,
+            logprob: Some(t.logprob),
+            top: Some(&t.top_logprobs),
+        }
+    }
+}
+
+impl<'a> From<&'a PromptTokenOut> for LogprobEntry<'a> {
+    fn from(t: &'a PromptTokenOut) -> Self {
+        LogprobEntry {
+            piece: &t.text,
+            logprob: t.logprob,
+            top: t.logprob.map(|_| t.top_logprobs.as_slice()),
+        }
+    }
+}
+
+/// One finished sequence of a request.
+struct Sequence {
+    prompt: usize,
+    text: String,
+    prompt_scores: Vec<PromptTokenOut>,
+    tokens: Vec<TokenOut>,
+    reason: FinishReason,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+impl Sequence {
+    /// What `best_of` ranks sequences by, as vLLM does.
+    fn cumulative_logprob(&self) -> f64 {
+        self.tokens.iter().map(|t| f64::from(t.logprob)).sum()
+    }
+}
+
+/// Waits for one sequence to finish.
+async fn finish(
+    prompt: usize,
+    echo: Option<String>,
+    mut receiver: mpsc::UnboundedReceiver<Event>,
+) -> Result<Sequence, ApiError> {
+    let mut text = echo.unwrap_or_default();
+    let mut prompt_scores = Vec::new();
     let mut tokens = Vec::new();
     loop {
         match receiver.recv().await {
+            Some(Event::Prompt(p)) => prompt_scores = p,
             Some(Event::Token { text: t, token }) => {
                 text.push_str(&t);
                 tokens.push(token);
@@ -429,97 +614,282 @@ async fn collect(meta: ResponseMeta, mut receiver: mpsc::UnboundedReceiver<Event
                 completion_tokens,
             }) => {
                 text.push_str(&rest);
-                let logprobs = meta.logprobs_json(&tokens, 0);
-                let choice = match meta.endpoint {
-                    Endpoint::Completions => json!({
-                        "index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason.as_str(),
-                    }),
-                    Endpoint::Chat => json!({
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": logprobs,
-                        "finish_reason": reason.as_str(),
-                    }),
-                };
-                return Json(json!({
-                    "id": meta.id,
-                    "object": meta.object(false),
-                    "created": meta.created,
-                    "model": meta.model,
-                    "choices": [choice],
-                    "usage": ResponseMeta::usage(prompt_tokens, completion_tokens),
-                }))
-                .into_response();
+                return Ok(Sequence {
+                    prompt,
+                    text,
+                    prompt_scores,
+                    tokens,
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                });
             }
-            Some(Event::Error(message)) => return ApiError::unavailable(message).into_response(),
-            None => return ApiError::internal("the scheduler dropped the request").into_response(),
+            Some(Event::Error(message)) => return Err(ApiError::unavailable(message)),
+            None => return Err(ApiError::internal("the scheduler dropped the request")),
         }
     }
 }
 
-/// Streams chunks as server-sent events, then `[DONE]`. Dropping the stream (client gone) closes
-/// the channel, which the scheduler takes as a cancellation.
+/// Waits for every sequence and answers with one JSON body: per prompt, its `n` most likely
+/// sequences, indexed in prompt order. The first failure fails the request (and dropping the
+/// other receivers cancels their sequences).
+async fn collect(
+    meta: ResponseMeta,
+    echoes: Vec<Option<String>>,
+    n: usize,
+    submitted: Vec<Submitted>,
+) -> Response {
+    let finishing = submitted
+        .into_iter()
+        .map(|s| finish(s.prompt, echoes[s.prompt].clone(), s.receiver));
+    let sequences = match futures::future::try_join_all(finishing).await {
+        Ok(sequences) => sequences,
+        Err(e) => return e.into_response(),
+    };
+    let mut by_prompt: Vec<Vec<Sequence>> = echoes.iter().map(|_| Vec::new()).collect();
+    // Every generated token counts, also those of sequences `best_of` leaves out.
+    let completion_tokens = sequences.iter().map(|s| s.completion_tokens).sum();
+    for s in sequences {
+        by_prompt[s.prompt].push(s);
+    }
+    let mut prompt_tokens = 0;
+    let mut choices = Vec::new();
+    for mut sequences in by_prompt {
+        prompt_tokens += sequences.first().map_or(0, |s| s.prompt_tokens);
+        if sequences.len() > n {
+            sequences.sort_by(|a, b| b.cumulative_logprob().total_cmp(&a.cumulative_logprob()));
+            sequences.truncate(n);
+        }
+        for s in sequences {
+            let entries: Vec<LogprobEntry> = s
+                .prompt_scores
+                .iter()
+                .map(LogprobEntry::from)
+                .chain(s.tokens.iter().map(LogprobEntry::from))
+                .collect();
+            let logprobs = meta.entries_json(&entries, 0);
+            let index = choices.len();
+            choices.push(match meta.endpoint {
+                Endpoint::Completions => json!({
+                    "index": index, "text": s.text, "logprobs": logprobs,
+                    "finish_reason": s.reason.as_str(),
+                }),
+                Endpoint::Chat => json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": s.text},
+                    "logprobs": logprobs,
+                    "finish_reason": s.reason.as_str(),
+                }),
+            });
+        }
+    }
+    Json(json!({
+        "id": meta.id,
+        "object": meta.object(false),
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+        "usage": ResponseMeta::usage(prompt_tokens, completion_tokens),
+    }))
+    .into_response()
+}
+
+/// One choice of a streamed response.
+struct ChoiceStream {
+    index: usize,
+    first: bool,
+    /// Characters sent so far (for `text_offset`).
+    offset: usize,
+    /// `echo`'s text, sent as the first chunk (with the prompt's log-probabilities).
+    echo: Option<String>,
+    done: bool,
+    /// The first choice of its prompt: its prompt tokens count in the usage.
+    counts_prompt: bool,
+}
+
+/// What one event of a choice sends.
+enum Sent {
+    Nothing,
+    Chunk(Value),
+    Last {
+        chunk: Value,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(Value),
+}
+
+impl ChoiceStream {
+    fn on(&mut self, meta: &ResponseMeta, event: Event) -> Sent {
+        let index = self.index;
+        match event {
+            Event::Prompt(prompt) => {
+                let Some(text) = self.echo.take() else {
+                    return Sent::Nothing;
+                };
+                let entries: Vec<LogprobEntry> = prompt.iter().map(LogprobEntry::from).collect();
+                let mut chunk = meta.chunk(index, &text, &[], 0, None, self.first);
+                chunk["choices"][0]["logprobs"] = meta.entries_json(&entries, 0);
+                self.offset = text.chars().count();
+                self.first = false;
+                Sent::Chunk(chunk)
+            }
+            Event::Token { text, token } => {
+                if let Some(echo) = self.echo.take() {
+                    // No prompt log-probabilities were asked for: the text alone.
+                    let echoed = echo.chars().count();
+                    let mut chunk = meta.chunk(
+                        index,
+                        &(echo + &text),
+                        std::slice::from_ref(&token),
+                        echoed,
+                        None,
+                        self.first,
+                    );
+                    if meta.logprobs.is_none() {
+                        chunk["choices"][0]["logprobs"] = Value::Null;
+                    }
+                    self.offset = echoed + token.piece.chars().count();
+                    self.first = false;
+                    return Sent::Chunk(chunk);
+                }
+                if text.is_empty() && meta.logprobs.is_none() && !self.first {
+                    return Sent::Nothing;
+                }
+                let chunk = meta.chunk(
+                    index,
+                    &text,
+                    std::slice::from_ref(&token),
+                    self.offset,
+                    None,
+                    self.first,
+                );
+                self.offset += token.piece.chars().count();
+                self.first = false;
+                Sent::Chunk(chunk)
+            }
+            Event::Finished {
+                text,
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                self.done = true;
+                Sent::Last {
+                    chunk: meta.chunk(index, &text, &[], self.offset, Some(reason), self.first),
+                    prompt_tokens,
+                    completion_tokens,
+                }
+            }
+            Event::Error(message) => Sent::Failed(ApiError::unavailable(message).body()),
+        }
+    }
+}
+
+/// Streams every choice's chunks as server-sent events as they come, then (with
+/// `include_usage`) a chunk with the usage and no choices, then `[DONE]`. A failed choice ends
+/// the stream with the error. Dropping the stream (client gone) closes the channels, which the
+/// scheduler takes as cancellations.
 fn sse_stream(
     meta: ResponseMeta,
-    receiver: mpsc::UnboundedReceiver<Event>,
+    echoes: Vec<Option<String>>,
+    n: usize,
+    submitted: Vec<Submitted>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    struct S {
+    struct S<E> {
         meta: ResponseMeta,
-        receiver: mpsc::UnboundedReceiver<Event>,
-        first: bool,
-        offset: usize,
+        events: E,
+        choices: Vec<ChoiceStream>,
+        open: usize,
+        prompt_tokens: usize,
+        completion_tokens: usize,
         done: bool,
     }
+    // Streamed requests have `best_of == n`: the sequences are the choices, in order.
+    let choices: Vec<ChoiceStream> = submitted
+        .iter()
+        .enumerate()
+        .map(|(index, s)| ChoiceStream {
+            index,
+            first: true,
+            offset: 0,
+            echo: echoes[s.prompt].clone(),
+            done: false,
+            counts_prompt: index % n == 0,
+        })
+        .collect();
+    // Each choice's events, tagged with its index; `None` once its channel closes.
+    let events = stream::select_all(submitted.into_iter().enumerate().map(|(index, s)| {
+        Box::pin(stream::unfold(
+            Some(s.receiver),
+            move |receiver| async move {
+                let mut receiver = receiver?;
+                match receiver.recv().await {
+                    Some(event) => Some(((index, Some(event)), Some(receiver))),
+                    None => Some(((index, None), None)),
+                }
+            },
+        ))
+    }));
     let state = S {
         meta,
-        receiver,
-        first: true,
-        offset: 0,
+        events,
+        open: choices.len(),
+        choices,
+        prompt_tokens: 0,
+        completion_tokens: 0,
         done: false,
     };
-    let events = stream::unfold(state, |mut s| async move {
+    let data = stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
         }
         loop {
-            let data = match s.receiver.recv().await {
-                Some(Event::Token { text, token }) => {
-                    if text.is_empty() && s.meta.logprobs.is_none() && !s.first {
-                        continue;
-                    }
-                    let chunk =
-                        s.meta
-                            .chunk(&text, std::slice::from_ref(&token), s.offset, None, s.first);
-                    s.offset += token.piece.chars().count();
-                    s.first = false;
-                    chunk
+            if s.open == 0 {
+                s.done = true;
+                if !s.meta.include_usage {
+                    return None;
                 }
-                Some(Event::Finished {
-                    text,
-                    reason,
+                let usage = s.meta.usage_chunk(s.prompt_tokens, s.completion_tokens);
+                return Some((usage, s));
+            }
+            let dropped = || ApiError::internal("the scheduler dropped the request").body();
+            let Some((index, event)) = s.events.next().await else {
+                s.done = true;
+                return Some((dropped(), s));
+            };
+            let choice = &mut s.choices[index];
+            let Some(event) = event else {
+                if choice.done {
+                    continue;
+                }
+                s.done = true;
+                return Some((dropped(), s));
+            };
+            match choice.on(&s.meta, event) {
+                Sent::Nothing => continue,
+                Sent::Chunk(chunk) => return Some((chunk, s)),
+                Sent::Last {
+                    chunk,
                     prompt_tokens,
                     completion_tokens,
-                }) => {
-                    s.done = true;
-                    let mut chunk = s.meta.chunk(&text, &[], s.offset, Some(reason), s.first);
-                    if s.meta.include_usage {
-                        chunk["usage"] = ResponseMeta::usage(prompt_tokens, completion_tokens);
+                } => {
+                    if choice.counts_prompt {
+                        s.prompt_tokens += prompt_tokens;
                     }
-                    chunk
+                    s.completion_tokens += completion_tokens;
+                    s.open -= 1;
+                    return Some((chunk, s));
                 }
-                Some(Event::Error(message)) => {
+                Sent::Failed(body) => {
                     s.done = true;
-                    ApiError::unavailable(message).body()
+                    return Some((body, s));
                 }
-                None => {
-                    s.done = true;
-                    ApiError::internal("the scheduler dropped the request").body()
-                }
-            };
-            return Some((Ok(SseEvent::default().data(data.to_string())), s));
+            }
         }
     });
-    events.chain(stream::once(async {
-        Ok(SseEvent::default().data("[DONE]"))
-    }))
+    data.map(|value| Ok(SseEvent::default().data(value.to_string())))
+        .chain(stream::once(async {
+            Ok(SseEvent::default().data("[DONE]"))
+        }))
 }

@@ -6,14 +6,14 @@ use serde_json::Value;
 
 use super::error::ApiError;
 
-/// `prompt`: text or token ids.
+/// `prompt`: text or token ids, or an array of either (each prompt gets its own choices).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
     Tokens(Vec<i64>),
-    /// Batches of prompts, accepted by OpenAI, refused here with a clear message.
-    Batch(Vec<serde_json::Value>),
+    Texts(Vec<String>),
+    TokenLists(Vec<Vec<i64>>),
 }
 
 /// `stop`: one string or several.
@@ -38,6 +38,14 @@ pub struct SamplingFields {
     pub n: Option<u32>,
     /// Extension (vLLM): keep generating past end-of-sequence (for benchmarks).
     pub ignore_eos: Option<bool>,
+    /// Token id (as a string, as OpenAI sends it) to a bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+    /// Extension (vLLM, TGI): transformers' repetition penalty over prompt and output (> 0).
+    pub repetition_penalty: Option<f32>,
+    /// Extension (vLLM): no end-of-sequence, stop token or stop string before this many tokens.
+    pub min_tokens: Option<u32>,
+    /// Extension (vLLM): tokens that end the completion (finish reason `stop`), not shown.
+    pub stop_token_ids: Option<Vec<i64>>,
 }
 
 /// `POST /v1/completions`.
@@ -50,6 +58,9 @@ pub struct CompletionRequest {
     pub stream: bool,
     pub logprobs: Option<u32>,
     pub echo: Option<bool>,
+    /// Sequences generated per prompt, of which the `n` most likely (by cumulative
+    /// log-probability) are returned.
+    pub best_of: Option<u32>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -82,6 +93,10 @@ pub struct ChatRequest {
 pub const MAX_STOP_SEQUENCES: usize = 4;
 pub const MAX_STOP_LENGTH: usize = 256;
 pub const MAX_LOGPROBS: u32 = 5;
+/// Most choices one request may ask for (`n`, `best_of`), as OpenAI's limit.
+pub const MAX_CHOICES: u32 = 128;
+/// Most `logit_bias` entries, as OpenAI's limit.
+pub const MAX_LOGIT_BIAS: usize = 300;
 
 /// Sampling parameters after validation.
 #[derive(Debug, Clone)]
@@ -89,14 +104,38 @@ pub struct ValidSampling {
     pub params: caravan_proto::SamplingParams,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Choices per prompt.
+    pub n: usize,
+    /// Whether the client chose the seed: choice `j` of a request then samples with `seed + j`,
+    /// so each choice can be reproduced alone.
+    pub user_seed: bool,
+    /// Tokens that end the completion besides end-of-sequence.
+    pub stop_token_ids: Vec<i64>,
 }
 
 impl SamplingFields {
-    pub fn validate(&self, top_logprobs: u32) -> Result<ValidSampling, ApiError> {
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
+    /// Checks the fields; token ids must be below `vocab_size`.
+    pub fn validate(
+        &self,
+        top_logprobs: u32,
+        vocab_size: usize,
+    ) -> Result<ValidSampling, ApiError> {
+        let token = |field: &'static str, id: i64| {
+            if (0..vocab_size as i64).contains(&id) {
+                Ok(id)
+            } else {
+                Err(ApiError::invalid_param(
+                    field,
+                    format!("token id {id} is outside the vocabulary (0..{vocab_size})"),
+                ))
             }
+        };
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_CHOICES).contains(&n) {
+            return Err(ApiError::invalid_param(
+                "n",
+                format!("n must be between 1 and {MAX_CHOICES}"),
+            ));
         }
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
@@ -152,6 +191,51 @@ impl SamplingFields {
                 format!("stop sequences must be 1 to {MAX_STOP_LENGTH} bytes"),
             ));
         }
+        let mut logit_bias = Vec::new();
+        if let Some(biases) = &self.logit_bias {
+            if biases.len() > MAX_LOGIT_BIAS {
+                return Err(ApiError::invalid_param(
+                    "logit_bias",
+                    format!("at most {MAX_LOGIT_BIAS} logit_bias entries"),
+                ));
+            }
+            for (key, value) in biases {
+                let id = key.trim().parse::<i64>().map_err(|_| {
+                    ApiError::invalid_param(
+                        "logit_bias",
+                        format!("logit_bias keys are token ids; {key:?} is not one"),
+                    )
+                })?;
+                let bias = value
+                    .as_f64()
+                    .filter(|b| (-100.0..=100.0).contains(b))
+                    .ok_or_else(|| {
+                        ApiError::invalid_param(
+                            "logit_bias",
+                            format!("logit_bias values must be numbers in [-100, 100]; got {value} for {key}"),
+                        )
+                    })?;
+                logit_bias.push(caravan_proto::TokenBias {
+                    token_id: token("logit_bias", id)?,
+                    bias: bias as f32,
+                });
+            }
+            // The same order on every rank and in every step.
+            logit_bias.sort_by_key(|b| b.token_id);
+        }
+        let repetition_penalty = self.repetition_penalty.unwrap_or(1.0);
+        if !(repetition_penalty > 0.0 && repetition_penalty <= 100.0) {
+            return Err(ApiError::invalid_param(
+                "repetition_penalty",
+                "repetition_penalty must be in (0, 100]; 1 disables it",
+            ));
+        }
+        let stop_token_ids = self
+            .stop_token_ids
+            .iter()
+            .flatten()
+            .map(|&id| token("stop_token_ids", id))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(ValidSampling {
             params: caravan_proto::SamplingParams {
                 temperature,
@@ -161,9 +245,18 @@ impl SamplingFields {
                 presence_penalty: self.presence_penalty.unwrap_or(0.0),
                 frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
                 top_logprobs,
+                prompt_logprobs: None,
+                logit_bias,
+                repetition_penalty,
+                min_tokens: self.min_tokens.unwrap_or(0),
+                // The engine fills in end-of-sequence and `stop_token_ids`.
+                min_tokens_banned: Vec::new(),
             },
             stop,
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            n: n as usize,
+            user_seed: self.seed.is_some(),
+            stop_token_ids,
         })
     }
 }
@@ -193,6 +286,10 @@ pub const SAMPLING_FIELDS: &[&str] = &[
     "frequency_penalty",
     "n",
     "ignore_eos",
+    "logit_bias",
+    "repetition_penalty",
+    "min_tokens",
+    "stop_token_ids",
 ];
 
 /// OpenAI fields that change nothing about the generated tokens.
@@ -220,10 +317,6 @@ fn is_empty(v: &Value) -> bool {
     }
 }
 
-fn is_one(v: &Value) -> bool {
-    v.is_null() || v.as_u64() == Some(1)
-}
-
 fn is_none_choice(v: &Value) -> bool {
     v.is_null() || v.as_str() == Some("none")
 }
@@ -245,12 +338,9 @@ impl RequestFields for CompletionRequest {
         "stream_options",
         "logprobs",
         "echo",
+        "best_of",
     ];
-    const UNSUPPORTED: &'static [Unsupported] = &[
-        ("best_of", is_one),
-        ("logit_bias", is_empty),
-        ("suffix", is_empty),
-    ];
+    const UNSUPPORTED: &'static [Unsupported] = &[("logit_bias", is_empty), ("suffix", is_empty)];
 }
 
 impl RequestFields for ChatRequest {
@@ -269,7 +359,6 @@ impl RequestFields for ChatRequest {
         "top_logprobs",
     ];
     const UNSUPPORTED: &'static [Unsupported] = &[
-        ("logit_bias", is_empty),
         ("tools", is_empty),
         ("functions", is_empty),
         ("tool_choice", is_none_choice),
