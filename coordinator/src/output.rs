@@ -28,6 +28,14 @@ impl FinishReason {
     }
 }
 
+/// A likely token at one position, with its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alternative {
+    pub id: i64,
+    pub text: String,
+    pub logprob: f32,
+}
+
 /// One generated token, as the API reports it.
 #[derive(Debug, Clone)]
 pub struct TokenOut {
@@ -35,8 +43,8 @@ pub struct TokenOut {
     /// The text this token added (empty while a multi-byte character is incomplete).
     pub piece: String,
     pub logprob: f32,
-    /// Most likely alternatives as (text, logprob), most likely first.
-    pub top_logprobs: Vec<(String, f32)>,
+    /// Most likely alternatives, most likely first.
+    pub top_logprobs: Vec<Alternative>,
 }
 
 /// One prompt token, as the API reports it with `echo` and prompt log-probabilities.
@@ -47,8 +55,8 @@ pub struct PromptTokenOut {
     pub text: String,
     /// `None` for the first token (nothing precedes it).
     pub logprob: Option<f32>,
-    /// Most likely alternatives at its position as (text, logprob), most likely first.
-    pub top_logprobs: Vec<(String, f32)>,
+    /// Most likely alternatives at its position, most likely first.
+    pub top_logprobs: Vec<Alternative>,
 }
 
 /// What a request's stream receives.
@@ -174,7 +182,11 @@ impl RequestOutput {
     /// workers never scored.
     fn take_prompt(&mut self) -> Option<Result<Vec<PromptTokenOut>, String>> {
         let known = self.prompt_scores.take()?;
-        let decode = |id: i64| self.tokenizer.decode(&[id]);
+        let alternative = |t: &pb::TokenLogprob| Alternative {
+            id: t.token_id,
+            text: self.tokenizer.decode(&[t.token_id]),
+            logprob: t.logprob,
+        };
         // Each prompt token's text is what it adds to the decoded prompt, so the texts
         // concatenate to it (as the generated tokens' pieces concatenate to the completion).
         let mut detokenizer = Detokenizer::new(&[]);
@@ -183,10 +195,7 @@ impl RequestOutput {
             let (logprob, top_logprobs) = match score {
                 Some(s) => (
                     Some(s.logprob),
-                    s.top_logprobs
-                        .iter()
-                        .map(|t| (decode(t.token_id), t.logprob))
-                        .collect(),
+                    s.top_logprobs.iter().map(alternative).collect(),
                 ),
                 None if p == 0 => (None, Vec::new()),
                 None => {
@@ -250,7 +259,11 @@ impl RequestOutput {
             top_logprobs: token
                 .top_logprobs
                 .iter()
-                .map(|t| (self.tokenizer.decode(&[t.token_id]), t.logprob))
+                .map(|t| Alternative {
+                    id: t.token_id,
+                    text: self.tokenizer.decode(&[t.token_id]),
+                    logprob: t.logprob,
+                })
                 .collect(),
         };
         let safe = if reason.is_some() {

@@ -131,3 +131,26 @@ def test_bad_sampling_controls_are_400s(served, fields, param):
     assert r.json()["error"]["param"] == param, r.text
     assert served.http.post("/v1/completions", json={"model": served.model, "prompt": PROMPT,
                                                      "max_tokens": 2}).status_code == 200
+
+
+def test_tokens_as_token_ids(served, hf):
+    """vLLM's `return_tokens_as_token_ids`: `token_id:N` in place of each token's text, the ids
+    transformers' tokenizer gives the prompt and greedy decoding gives the completion."""
+    model, tokenizer = hf
+    ids = prompt_ids(tokenizer)
+    tokens, safe = hf_greedy(model, ids, 4)
+    assert safe >= 2, safe
+    out = complete(served, echo=True, logprobs=2, max_tokens=4, return_tokens_as_token_ids=True)
+    lp = out["choices"][0]["logprobs"]
+    assert lp["tokens"][:len(ids)] == [f"token_id:{i}" for i in ids]
+    assert lp["tokens"][len(ids):len(ids) + safe] == [f"token_id:{t}" for t in tokens[:safe]]
+    for top in lp["top_logprobs"][1:]:
+        assert len(top) == 2 and all(k.startswith("token_id:") for k in top), top
+    # The text itself is unchanged, and the offsets count its characters.
+    assert out["choices"][0]["text"].startswith(PROMPT)
+    chat = served.http.post("/v1/chat/completions", json={
+        "model": served.model, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0,
+        "max_tokens": 2, "logprobs": True, "top_logprobs": 1, "return_tokens_as_token_ids": True}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert all(c["token"].startswith("token_id:") and c["top_logprobs"][0]["token"].startswith("token_id:")
+               for c in content), content

@@ -24,7 +24,7 @@ use super::{
 use crate::{
     chat_template::RenderOptions,
     engine::{GenerationRequest, SubmitError},
-    output::{Event, FinishReason, PromptTokenOut, TokenOut},
+    output::{Alternative, Event, FinishReason, PromptTokenOut, TokenOut},
 };
 
 /// Which endpoint is answering: shapes the JSON.
@@ -56,6 +56,8 @@ struct Prepared {
     logprobs: Option<u32>,
     stream: bool,
     include_usage: bool,
+    /// vLLM's `return_tokens_as_token_ids`.
+    token_ids: bool,
 }
 
 /// A conversation's prompt ids: the messages checked, rendered with the served chat template,
@@ -260,6 +262,7 @@ async fn prepare_completion(state: &SharedState, body: Body) -> Result<Prepared,
         logprobs,
         stream: req.stream,
         include_usage: include_usage(&bytes),
+        token_ids: req.return_tokens_as_token_ids == Some(true),
     })
 }
 
@@ -307,6 +310,7 @@ async fn prepare_chat(state: &SharedState, body: Body) -> Result<Prepared, ApiEr
         logprobs,
         stream: req.stream,
         include_usage: include_usage(&bytes),
+        token_ids: req.return_tokens_as_token_ids == Some(true),
     })
 }
 
@@ -391,7 +395,7 @@ async fn run(state: SharedState, p: Prepared) -> Response {
             });
         }
     }
-    let meta = ResponseMeta::new(&state, p.endpoint, p.logprobs, p.include_usage);
+    let meta = ResponseMeta::new(&state, &p);
     let echoes: Vec<Option<String>> = p.prompts.into_iter().map(|job| job.echo).collect();
     if p.stream {
         Sse::new(sse_stream(meta, echoes, p.n, submitted)).into_response()
@@ -408,21 +412,17 @@ struct ResponseMeta {
     model: String,
     logprobs: Option<u32>,
     include_usage: bool,
+    /// Name tokens `token_id:N` in `logprobs`.
+    token_ids: bool,
 }
 
 impl ResponseMeta {
-    fn new(
-        state: &SharedState,
-        endpoint: Endpoint,
-        logprobs: Option<u32>,
-        include_usage: bool,
-    ) -> Self {
-        let prefix = match endpoint {
+    fn new(state: &SharedState, p: &Prepared) -> Self {
+        let prefix = match p.endpoint {
             Endpoint::Completions => "cmpl",
             Endpoint::Chat => "chatcmpl",
         };
         ResponseMeta {
-            endpoint,
             id: format!(
                 "{prefix}-{:016x}{:016x}",
                 rand::random::<u64>(),
@@ -432,8 +432,10 @@ impl ResponseMeta {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             model: state.model.name.clone(),
-            logprobs,
-            include_usage,
+            endpoint: p.endpoint,
+            logprobs: p.logprobs,
+            include_usage: p.include_usage,
+            token_ids: p.token_ids,
         }
     }
 
@@ -465,24 +467,38 @@ impl ResponseMeta {
                     at += t.piece.chars().count();
                 }
                 json!({
-                    "tokens": tokens.iter().map(|t| t.piece).collect::<Vec<_>>(),
+                    "tokens": tokens.iter().map(|t| self.label(t.id, t.piece)).collect::<Vec<_>>(),
                     "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
                     "top_logprobs": tokens.iter().map(|t| t.top.map(|top| {
-                        top.iter().map(|(s, lp)| (s.clone(), json!(lp))).collect::<Map<_, _>>()
+                        top.iter()
+                            .map(|a| (self.label(a.id, &a.text), json!(a.logprob)))
+                            .collect::<Map<_, _>>()
                     })).collect::<Vec<_>>(),
                     "text_offset": text_offset,
                 })
             }
             Endpoint::Chat => json!({
                 "content": tokens.iter().map(|t| json!({
-                    "token": t.piece,
+                    "token": self.label(t.id, t.piece),
                     "logprob": t.logprob,
                     "bytes": t.piece.as_bytes(),
-                    "top_logprobs": t.top.unwrap_or_default().iter().map(|(s, lp)| json!({
-                        "token": s, "logprob": lp, "bytes": s.as_bytes(),
+                    "top_logprobs": t.top.unwrap_or_default().iter().map(|a| json!({
+                        "token": self.label(a.id, &a.text),
+                        "logprob": a.logprob,
+                        "bytes": a.text.as_bytes(),
                     })).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
             }),
+        }
+    }
+
+    /// How a token is named in `logprobs`: its text, or (vLLM's `return_tokens_as_token_ids`)
+    /// `token_id:N`, which names tokens whose bytes are no text of their own.
+    fn label(&self, id: i64, text: &str) -> String {
+        if self.token_ids {
+            format!("token_id:{id}")
+        } else {
+            text.to_owned()
         }
     }
 
@@ -548,14 +564,16 @@ impl ResponseMeta {
 /// One token's entry in a `logprobs` object: generated, or (with `echo`) from the prompt, whose
 /// first token has no log-probability.
 struct LogprobEntry<'a> {
+    id: i64,
     piece: &'a str,
     logprob: Option<f32>,
-    top: Option<&'a [(String, f32)]>,
+    top: Option<&'a [Alternative]>,
 }
 
 impl<'a> From<&'a TokenOut> for LogprobEntry<'a> {
     fn from(t: &'a TokenOut) -> Self {
         LogprobEntry {
+            id: t.id,
             piece: &t.piece,
             logprob: Some(t.logprob),
             top: Some(&t.top_logprobs),
@@ -566,6 +584,7 @@ impl<'a> From<&'a TokenOut> for LogprobEntry<'a> {
 impl<'a> From<&'a PromptTokenOut> for LogprobEntry<'a> {
     fn from(t: &'a PromptTokenOut) -> Self {
         LogprobEntry {
+            id: t.id,
             piece: &t.text,
             logprob: t.logprob,
             top: t.logprob.map(|_| t.top_logprobs.as_slice()),

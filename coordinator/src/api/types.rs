@@ -61,6 +61,8 @@ pub struct CompletionRequest {
     /// Sequences generated per prompt, of which the `n` most likely (by cumulative
     /// log-probability) are returned.
     pub best_of: Option<u32>,
+    /// Extension (vLLM): name tokens `token_id:N` in `logprobs`.
+    pub return_tokens_as_token_ids: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -86,6 +88,8 @@ pub struct ChatRequest {
     pub stream: bool,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
+    /// Extension (vLLM): name tokens `token_id:N` in `logprobs`.
+    pub return_tokens_as_token_ids: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -339,6 +343,7 @@ impl RequestFields for CompletionRequest {
         "logprobs",
         "echo",
         "best_of",
+        "return_tokens_as_token_ids",
     ];
     const UNSUPPORTED: &'static [Unsupported] = &[("logit_bias", is_empty), ("suffix", is_empty)];
 }
@@ -357,6 +362,7 @@ impl RequestFields for ChatRequest {
         "stream_options",
         "logprobs",
         "top_logprobs",
+        "return_tokens_as_token_ids",
     ];
     const UNSUPPORTED: &'static [Unsupported] = &[
         ("tools", is_empty),
