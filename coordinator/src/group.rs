@@ -25,7 +25,7 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct ShardPlan {
     pub model_path: String,
-    pub dtype: pb::Dtype,
+    pub dtype: ComputeDtype,
     pub vocab_sharding: pb::VocabSharding,
     pub kv_cache: KvCacheSize,
     pub block_size: u32,
@@ -33,6 +33,30 @@ pub struct ShardPlan {
     pub threads_per_worker: u32,
     /// Mutual TLS towards the workers, when the cluster uses it.
     pub tls: Option<caravan_common::tls::ClusterTls>,
+}
+
+/// The dtype the ranks compute in: fixed by the operator, or (`--dtype auto`, as vLLM's) the
+/// checkpoint's own, chosen when the group's devices are known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComputeDtype {
+    Fixed(pb::Dtype),
+    /// The checkpoint's `torch_dtype` (none: float32, as transformers loads it).
+    Auto(Option<caravan_checkpoint::DType>),
+}
+
+impl ComputeDtype {
+    /// The dtype for a group on GPUs (`gpu`) or on CPUs: float16 checkpoints compute in
+    /// bfloat16 on CPUs, where libtorch's float16 matrix products are far slower.
+    pub fn resolve(self, gpu: bool) -> pb::Dtype {
+        use caravan_checkpoint::DType;
+        match self {
+            ComputeDtype::Fixed(dtype) => dtype,
+            ComputeDtype::Auto(None | Some(DType::F32)) => pb::Dtype::F32,
+            ComputeDtype::Auto(Some(DType::BF16)) => pb::Dtype::Bf16,
+            ComputeDtype::Auto(Some(DType::F16)) if gpu => pb::Dtype::F16,
+            ComputeDtype::Auto(Some(DType::F16)) => pb::Dtype::Bf16,
+        }
+    }
 }
 
 /// How big each rank's KV cache is.
@@ -184,8 +208,16 @@ impl WorkerGroup {
         })
         .collect::<Result<Vec<_>>>()?;
         check_members(&infos)?;
+        let dtype = plan
+            .dtype
+            .resolve(infos.iter().all(|i| i.device.starts_with("cuda")));
         let peers: Vec<String> = workers.iter().map(|w| w.ring_addr.clone()).collect();
-        tracing::info!(world, ?peers, "forming worker group");
+        tracing::info!(
+            world,
+            ?peers,
+            dtype = dtype.as_str_name(),
+            "forming worker group"
+        );
         // Fresh for every formation: only the ranks loaded now can join this ring.
         let ring_secret = rand::random::<[u8; 32]>().to_vec();
         let loads = ranks.iter().enumerate().map(|(rank, client)| {
@@ -198,7 +230,7 @@ impl WorkerGroup {
                 world_size: world as u32,
                 ring_peers: peers.clone(),
                 nccl_id: String::new(),
-                dtype: plan.dtype.into(),
+                dtype: dtype.into(),
                 vocab_sharding: plan.vocab_sharding.into(),
                 kv_cache_blocks,
                 kv_cache_memory_bytes,
@@ -614,6 +646,23 @@ mod tests {
             device: device.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn auto_dtype_is_the_checkpoints_with_float16_as_bfloat16_on_cpus() {
+        use caravan_checkpoint::DType;
+        let auto = |d| ComputeDtype::Auto(d);
+        assert_eq!(auto(None).resolve(false), pb::Dtype::F32);
+        assert_eq!(auto(Some(DType::F32)).resolve(true), pb::Dtype::F32);
+        assert_eq!(auto(Some(DType::BF16)).resolve(false), pb::Dtype::Bf16);
+        assert_eq!(auto(Some(DType::F16)).resolve(true), pb::Dtype::F16);
+        assert_eq!(auto(Some(DType::F16)).resolve(false), pb::Dtype::Bf16);
+        let fixed = ComputeDtype::Fixed(pb::Dtype::F16);
+        assert_eq!(
+            fixed.resolve(false),
+            pb::Dtype::F16,
+            "the operator's choice stands"
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     pub eos_token_ids: Vec<i64>,
     pub bos_token_id: Option<i64>,
+    /// The checkpoint's `torch_dtype`.
+    pub dtype: Option<caravan_checkpoint::DType>,
 }
 
 impl ModelInfo {
@@ -33,6 +35,7 @@ impl ModelInfo {
                 .map(|&id| i64::from(id))
                 .collect(),
             bos_token_id: config.bos_token_id.map(i64::from),
+            dtype: config.dtype,
         })
     }
 }

@@ -23,7 +23,7 @@ use crate::{
     blocks::BlockManager,
     engine::Engine,
     etcd::{Etcd, Leadership},
-    group::{GroupHealth, HealthProbe, KvCacheSize, ShardPlan, WorkerGroup},
+    group::{ComputeDtype, GroupHealth, HealthProbe, KvCacheSize, ShardPlan, WorkerGroup},
     local_workers::LocalWorkers,
     model_info::ModelInfo,
     registry::{CoordinatorService, Registry, HEARTBEAT_INTERVAL, STALE_AFTER},
@@ -70,8 +70,9 @@ pub struct ServeArgs {
     /// Device for local workers: cpu or cuda:N.
     #[arg(long, env = "CARAVAN_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Compute dtype.
-    #[arg(long, env = "CARAVAN_DTYPE", value_enum, default_value_t = Dtype::F32)]
+    /// Compute dtype (auto: the checkpoint's torch_dtype, float16 as bfloat16 on CPUs; float32
+    /// when the checkpoint names none).
+    #[arg(long, env = "CARAVAN_DTYPE", value_enum, default_value_t = Dtype::Auto)]
     pub dtype: Dtype,
     /// Embedding and LM head placement (auto: vocabulary-parallel when it divides evenly).
     #[arg(long, env = "CARAVAN_VOCAB_SHARDING", value_enum, default_value_t = VocabSharding::Auto)]
@@ -168,17 +169,20 @@ pub struct ServeArgs {
 /// Compute dtype of the workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Dtype {
+    Auto,
     F32,
     F16,
     Bf16,
 }
 
-impl From<Dtype> for pb::Dtype {
-    fn from(d: Dtype) -> Self {
-        match d {
-            Dtype::F32 => pb::Dtype::F32,
-            Dtype::F16 => pb::Dtype::F16,
-            Dtype::Bf16 => pb::Dtype::Bf16,
+impl Dtype {
+    /// What the group computes in, given the checkpoint's own dtype.
+    fn choice(self, checkpoint: Option<caravan_checkpoint::DType>) -> ComputeDtype {
+        match self {
+            Dtype::Auto => ComputeDtype::Auto(checkpoint),
+            Dtype::F32 => ComputeDtype::Fixed(pb::Dtype::F32),
+            Dtype::F16 => ComputeDtype::Fixed(pb::Dtype::F16),
+            Dtype::Bf16 => ComputeDtype::Fixed(pb::Dtype::Bf16),
         }
     }
 }
@@ -399,7 +403,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
     let plan = ShardPlan {
         model_path: model_dir.display().to_string(),
-        dtype: args.dtype.into(),
+        dtype: args.dtype.choice(model.dtype),
         vocab_sharding: args.vocab_sharding.into(),
         kv_cache,
         block_size: block_size as u32,
