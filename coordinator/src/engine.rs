@@ -33,6 +33,7 @@ use crate::{
     output::{Event, FinishReason, RequestOutput, StopLimits, Stops},
     scheduler::{Scheduler, SchedulerConfig, SequenceId, StepPlan},
     stats::EngineStats,
+    structured::Constraint,
     tokenizer::Tokenizer,
 };
 
@@ -52,6 +53,8 @@ pub struct GenerationRequest {
     /// Requests with the same key and prompt (the choices of one API request, `n` > 1) share
     /// the prompt's KV blocks: the first submitted computes it, the others reuse it.
     pub prompt_group: Option<u64>,
+    /// Structured outputs: what the sampled tokens must spell.
+    pub constraint: Option<Constraint>,
 }
 
 /// Submits requests to the engine.
@@ -129,6 +132,7 @@ struct Active {
     arrived: Instant,
     last_token_at: Option<Instant>,
     prompt_group: Option<u64>,
+    constraint: Option<Constraint>,
 }
 
 /// The engine's state: the scheduler, the executor and the requests.
@@ -287,6 +291,7 @@ impl<E: StepExecutor> Engine<E> {
                 arrived: Instant::now(),
                 last_token_at: None,
                 prompt_group: request.prompt_group,
+                constraint: request.constraint,
             },
         );
     }
@@ -394,7 +399,37 @@ impl<E: StepExecutor> Engine<E> {
         span
     }
 
-    async fn step(&mut self, plan: StepPlan) {
+    /// Puts each constrained sequence's allowed tokens on the plan; returns those whose
+    /// constraint failed, with why.
+    fn attach_masks(&mut self, plan: &mut StepPlan) -> Vec<(SequenceId, String)> {
+        let started = Instant::now();
+        let mut masked = false;
+        let mut failed = Vec::new();
+        for p in plan.sequences.iter_mut().filter(|p| p.sample) {
+            let Some(constraint) = self
+                .requests
+                .get_mut(&p.id)
+                .and_then(|a| a.constraint.as_mut())
+            else {
+                continue;
+            };
+            masked = true;
+            match constraint.mask() {
+                Ok(mask) => p.allowed_tokens = Some(mask),
+                Err(why) => failed.push((p.id, why)),
+            }
+        }
+        if masked {
+            EngineStats::add(
+                &self.stats.mask_micros,
+                started.elapsed().as_micros() as usize,
+            );
+        }
+        failed
+    }
+
+    async fn step(&mut self, mut plan: StepPlan) {
+        let mut broken = self.attach_masks(&mut plan);
         let span = self.step_span(&plan);
         let started = Instant::now();
         let mut retired = self.retired.clone();
@@ -446,11 +481,27 @@ impl<E: StepExecutor> Engine<E> {
             let Some(active) = self.requests.get_mut(&token.sequence_id) else {
                 continue;
             };
+            if broken.iter().any(|(id, _)| *id == token.sequence_id) {
+                continue;
+            }
             match active.last_token_at.replace(now) {
                 None => self.stats.time_to_first_token.observe(now - active.arrived),
                 Some(last) => self.stats.inter_token_latency.observe(now - last),
             }
-            let Some(reason) = active.output.push(token) else {
+            let eos = self.eos_token_ids.contains(&token.token_id);
+            let complete = match active
+                .constraint
+                .as_mut()
+                .map(|c| c.accept(token.token_id, eos))
+            {
+                None => false,
+                Some(Ok(complete)) => complete,
+                Some(Err(why)) => {
+                    broken.push((token.sequence_id, why));
+                    continue;
+                }
+            };
+            let Some(reason) = active.output.push(token, complete) else {
                 continue;
             };
             self.stats.end_to_end_latency.observe(now - active.arrived);
@@ -462,6 +513,9 @@ impl<E: StepExecutor> Engine<E> {
                 1,
             );
             self.end(token.sequence_id);
+        }
+        for (id, why) in broken {
+            self.fail(&[id], &format!("structured output: {why}"));
         }
     }
 

@@ -284,6 +284,7 @@ impl WorkerGroup {
                 new_blocks: vec![0],
                 sample: true,
                 next_token: None,
+                allowed_tokens: None,
             }],
             ..StepPlan::default()
         };
@@ -326,6 +327,7 @@ impl WorkerGroup {
                     admitted: p.admitted.clone(),
                     sample: p.sample,
                     next_token: p.next_token,
+                    allowed_tokens: p.allowed_tokens.clone().unwrap_or_default(),
                 })
                 .collect(),
             finished,

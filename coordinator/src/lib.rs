@@ -32,6 +32,7 @@ pub mod registry;
 pub mod scheduler;
 pub mod server;
 pub mod stats;
+pub mod structured;
 pub mod tokenizer;
 
 pub use caravan_proto::PROTOCOL_VERSION;

@@ -215,9 +215,10 @@ impl RequestOutput {
     }
 
     /// Streams one sampled token; returns `Some` when it ends the request (after sending the
-    /// final event). A request whose prompt log-probabilities are incomplete ends with an error
+    /// final event). `complete`: the request's structured output is complete, so this token
+    /// ends it. A request whose prompt log-probabilities are incomplete ends with an error
     /// (`Some(Stop)` too: it is over).
-    pub fn push(&mut self, token: &pb::SampledToken) -> Option<FinishReason> {
+    pub fn push(&mut self, token: &pb::SampledToken, complete: bool) -> Option<FinishReason> {
         match self.take_prompt() {
             Some(Ok(prompt)) => {
                 let _ = self.events.send(Event::Prompt(prompt));
@@ -239,7 +240,7 @@ impl RequestOutput {
         };
         self.text.push_str(&piece);
         let mut reason = None;
-        if eos {
+        if eos || complete {
             reason = Some(FinishReason::Stop);
         } else if let Some(at) = (self.completion_tokens >= self.limits.min_tokens)
             .then(|| find_stop(&self.text, &self.stop, self.emitted))

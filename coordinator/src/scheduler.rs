@@ -54,6 +54,8 @@ pub struct PlannedSequence {
     /// The token after `tokens`, when known (a non-final chunk): its prompt log-probability
     /// comes from this step's last row.
     pub next_token: Option<i64>,
+    /// Structured outputs: the tokens the sampled one may be (a bitmask); the engine fills it in.
+    pub allowed_tokens: Option<Vec<u8>>,
 }
 
 /// What the next step computes.
@@ -359,6 +361,7 @@ impl Scheduler {
                 new_blocks: seq.blocks[sent..].to_vec(),
                 sample: end == seq.tokens.len(),
                 next_token: seq.tokens.get(end).copied(),
+                allowed_tokens: None,
             });
             seq.blocks_sent = Some(seq.blocks.len());
         }

@@ -17,7 +17,6 @@ use clap::{Args, ValueEnum};
 
 use tokio::sync::watch;
 
-use crate::chat_template::ChatTemplate;
 use crate::{
     api::{self, AppState, Control},
     blocks::BlockManager,
@@ -31,6 +30,7 @@ use crate::{
     stats::EngineStats,
     tokenizer::Tokenizer,
 };
+use crate::{chat_template::ChatTemplate, structured::Grammars};
 use caravan_common::units::{parse_bytes, parse_duration};
 
 /// Everything `caravan-coordinator` can be told.
@@ -221,6 +221,7 @@ struct ServedModel {
     model: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     chat_template: Arc<ChatTemplate>,
+    grammars: Arc<Grammars>,
     kv_cache: KvCacheSize,
     scheduler: SchedulerConfig,
 }
@@ -250,6 +251,10 @@ impl ServedModel {
             args.chat_template.as_deref(),
         )?);
         tracing::info!(origin = %chat_template.origin(), "chat template");
+        let grammars = Arc::new(
+            Grammars::load(&model_dir, model.vocab_size, &model.eos_token_ids)
+                .context("preparing structured outputs for the tokenizer")?,
+        );
         if args.block_size == 0 || args.max_batch_size == 0 {
             bail!("--block-size and --max-batch-size must be positive");
         }
@@ -284,6 +289,7 @@ impl ServedModel {
             model,
             tokenizer,
             chat_template,
+            grammars,
             kv_cache,
             scheduler,
         })
@@ -307,6 +313,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         model,
         tokenizer,
         chat_template,
+        grammars,
         kv_cache,
         scheduler,
     } = ServedModel::load(&args)?;
@@ -324,6 +331,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         model: model.clone(),
         tokenizer: tokenizer.clone(),
         chat_template,
+        grammars,
         health: health.clone(),
         engine: RwLock::new(None),
         workers: RwLock::new(Vec::new()),

@@ -83,6 +83,8 @@ pub struct EngineStats {
     /// Step wall time less rank 0's compute: the plan's way to the ranks and the answers' back
     /// (gRPC, the workers' handlers, waiting for the slowest rank).
     pub outside_worker_micros: AtomicU64,
+    /// The coordinator's time computing structured-output token masks for the steps.
+    pub mask_micros: AtomicU64,
     /// Requests ended, by how.
     pub requests_stopped: AtomicU64,
     pub requests_length: AtomicU64,
@@ -252,6 +254,11 @@ impl EngineStats {
                 "caravan_step_outside_worker_seconds_total",
                 "Step wall time outside rank 0's compute (gRPC both ways, handlers, the slowest rank); per step: divide by caravan_steps_total.",
                 &self.outside_worker_micros,
+            ),
+            (
+                "caravan_structured_output_mask_seconds_total",
+                "The coordinator's time computing structured-output token masks before steps (not part of the steps' wall time).",
+                &self.mask_micros,
             ),
         ] {
             let seconds = Self::get(value) as f64 / 1e6;

@@ -469,9 +469,9 @@ def _error_cases(model, ref):
         ("chat-tools", "/v1/chat/completions",
          {"model": model, "messages": [{"role": "user", "content": "hi"}],
           "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400),
-        ("chat-json-mode", "/v1/chat/completions",
+        ("chat-unknown-response-format", "/v1/chat/completions",
          {"model": model, "messages": [{"role": "user", "content": "hi"}],
-          "response_format": {"type": "json_object"}}, 400),
+          "response_format": {"type": "xml"}}, 400),
     ]
 
 

@@ -339,9 +339,11 @@ impl ModelRunner {
             if !seq.sample {
                 continue;
             }
-            let sampled = state
-                .sampler
-                .sample(row(last), log_sum_exp[last], &state.params);
+            let allowed = (!seq.allowed_tokens.is_empty()).then_some(&seq.allowed_tokens[..]);
+            let sampled =
+                state
+                    .sampler
+                    .sample_masked(row(last), log_sum_exp[last], &state.params, allowed);
             let token_id = match fault {
                 Some(FaultKind::Diverge) => (sampled.token + 1) % vocab as i64,
                 _ => sampled.token,

@@ -107,9 +107,32 @@ impl SequenceSampler {
     /// in one vectorised libtorch call), so a log-probability is just `logit − log_sum_exp` and
     /// the vocabulary is never exponentiated here.
     pub fn sample(&mut self, logits: &[f32], log_sum_exp: f32, params: &SamplingParams) -> Sampled {
+        self.sample_masked(logits, log_sum_exp, params, None)
+    }
+
+    /// [`SequenceSampler::sample`] among the tokens `allowed` sets (structured outputs: bit
+    /// `t % 8` of byte `t / 8`; tokens past its end are not allowed). The reported
+    /// log-probabilities stay the model's own.
+    pub fn sample_masked(
+        &mut self,
+        logits: &[f32],
+        log_sum_exp: f32,
+        params: &SamplingParams,
+        allowed: Option<&[u8]>,
+    ) -> Sampled {
         let reshaped;
-        let scores = if params.reshapes_logits() {
+        let scores = if params.reshapes_logits() || allowed.is_some() {
             let mut scores = logits.to_vec();
+            if let Some(allowed) = allowed {
+                for (t, s) in scores.iter_mut().enumerate() {
+                    if allowed
+                        .get(t / 8)
+                        .is_none_or(|byte| byte & (1 << (t % 8)) == 0)
+                    {
+                        *s = f32::NEG_INFINITY;
+                    }
+                }
+            }
             if params.repetition_penalty > 0.0 && params.repetition_penalty != 1.0 {
                 let penalty = params.repetition_penalty;
                 for &token in &self.seen {
@@ -397,5 +420,28 @@ mod tests {
             .map(|_| s.sample(&logits(), lse(), &params).token)
             .collect();
         assert_eq!(picks, vec![4, 4, 1]);
+    }
+
+    #[test]
+    fn a_mask_restricts_the_choice_greedy_and_sampled() {
+        // Only tokens 2 and 3 allowed (bits 2 and 3 of byte 0).
+        let mask = [0b0000_1100u8];
+        let mut s = SequenceSampler::new(0);
+        let greedy = s.sample_masked(&logits(), lse(), &SamplingParams::default(), Some(&mask));
+        assert_eq!(greedy.token, 2);
+        assert!(
+            (greedy.logprob - (logits()[2] - lse())).abs() < 1e-6,
+            "the model's own"
+        );
+        let hot = SamplingParams {
+            temperature: 2.0,
+            ..Default::default()
+        };
+        for seed in 0..50 {
+            let t = SequenceSampler::new(seed)
+                .sample_masked(&logits(), lse(), &hot, Some(&mask))
+                .token;
+            assert!(t == 2 || t == 3, "{t}");
+        }
     }
 }

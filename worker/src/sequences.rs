@@ -142,6 +142,7 @@ mod tests {
             }),
             sample: true,
             next_token: None,
+            allowed_tokens: Vec::new(),
         }
     }
 

@@ -347,6 +347,19 @@ async fn run(state: SharedState, p: Prepared) -> Response {
         Endpoint::Completions => "completions",
         Endpoint::Chat => "chat",
     };
+    // One constraint per sequence, compiled before anything is submitted.
+    let sequences = p.prompts.len() * p.best_of;
+    let mut constraints = Vec::with_capacity(sequences);
+    for _ in 0..sequences {
+        constraints.push(match &p.sampling.constraint {
+            None => None,
+            Some((field, spec)) => match state.grammars.constrain(spec) {
+                Ok(constraint) => Some(constraint),
+                Err(why) => return ApiError::invalid_param(field, why).into_response(),
+            },
+        });
+    }
+    let mut constraints = constraints.into_iter();
     // If a submission fails, dropping the receivers of those already made cancels them.
     let mut submitted = Vec::with_capacity(p.prompts.len() * p.best_of);
     for (index, job) in p.prompts.iter().enumerate() {
@@ -381,6 +394,7 @@ async fn run(state: SharedState, p: Prepared) -> Response {
                     sequence = j,
                 ),
                 prompt_group,
+                constraint: constraints.next().flatten(),
             };
             match engine.submit(request) {
                 Ok(()) => {}

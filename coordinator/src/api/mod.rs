@@ -31,6 +31,7 @@ use crate::{
     model_info::ModelInfo,
     registry::{RegisteredWorker, Registry},
     stats::EngineStats,
+    structured::Grammars,
     tokenizer::Tokenizer,
 };
 pub use error::ApiError;
@@ -43,6 +44,8 @@ pub struct AppState {
     pub model: ModelInfo,
     pub tokenizer: Arc<Tokenizer>,
     pub chat_template: Arc<ChatTemplate>,
+    /// Compiles structured-output constraints for this model's tokenizer.
+    pub grammars: Arc<Grammars>,
     pub health: SharedHealth,
     /// The scheduler of the current worker group; `None` while a group is being formed.
     pub engine: RwLock<Option<EngineHandle>>,

@@ -5,6 +5,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
+use crate::structured::ConstraintSpec;
 
 /// `prompt`: text or token ids, or an array of either (each prompt gets its own choices).
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +47,15 @@ pub struct SamplingFields {
     pub min_tokens: Option<u32>,
     /// Extension (vLLM): tokens that end the completion (finish reason `stop`), not shown.
     pub stop_token_ids: Option<Vec<i64>>,
+    /// OpenAI structured outputs: `{"type": "text" | "json_object" | "json_schema", ...}`.
+    pub response_format: Option<Value>,
+    /// Extensions (vLLM): a JSON schema (object or string), a regex, a list of choices, a Lark
+    /// grammar; or all of them as vLLM's newer `structured_outputs` object.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
+    pub structured_outputs: Option<serde_json::Map<String, Value>>,
 }
 
 /// `POST /v1/completions`.
@@ -115,6 +125,9 @@ pub struct ValidSampling {
     pub user_seed: bool,
     /// Tokens that end the completion besides end-of-sequence.
     pub stop_token_ids: Vec<i64>,
+    /// Structured outputs: what the completion must spell (the field it came from names it in
+    /// errors).
+    pub constraint: Option<(&'static str, ConstraintSpec)>,
 }
 
 impl SamplingFields {
@@ -240,6 +253,7 @@ impl SamplingFields {
             .flatten()
             .map(|&id| token("stop_token_ids", id))
             .collect::<Result<Vec<_>, _>>()?;
+        let constraint = self.constraint()?;
         Ok(ValidSampling {
             params: caravan_proto::SamplingParams {
                 temperature,
@@ -261,7 +275,115 @@ impl SamplingFields {
             n: n as usize,
             user_seed: self.seed.is_some(),
             stop_token_ids,
+            constraint,
         })
+    }
+
+    /// The structured-output constraint, from whichever field gives one (at most one may).
+    fn constraint(&self) -> Result<Option<(&'static str, ConstraintSpec)>, ApiError> {
+        let mut found: Vec<(&'static str, ConstraintSpec)> = Vec::new();
+        if let Some(format) = &self.response_format {
+            let bad = |why: &str| ApiError::invalid_param("response_format", why.to_string());
+            match format.get("type").and_then(Value::as_str) {
+                None if format.is_null() => {}
+                Some("text") => {}
+                Some("json_object") => found.push(("response_format", ConstraintSpec::JsonObject)),
+                Some("json_schema") => {
+                    let schema = format.pointer("/json_schema/schema").ok_or_else(|| {
+                        bad("a json_schema response_format needs json_schema.schema")
+                    })?;
+                    found.push((
+                        "response_format",
+                        ConstraintSpec::JsonSchema(schema.clone()),
+                    ));
+                }
+                _ => {
+                    return Err(bad(
+                        "response_format.type must be text, json_object or json_schema",
+                    ))
+                }
+            }
+        }
+        let schema = |field: &'static str, v: &Value| match v {
+            // vLLM takes the schema as JSON text too.
+            Value::String(text) => serde_json::from_str(text).map_err(|e| {
+                ApiError::invalid_param(field, format!("{field} is not a JSON schema: {e}"))
+            }),
+            other => Ok(other.clone()),
+        };
+        if let Some(v) = &self.guided_json {
+            found.push((
+                "guided_json",
+                ConstraintSpec::JsonSchema(schema("guided_json", v)?),
+            ));
+        }
+        if let Some(r) = &self.guided_regex {
+            found.push(("guided_regex", ConstraintSpec::Regex(r.clone())));
+        }
+        if let Some(c) = &self.guided_choice {
+            found.push(("guided_choice", ConstraintSpec::Choice(c.clone())));
+        }
+        if let Some(g) = &self.guided_grammar {
+            found.push(("guided_grammar", ConstraintSpec::Lark(g.clone())));
+        }
+        if let Some(so) = &self.structured_outputs {
+            const FIELD: &str = "structured_outputs";
+            let text = |key: &str| match so.get(key) {
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                None | Some(Value::Null) => Ok(None),
+                Some(_) => Err(ApiError::invalid_param(
+                    FIELD,
+                    format!("structured_outputs.{key} must be a string"),
+                )),
+            };
+            for key in so.keys() {
+                if !["json", "regex", "choice", "grammar", "json_object"].contains(&key.as_str()) {
+                    return Err(ApiError::invalid_param(
+                        FIELD,
+                        format!("structured_outputs.{key} is not supported (json, regex, choice, grammar, json_object are)"),
+                    ));
+                }
+            }
+            if let Some(v) = so.get("json").filter(|v| !v.is_null()) {
+                found.push((FIELD, ConstraintSpec::JsonSchema(schema(FIELD, v)?)));
+            }
+            if let Some(r) = text("regex")? {
+                found.push((FIELD, ConstraintSpec::Regex(r)));
+            }
+            if let Some(g) = text("grammar")? {
+                found.push((FIELD, ConstraintSpec::Lark(g)));
+            }
+            if let Some(c) = so.get("choice").filter(|v| !v.is_null()) {
+                let choices = serde_json::from_value::<Vec<String>>(c.clone()).map_err(|_| {
+                    ApiError::invalid_param(
+                        FIELD,
+                        "structured_outputs.choice must be a list of strings",
+                    )
+                })?;
+                found.push((FIELD, ConstraintSpec::Choice(choices)));
+            }
+            if so.get("json_object").and_then(Value::as_bool) == Some(true) {
+                found.push((FIELD, ConstraintSpec::JsonObject));
+            }
+        }
+        if let Some((_, ConstraintSpec::Choice(choices))) = found.first() {
+            if choices.is_empty() || choices.iter().any(String::is_empty) {
+                return Err(ApiError::invalid_param(
+                    found[0].0,
+                    "choices must be a non-empty list of non-empty strings",
+                ));
+            }
+        }
+        match found.len() {
+            0 | 1 => Ok(found.pop()),
+            _ => Err(ApiError::invalid_param(
+                found[1].0,
+                format!(
+                    "only one structured-output constraint per request; got {} and {}",
+                    found[0].0, found[1].0
+                ),
+            )),
+        }
     }
 }
 
@@ -294,6 +416,12 @@ pub const SAMPLING_FIELDS: &[&str] = &[
     "repetition_penalty",
     "min_tokens",
     "stop_token_ids",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
 ];
 
 /// OpenAI fields that change nothing about the generated tokens.
@@ -323,10 +451,6 @@ fn is_empty(v: &Value) -> bool {
 
 fn is_none_choice(v: &Value) -> bool {
     v.is_null() || v.as_str() == Some("none")
-}
-
-fn is_text_format(v: &Value) -> bool {
-    v.is_null() || v.get("type").and_then(Value::as_str) == Some("text")
 }
 
 fn is_text_only(v: &Value) -> bool {
@@ -369,7 +493,6 @@ impl RequestFields for ChatRequest {
         ("functions", is_empty),
         ("tool_choice", is_none_choice),
         ("function_call", is_none_choice),
-        ("response_format", is_text_format),
         ("modalities", is_text_only),
         ("audio", is_null),
         ("prediction", is_null),
