@@ -53,8 +53,12 @@ pub struct PromptTokenOut {
     pub id: i64,
     /// The text this token adds to the decoded prompt.
     pub text: String,
+    /// The token alone, decoded (vLLM's `decoded_token`).
+    pub token_text: String,
     /// `None` for the first token (nothing precedes it).
     pub logprob: Option<f32>,
+    /// Its rank among the vocabulary at its position (1: the most likely).
+    pub rank: Option<u32>,
     /// Most likely alternatives at its position, most likely first.
     pub top_logprobs: Vec<Alternative>,
 }
@@ -192,12 +196,13 @@ impl RequestOutput {
         let mut detokenizer = Detokenizer::new(&[]);
         let mut out = Vec::with_capacity(known.prompt.len());
         for (p, (&id, score)) in known.prompt.iter().zip(known.positions).enumerate() {
-            let (logprob, top_logprobs) = match score {
+            let (logprob, rank, top_logprobs) = match score {
                 Some(s) => (
                     Some(s.logprob),
+                    Some(s.rank),
                     s.top_logprobs.iter().map(alternative).collect(),
                 ),
-                None if p == 0 => (None, Vec::new()),
+                None if p == 0 => (None, None, Vec::new()),
                 None => {
                     return Some(Err(format!(
                         "the workers returned no log-probability for prompt position {p}"
@@ -207,7 +212,9 @@ impl RequestOutput {
             out.push(PromptTokenOut {
                 id,
                 text: detokenizer.push(&self.tokenizer, id),
+                token_text: self.tokenizer.decode(&[id]),
                 logprob,
+                rank,
                 top_logprobs,
             });
         }

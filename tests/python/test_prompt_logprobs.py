@@ -6,7 +6,8 @@ loglikelihood tasks send), against transformers on the same weights.
   chunk's last row): every prompt position's log-probability and top alternatives equal
   transformers' within 1e-3; the first token has none; the generated token follows; the token
   texts concatenate to the echoed prompt; text and token-id prompts; streaming; the same prompt
-  twice (a prefix-cache hit must not skip the scoring); echo requests batched with plain ones.
+  twice (a prefix-cache hit must not skip the scoring); echo requests batched with plain ones;
+  vLLM's `prompt_logprobs` field (log-probability, rank and alternatives per position).
 - SmolLM2-135M-Instruct (a trained model): the perplexity of a committed English text
   (tests/data/perplexity.txt, over 1,000 tokens) equal to transformers' within 1e-3 relative.
 """
@@ -195,6 +196,42 @@ def test_echo_without_logprobs_prepends_the_prompt(served):
     assert echoed.choices[0].logprobs is None
 
 
+def test_vllms_prompt_logprobs_field(served, hf_random, tokenizer):
+    """vLLM's `prompt_logprobs`: per prompt position, the prompt token's log-probability and rank
+    and the top alternatives (ranks 1..n), as transformers computes them; no echo implied."""
+    url, model = served
+    prompt = " ".join(TEXT.split()[:60])
+    ids = tokenizer(prompt).input_ids
+    with torch.no_grad():
+        logprobs = torch.log_softmax(hf_random(torch.tensor([ids])).logits[0].float(), dim=-1)
+    with httpx.Client(base_url=url, timeout=120) as http:
+        body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "prompt_logprobs": TOP}
+        choice = http.post("/v1/completions", json=body).json()["choices"][0]
+        assert choice["logprobs"] is None and not choice["text"].startswith(prompt[:20]), choice["text"]
+        got = choice["prompt_logprobs"]
+        assert len(got) == len(ids) and got[0] is None
+        problems = []
+        for p in range(1, len(ids)):
+            row, own = logprobs[p - 1], ids[p]
+            entry = got[p][str(own)]
+            low = 1 + int((row > row[own] + LOGPROB_TOL).sum())
+            high = int((row >= row[own] - LOGPROB_TOL).sum())
+            if abs(entry["logprob"] - float(row[own])) > LOGPROB_TOL or not low <= entry["rank"] <= high:
+                problems.append(f"position {p}: {entry} vs transformers {float(row[own])}, rank {low}..{high}")
+            top = torch.topk(row, TOP)
+            for r, (value, token) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+                alt = got[p].get(str(token))
+                if alt is None or abs(alt["logprob"] - value) > LOGPROB_TOL or (token != own and alt["rank"] != r):
+                    problems.append(f"position {p}: alternative {token} (rank {r}, {value}): {alt}")
+        assert not problems, "\n".join(problems[:10])
+        # Chat: once per response; streaming is refused with a clear 400.
+        chat = http.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "Hi"}],
+                                                       "max_tokens": 2, "prompt_logprobs": 1}).json()
+        assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"], chat
+        refused = http.post("/v1/completions", json={**body, "stream": True})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs"
+
+
 # ---------------------------------------------------------------------------------------------------
 # A trained model: perplexity
 
@@ -230,3 +267,4 @@ def test_smollm2_perplexity_equals_transformers(smollm2):
     # A trained model on plain English: a perplexity far from uniform (49152) proves real scores.
     assert got < 100, f"perplexity {got}"
     assert abs(got - want) <= PERPLEXITY_RTOL * want, f"Caravan's perplexity {got}, transformers' {want}"
+

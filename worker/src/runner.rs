@@ -319,10 +319,12 @@ impl ModelRunner {
                     .enumerate()
                     .map(|(j, target)| {
                         let r = first_row + j;
-                        let (logprob, alternatives) = score(row(r), log_sum_exp[r], target, top);
+                        let score = score(row(r), log_sum_exp[r], target, top);
                         pb::PositionLogprob {
-                            logprob,
-                            top_logprobs: alternatives
+                            logprob: score.logprob,
+                            rank: score.rank,
+                            top_logprobs: score
+                                .top
                                 .into_iter()
                                 .map(|(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
                                 .collect(),

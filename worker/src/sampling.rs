@@ -244,17 +244,33 @@ pub fn log_sum_exp(xs: &[f32]) -> f32 {
     max + sum.ln() as f32
 }
 
-/// The log-probability of a known `token` in a row of logits, with the row's `n` most likely
-/// alternatives (prompt log-probabilities: nothing is drawn).
-pub fn score(logits: &[f32], log_sum_exp: f32, token: i64, n: usize) -> (f32, Vec<(i64, f32)>) {
-    let logprob = logits
-        .get(token as usize)
-        .map_or(f32::NEG_INFINITY, |l| l - log_sum_exp);
-    let top = top_n(logits, n)
-        .into_iter()
-        .map(|(t, logit)| (t, logit - log_sum_exp))
-        .collect();
-    (logprob, top)
+/// A known token's place in a row of logits (prompt log-probabilities: nothing is drawn).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Score {
+    pub logprob: f32,
+    /// Tokens at least as likely, itself included (1: the most likely), as vLLM counts.
+    pub rank: u32,
+    /// The row's most likely tokens.
+    pub top: Vec<(i64, f32)>,
+}
+
+/// Scores `token` in a row of logits, with the row's `n` most likely alternatives.
+pub fn score(logits: &[f32], log_sum_exp: f32, token: i64, n: usize) -> Score {
+    let own = usize::try_from(token)
+        .ok()
+        .and_then(|t| logits.get(t))
+        .copied();
+    let rank = own.map_or(logits.len(), |own| {
+        logits.iter().filter(|&&l| l >= own).count()
+    });
+    Score {
+        logprob: own.map_or(f32::NEG_INFINITY, |l| l - log_sum_exp),
+        rank: rank as u32,
+        top: top_n(logits, n)
+            .into_iter()
+            .map(|(t, logit)| (t, logit - log_sum_exp))
+            .collect(),
+    }
 }
 
 /// The `n` largest values with their indices, largest first (ties by index).
@@ -443,5 +459,14 @@ mod tests {
                 .token;
             assert!(t == 2 || t == 3, "{t}");
         }
+    }
+
+    #[test]
+    fn a_score_ranks_the_token_among_the_row() {
+        let s = score(&logits(), lse(), 4, 2);
+        assert_eq!(s.rank, 2, "only token 1 is more likely");
+        assert_eq!(s.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 4]);
+        assert!((s.logprob - (logits()[4] - lse())).abs() < 1e-6);
+        assert_eq!(score(&logits(), lse(), 1, 0).rank, 1);
     }
 }

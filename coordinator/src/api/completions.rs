@@ -58,6 +58,8 @@ struct Prepared {
     include_usage: bool,
     /// vLLM's `return_tokens_as_token_ids`.
     token_ids: bool,
+    /// vLLM's `prompt_logprobs`: alternatives per prompt position.
+    prompt_logprobs: Option<u32>,
 }
 
 /// A conversation's prompt ids: the messages checked, rendered with the served chat template,
@@ -151,6 +153,22 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> R
     }
 }
 
+/// vLLM's `prompt_logprobs`, checked: at most [`MAX_LOGPROBS`] alternatives, and returned with
+/// whole responses only.
+fn checked_prompt_logprobs(n: Option<u32>, stream: bool) -> Result<Option<u32>, ApiError> {
+    match n {
+        Some(n) if n > MAX_LOGPROBS => Err(ApiError::invalid_param(
+            "prompt_logprobs",
+            format!("prompt_logprobs must be at most {MAX_LOGPROBS}"),
+        )),
+        Some(_) if stream => Err(ApiError::invalid_param(
+            "prompt_logprobs",
+            "prompt_logprobs is returned with non-streamed responses only",
+        )),
+        n => Ok(n),
+    }
+}
+
 /// `min_tokens` cannot exceed the completion's length.
 fn check_min_tokens(sampling: &ValidSampling, max_tokens: usize) -> Result<(), ApiError> {
     let min = sampling.params.min_tokens as usize;
@@ -232,10 +250,10 @@ async fn prepare_completion(state: &SharedState, body: Body) -> Result<Prepared,
         ));
     }
     let echo = req.echo == Some(true);
-    if echo {
-        // The prompt's tokens get log-probabilities too, with as many alternatives.
-        sampling.params.prompt_logprobs = logprobs;
-    }
+    let prompt_logprobs = checked_prompt_logprobs(req.prompt_logprobs, req.stream)?;
+    // With `echo`, the prompt's tokens get log-probabilities too, with as many alternatives;
+    // the workers compute the most either field asks for.
+    sampling.params.prompt_logprobs = logprobs.filter(|_| echo).max(prompt_logprobs);
     let prompts = prompts
         .into_iter()
         .map(|(ids, text)| {
@@ -263,6 +281,7 @@ async fn prepare_completion(state: &SharedState, body: Body) -> Result<Prepared,
         stream: req.stream,
         include_usage: include_usage(&bytes),
         token_ids: req.return_tokens_as_token_ids == Some(true),
+        prompt_logprobs,
     })
 }
 
@@ -295,8 +314,10 @@ async fn prepare_chat(state: &SharedState, body: Body) -> Result<Prepared, ApiEr
         req.max_completion_tokens.or(req.max_tokens),
         usize::MAX,
     )?;
-    let sampling = req.sampling.validate(top, state.model.vocab_size)?;
+    let mut sampling = req.sampling.validate(top, state.model.vocab_size)?;
     check_min_tokens(&sampling, max_tokens)?;
+    let prompt_logprobs = checked_prompt_logprobs(req.prompt_logprobs, req.stream)?;
+    sampling.params.prompt_logprobs = prompt_logprobs;
     Ok(Prepared {
         endpoint: Endpoint::Chat,
         prompts: vec![PromptJob {
@@ -311,6 +332,7 @@ async fn prepare_chat(state: &SharedState, body: Body) -> Result<Prepared, ApiEr
         stream: req.stream,
         include_usage: include_usage(&bytes),
         token_ids: req.return_tokens_as_token_ids == Some(true),
+        prompt_logprobs,
     })
 }
 
@@ -428,6 +450,7 @@ struct ResponseMeta {
     include_usage: bool,
     /// Name tokens `token_id:N` in `logprobs`.
     token_ids: bool,
+    prompt_logprobs: Option<u32>,
 }
 
 impl ResponseMeta {
@@ -450,6 +473,7 @@ impl ResponseMeta {
             logprobs: p.logprobs,
             include_usage: p.include_usage,
             token_ids: p.token_ids,
+            prompt_logprobs: p.prompt_logprobs,
         }
     }
 
@@ -469,9 +493,11 @@ impl ResponseMeta {
 
     /// The `logprobs` field for prompt and generated tokens alike.
     fn entries_json(&self, tokens: &[LogprobEntry], offset: usize) -> Value {
-        if self.logprobs.is_none() {
+        let Some(shown) = self.logprobs else {
             return Value::Null;
-        }
+        };
+        // The prompt's alternatives may be more, for vLLM's `prompt_logprobs`.
+        let shown = shown as usize;
         match self.endpoint {
             Endpoint::Completions => {
                 let mut text_offset = Vec::with_capacity(tokens.len());
@@ -485,6 +511,7 @@ impl ResponseMeta {
                     "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
                     "top_logprobs": tokens.iter().map(|t| t.top.map(|top| {
                         top.iter()
+                            .take(shown)
                             .map(|a| (self.label(a.id, &a.text), json!(a.logprob)))
                             .collect::<Map<_, _>>()
                     })).collect::<Vec<_>>(),
@@ -496,7 +523,7 @@ impl ResponseMeta {
                     "token": self.label(t.id, t.piece),
                     "logprob": t.logprob,
                     "bytes": t.piece.as_bytes(),
-                    "top_logprobs": t.top.unwrap_or_default().iter().map(|a| json!({
+                    "top_logprobs": t.top.unwrap_or_default().iter().take(shown).map(|a| json!({
                         "token": self.label(a.id, &a.text),
                         "logprob": a.logprob,
                         "bytes": a.text.as_bytes(),
@@ -514,6 +541,31 @@ impl ResponseMeta {
         } else {
             text.to_owned()
         }
+    }
+
+    /// vLLM's `prompt_logprobs`: `null` for the first token, then per position a map from token
+    /// id to its log-probability, rank and text, for the prompt's own token and the most likely
+    /// alternatives.
+    fn prompt_logprobs_json(&self, prompt: &[PromptTokenOut]) -> Value {
+        let Some(shown) = self.prompt_logprobs else {
+            return Value::Null;
+        };
+        let entry = |logprob: f32, rank: u32, text: &str| json!({"logprob": logprob, "rank": rank, "decoded_token": text});
+        prompt
+            .iter()
+            .map(|t| {
+                let (Some(logprob), Some(rank)) = (t.logprob, t.rank) else {
+                    return Value::Null;
+                };
+                let mut map = Map::new();
+                map.insert(t.id.to_string(), entry(logprob, rank, &t.token_text));
+                for (i, a) in t.top_logprobs.iter().take(shown as usize).enumerate() {
+                    map.entry(a.id.to_string())
+                        .or_insert_with(|| entry(a.logprob, i as u32 + 1, &a.text));
+                }
+                Value::Object(map)
+            })
+            .collect()
     }
 
     fn usage(prompt: usize, completion: usize) -> Value {
@@ -609,6 +661,8 @@ impl<'a> From<&'a PromptTokenOut> for LogprobEntry<'a> {
 /// One finished sequence of a request.
 struct Sequence {
     prompt: usize,
+    /// The prompt's text leads `text` (and its scores the logprobs).
+    echoed: bool,
     text: String,
     prompt_scores: Vec<PromptTokenOut>,
     tokens: Vec<TokenOut>,
@@ -630,6 +684,7 @@ async fn finish(
     echo: Option<String>,
     mut receiver: mpsc::UnboundedReceiver<Event>,
 ) -> Result<Sequence, ApiError> {
+    let echoed = echo.is_some();
     let mut text = echo.unwrap_or_default();
     let mut prompt_scores = Vec::new();
     let mut tokens = Vec::new();
@@ -649,6 +704,7 @@ async fn finish(
                 text.push_str(&rest);
                 return Ok(Sequence {
                     prompt,
+                    echoed,
                     text,
                     prompt_scores,
                     tokens,
@@ -687,6 +743,8 @@ async fn collect(
     }
     let mut prompt_tokens = 0;
     let mut choices = Vec::new();
+    // Chat responses carry the (one) prompt's scores once, as vLLM's do.
+    let mut prompt_logprobs = Value::Null;
     for mut sequences in by_prompt {
         prompt_tokens += sequences.first().map_or(0, |s| s.prompt_tokens);
         if sequences.len() > n {
@@ -694,19 +752,28 @@ async fn collect(
             sequences.truncate(n);
         }
         for s in sequences {
-            let entries: Vec<LogprobEntry> = s
-                .prompt_scores
+            let echoed = if s.echoed { &s.prompt_scores[..] } else { &[] };
+            let entries: Vec<LogprobEntry> = echoed
                 .iter()
                 .map(LogprobEntry::from)
                 .chain(s.tokens.iter().map(LogprobEntry::from))
                 .collect();
             let logprobs = meta.entries_json(&entries, 0);
+            if prompt_logprobs.is_null() {
+                prompt_logprobs = meta.prompt_logprobs_json(&s.prompt_scores);
+            }
             let index = choices.len();
             choices.push(match meta.endpoint {
-                Endpoint::Completions => json!({
-                    "index": index, "text": s.text, "logprobs": logprobs,
-                    "finish_reason": s.reason.as_str(),
-                }),
+                Endpoint::Completions => {
+                    let mut choice = json!({
+                        "index": index, "text": s.text, "logprobs": logprobs,
+                        "finish_reason": s.reason.as_str(),
+                    });
+                    if meta.prompt_logprobs.is_some() {
+                        choice["prompt_logprobs"] = meta.prompt_logprobs_json(&s.prompt_scores);
+                    }
+                    choice
+                }
                 Endpoint::Chat => json!({
                     "index": index,
                     "message": {"role": "assistant", "content": s.text},
@@ -716,15 +783,18 @@ async fn collect(
             });
         }
     }
-    Json(json!({
+    let mut body = json!({
         "id": meta.id,
         "object": meta.object(false),
         "created": meta.created,
         "model": meta.model,
         "choices": choices,
         "usage": ResponseMeta::usage(prompt_tokens, completion_tokens),
-    }))
-    .into_response()
+    });
+    if meta.endpoint == Endpoint::Chat && meta.prompt_logprobs.is_some() {
+        body["prompt_logprobs"] = prompt_logprobs;
+    }
+    Json(body).into_response()
 }
 
 /// One choice of a streamed response.

@@ -73,6 +73,9 @@ pub struct CompletionRequest {
     pub best_of: Option<u32>,
     /// Extension (vLLM): name tokens `token_id:N` in `logprobs`.
     pub return_tokens_as_token_ids: Option<bool>,
+    /// Extension (vLLM): each prompt token's log-probability and rank, with this many
+    /// alternatives, in the choice's `prompt_logprobs`.
+    pub prompt_logprobs: Option<u32>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -100,6 +103,8 @@ pub struct ChatRequest {
     pub top_logprobs: Option<u32>,
     /// Extension (vLLM): name tokens `token_id:N` in `logprobs`.
     pub return_tokens_as_token_ids: Option<bool>,
+    /// Extension (vLLM): the prompt's log-probabilities, in the response's `prompt_logprobs`.
+    pub prompt_logprobs: Option<u32>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -468,6 +473,7 @@ impl RequestFields for CompletionRequest {
         "echo",
         "best_of",
         "return_tokens_as_token_ids",
+        "prompt_logprobs",
     ];
     const UNSUPPORTED: &'static [Unsupported] = &[("logit_bias", is_empty), ("suffix", is_empty)];
 }
@@ -487,6 +493,7 @@ impl RequestFields for ChatRequest {
         "logprobs",
         "top_logprobs",
         "return_tokens_as_token_ids",
+        "prompt_logprobs",
     ];
     const UNSUPPORTED: &'static [Unsupported] = &[
         ("tools", is_empty),
