@@ -1,9 +1,14 @@
-"""lm-evaluation-harness against the served API: its `local-completions` model (which scores
-each choice with `echo`, `logprobs` and `max_tokens: 1`, batching prompts as arrays of token ids)
-on a small multiple-choice task of plain facts (tests/data/lm_eval), served by a real coordinator
-and worker (SmolLM2-135M-Instruct, TP 1), equals lm-evaluation-harness's own `hf` model on the
-same weights in transformers: every choice's log-likelihood within 1e-3, the same greedy flags,
-the same accuracy; and a trained model gets most of these facts right.
+"""lm-evaluation-harness against the served API, with its own `hf` model on the same weights in
+transformers as the reference, on small tasks committed in tests/data/lm_eval (real coordinator
+and workers):
+
+- Loglikelihood (multiple choice): `local-completions` scores each choice with `echo`,
+  `logprobs` and `max_tokens: 1`, batching prompts as arrays of token ids. SmolLM2-135M-Instruct
+  at TP 1 and the random-weight fixture at TP 2: every choice's log-likelihood within 1e-3, the
+  same greedy flags, the same accuracy (and the trained model gets most facts right).
+- generate_until: `local-completions` (greedy, stop at the end of the line) and
+  `local-chat-completions` (the folder's chat template on both sides) give exactly the answers
+  `hf` gives (SmolLM2, TP 1), hence the same exact-match score.
 """
 import os
 
@@ -21,36 +26,61 @@ def task_dir(tmp_path_factory):
     """The committed task, its data file named by absolute path (datasets resolves relative
     paths against the working directory)."""
     out = tmp_path_factory.mktemp("lm_eval_tasks")
-    yaml = (TASK_DIR / "caravan_facts.yaml").read_text()
-    (out / "caravan_facts.yaml").write_text(yaml.replace("test: facts.jsonl", f"test: {TASK_DIR / 'facts.jsonl'}"))
+    for task, data in (("caravan_facts", "facts.jsonl"), ("caravan_answers", "answers.jsonl")):
+        yaml = (TASK_DIR / f"{task}.yaml").read_text()
+        (out / f"{task}.yaml").write_text(yaml.replace(f"test: {data}", f"test: {TASK_DIR / data}"))
     return out
 
 
-def evaluate(model, model_args, task_dir):
+def evaluate(model, model_args, task_dir, task, metric, **options):
+    """(score, per-document responses) of one lm-eval run."""
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     import lm_eval
     from lm_eval.tasks import TaskManager
-    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["caravan_facts"],
+    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task],
                                   task_manager=TaskManager(include_path=str(task_dir)), batch_size=4,
-                                  log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
-    samples = sorted(out["samples"]["caravan_facts"], key=lambda s: s["doc_id"])
-    # Per document: (log-likelihood, is_greedy) of each choice.
-    return out["results"]["caravan_facts"]["acc,none"], [[tuple(r[0]) for r in s["resps"]] for s in samples]
+                                  log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                  **options)
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    return out["results"][task][f"{metric},none"], [s["resps"] for s in samples]
 
 
-def test_lm_eval_loglikelihoods_through_the_api_equal_transformers(task_dir):
-    assert (SMOLLM2_DIR / "config.json").is_file(), "scripts/setup.sh makes models/smollm2-135m-instruct"
-    coordinator = Coordinator(["--model", SMOLLM2_DIR, "--tp", 1, "--local-workers", "--host", "127.0.0.1",
+def start(model_dir, tp):
+    assert (model_dir / "config.json").is_file(), f"{model_dir}: run scripts/setup.sh"
+    coordinator = Coordinator(["--model", model_dir, "--tp", tp, "--local-workers", "--host", "127.0.0.1",
                                "--port", 0])
+    return coordinator, coordinator.wait_ready()
+
+
+# Both sides tokenize with the checkpoint's tokenizer, so the served and the reference scores
+# are of the same token ids; Llama 2's prompts start with BOS (SmolLM2's tokenizer adds none).
+def bos(model_dir):
+    return f"add_bos_token={model_dir != SMOLLM2_DIR}"
+
+
+def api_args(model_dir, url, endpoint):
+    return (f"model={model_dir.name},base_url={url}/v1/{endpoint},tokenizer={model_dir},"
+            f"tokenizer_backend=huggingface,num_concurrent=1,max_retries=1,{bos(model_dir)}")
+
+
+def hf_args(model_dir):
+    return f"pretrained={model_dir},dtype=float32,device=cpu,{bos(model_dir)}"
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["smollm2-tp1", "fixture-tp2"])
+def test_lm_eval_loglikelihoods_through_the_api_equal_transformers(task_dir, checkpoint, tp):
+    model_dir = SMOLLM2_DIR if tp == 1 else checkpoint
+    coordinator, url = start(model_dir, tp)
     try:
-        url = coordinator.wait_ready()
-        served_acc, served = evaluate(
-            "local-completions",
-            f"model={SMOLLM2_DIR.name},base_url={url}/v1/completions,tokenizer={SMOLLM2_DIR},"
-            "tokenizer_backend=huggingface,num_concurrent=1,max_retries=1", task_dir)
+        served_acc, served_resps = evaluate("local-completions", api_args(model_dir, url, "completions"),
+                                            task_dir, "caravan_facts", "acc")
     finally:
         coordinator.stop()
-    hf_acc, hf = evaluate("hf", f"pretrained={SMOLLM2_DIR},dtype=float32,device=cpu", task_dir)
+    hf_acc, hf_resps = evaluate("hf", hf_args(model_dir), task_dir,
+                                "caravan_facts", "acc")
+    # Per document: (log-likelihood, is_greedy) of each choice.
+    served = [[tuple(r[0]) for r in doc] for doc in served_resps]
+    hf = [[tuple(r[0]) for r in doc] for doc in hf_resps]
     assert len(served) == len(hf) == 12
     problems = []
     for doc, (ours, theirs) in enumerate(zip(served, hf)):
@@ -60,4 +90,24 @@ def test_lm_eval_loglikelihoods_through_the_api_equal_transformers(task_dir):
                                 f"({hf_ll:.5f}, {hf_greedy})")
     assert not problems, "\n".join(problems)
     assert served_acc == hf_acc
-    assert served_acc >= 0.75, served_acc
+    if model_dir == SMOLLM2_DIR:
+        assert served_acc >= 0.75, served_acc
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_lm_eval_generations_through_the_api_equal_transformers(task_dir, endpoint):
+    chat = endpoint != "completions"
+    coordinator, url = start(SMOLLM2_DIR, 1)
+    try:
+        served_score, served_resps = evaluate(
+            "local-chat-completions" if chat else "local-completions", api_args(SMOLLM2_DIR, url, endpoint),
+            task_dir, "caravan_answers", "exact_match", apply_chat_template=chat)
+    finally:
+        coordinator.stop()
+    hf_score, hf_resps = evaluate("hf", hf_args(SMOLLM2_DIR), task_dir,
+                                  "caravan_answers", "exact_match", apply_chat_template=chat)
+    served_texts = [doc[0][0] for doc in served_resps]
+    hf_texts = [doc[0][0] for doc in hf_resps]
+    assert served_texts == hf_texts
+    assert served_score == hf_score
+    assert any(t.strip() for t in served_texts), served_texts
