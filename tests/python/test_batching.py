@@ -60,8 +60,8 @@ def mismatches(cases, results):
 
 
 class Served:
-    def __init__(self, checkpoint, *extra):
-        self.coordinator = Coordinator(["--model", checkpoint, "--tp", 2, "--local-workers", "--port", 0, *extra])
+    def __init__(self, checkpoint, *extra, tp=2):
+        self.coordinator = Coordinator(["--model", checkpoint, "--tp", tp, "--local-workers", "--port", 0, *extra])
         self.url = self.coordinator.wait_ready()
         self.model = checkpoint.name
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", timeout=TIMEOUT_S,

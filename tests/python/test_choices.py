@@ -1,5 +1,5 @@
 """Several choices per request on the OpenAI API, with real coordinator and worker processes
-(TP 2, the random-weight Llama 2 fixture), through the official `openai` client.
+(TP 1 and 2, the random-weight Llama 2 fixture), through the official `openai` client.
 
 - `n`: seeded choices each equal the single request with seed + index (so any choice can be
   reproduced alone), greedy choices equal the greedy completion, and the prompt's KV blocks are
@@ -25,9 +25,9 @@ from test_batching import Served
 BLOCK = 16  # the coordinator's default KV-cache block size
 
 
-@pytest.fixture(scope="module")
-def served(checkpoint):
-    s = Served(checkpoint)
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def served(request, checkpoint):
+    s = Served(checkpoint, tp=request.param)
     yield s
     s.close()
 

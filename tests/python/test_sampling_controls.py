@@ -1,4 +1,4 @@
-"""vLLM's and OpenAI's sampling controls on the served path (TP 2, the random-weight Llama 2
+"""vLLM's and OpenAI's sampling controls on the served path (TP 1 and 2, the random-weight Llama 2
 fixture, real workers), each against transformers' own logits processors in `generate`:
 
 - `repetition_penalty` as transformers' `repetition_penalty` (over prompt and output);
@@ -20,9 +20,9 @@ EOS = 2
 NEW = 16
 
 
-@pytest.fixture(scope="module")
-def served(checkpoint):
-    s = Served(checkpoint)
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def served(request, checkpoint):
+    s = Served(checkpoint, tp=request.param)
     yield s
     s.close()
 

@@ -3,8 +3,8 @@
 
 - Golden: greedy decoding under each constraint (a regex, choices, a JSON schema, a Lark grammar)
   equals transformers' greedy decoding of the same weights under llguidance's Python matcher for
-  the same grammar (the random-weight fixture at TP 2: the mask is computed on the coordinator and
-  applied on every rank).
+  the same grammar (the random-weight fixture at TP 1 and 2: the mask is computed on the
+  coordinator and applied on every rank).
 - Sampled choices (n = 8, temperature 1) all satisfy their constraint; constrained and free
   requests share a batch and the free ones are unchanged.
 - SmolLM2-135M-Instruct (a trained model, TP 1) answers a chat with `response_format`
@@ -32,9 +32,9 @@ SMOLLM2_DIR = REPO / "models" / "smollm2-135m-instruct"
 COMPACT = {"whitespace_flexible": False}  # the server's default for JSON schemas
 
 
-@pytest.fixture(scope="module")
-def served(checkpoint):
-    s = Served(checkpoint)
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def served(request, checkpoint):
+    s = Served(checkpoint, tp=request.param)
     yield s
     s.close()
 
