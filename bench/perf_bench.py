@@ -143,7 +143,7 @@ def caravan(model_dir: Path, tp: int, dtype: str, threads: int) -> dict:
 
 def caravan_engine_run(model_dir: Path, tp: int, dtype: str, threads: int, prompt, new_tokens):
     """(prefill tok/s, decode tok/s) of one `caravan-generate` run (the forward pass without the server)."""
-    binary = REPO / "target" / "release" / "caravan-generate"
+    binary = Path(os.environ.get("CARAVAN_BIN_DIR", REPO / "target" / "release")) / "caravan-generate"
     out = subprocess.run(
         [binary, "--model", model_dir, "--tp", str(tp), "--threads", str(max(1, threads // tp)),
          "--dtype", dtype, "--prompt-ids", ",".join(map(str, prompt)),
@@ -323,15 +323,21 @@ def main():
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
-        path = REPO / "docs" / "BENCHMARKS.md"
-        text = path.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            text = head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1]
-        else:
-            text += f"\n## CPU performance against transformers and llama.cpp (issue 7)\n\n{BEGIN}\n{table}\n{END}\n"
-        path.write_text(text)
-        log(f"wrote {path}")
+        write_docs_section(table, BEGIN, END, "CPU performance against transformers and llama.cpp (issue 7)")
+
+
+def write_docs_section(table, begin, end, heading):
+    """Puts `table` between the `begin` and `end` markers of docs/BENCHMARKS.md, or appends it
+    under `heading` with the markers."""
+    path = REPO / "docs" / "BENCHMARKS.md"
+    text = path.read_text()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1]
+    else:
+        text += f"\n## {heading}\n\n{begin}\n{table}\n{end}\n"
+    path.write_text(text)
+    log(f"wrote {path}")
 
 
 if __name__ == "__main__":

