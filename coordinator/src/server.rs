@@ -251,10 +251,11 @@ impl ServedModel {
             args.chat_template.as_deref(),
         )?);
         tracing::info!(origin = %chat_template.origin(), "chat template");
-        let grammars = Arc::new(
-            Grammars::load(&model_dir, model.vocab_size, &model.eos_token_ids)
-                .context("preparing structured outputs for the tokenizer")?,
-        );
+        let grammars = Arc::new(Grammars::load(
+            &model_dir,
+            model.vocab_size,
+            &model.eos_token_ids,
+        ));
         if args.block_size == 0 || args.max_batch_size == 0 {
             bail!("--block-size and --max-batch-size must be positive");
         }

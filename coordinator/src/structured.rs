@@ -106,8 +106,13 @@ fn without_prepend(
 }
 
 /// Compiles constraints for the served model (built once at start: ~0.2 s for a 32000-token
-/// vocabulary).
+/// vocabulary). A tokenizer llguidance cannot read leaves the server serving, with structured
+/// outputs refused.
 pub struct Grammars {
+    compiler: std::result::Result<Compiler, String>,
+}
+
+struct Compiler {
     factory: Arc<ParserFactory>,
     /// Bytes of one mask: the model's logits width, in bits, rounded up to 32-bit words.
     mask_bytes: usize,
@@ -116,7 +121,31 @@ pub struct Grammars {
 impl Grammars {
     /// From `dir/tokenizer.json`, for a model with `vocab_size` logits and these
     /// end-of-sequence tokens.
-    pub fn load(dir: &Path, vocab_size: usize, eos_token_ids: &[i64]) -> Result<Self> {
+    pub fn load(dir: &Path, vocab_size: usize, eos_token_ids: &[i64]) -> Self {
+        let compiler = Compiler::load(dir, vocab_size, eos_token_ids).map_err(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "structured outputs are unavailable");
+            format!("structured outputs are unavailable for this model's tokenizer: {e:#}")
+        });
+        Grammars { compiler }
+    }
+
+    /// A fresh constraint for one sequence; `Err` is the client's mistake (a schema or grammar
+    /// that does not compile), in llguidance's words.
+    pub fn constrain(&self, spec: &ConstraintSpec) -> std::result::Result<Constraint, String> {
+        let compiler = self.compiler.as_ref().map_err(Clone::clone)?;
+        let matcher = Matcher::new(compiler.factory.create_parser(spec.grammar()));
+        if let Some(error) = matcher.get_error() {
+            return Err(error);
+        }
+        Ok(Constraint {
+            matcher,
+            mask_bytes: compiler.mask_bytes,
+        })
+    }
+}
+
+impl Compiler {
+    fn load(dir: &Path, vocab_size: usize, eos_token_ids: &[i64]) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
@@ -146,22 +175,9 @@ impl Grammars {
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| anyhow!("{e}"))?;
         factory.set_stderr_log_level(0);
         factory.limits_mut().verbose_errors = false;
-        Ok(Grammars {
+        Ok(Compiler {
             factory: Arc::new(factory),
             mask_bytes: vocab_size.div_ceil(32) * 4,
-        })
-    }
-
-    /// A fresh constraint for one sequence; `Err` is the client's mistake (a schema or grammar
-    /// that does not compile), in llguidance's words.
-    pub fn constrain(&self, spec: &ConstraintSpec) -> Result<Constraint, String> {
-        let matcher = Matcher::new(self.factory.create_parser(spec.grammar()));
-        if let Some(error) = matcher.get_error() {
-            return Err(error);
-        }
-        Ok(Constraint {
-            matcher,
-            mask_bytes: self.mask_bytes,
         })
     }
 }
@@ -215,7 +231,12 @@ mod tests {
 
     fn grammars() -> Grammars {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/llama2-tokenizer");
-        Grammars::load(&dir, 32000, &[2]).expect("the project's tokenizer (scripts/setup.sh)")
+        let g = Grammars::load(&dir, 32000, &[2]);
+        assert!(
+            g.compiler.is_ok(),
+            "the project's tokenizer (scripts/setup.sh)"
+        );
+        g
     }
 
     fn allowed(mask: &[u8], token: u32) -> bool {
@@ -259,5 +280,15 @@ mod tests {
         assert!(g
             .constrain(&ConstraintSpec::Lark("start: nothing_defined".into()))
             .is_err());
+    }
+
+    #[test]
+    fn a_tokenizer_that_cannot_be_read_refuses_constraints_and_says_why() {
+        let g = Grammars::load(Path::new("/nonexistent"), 32000, &[2]);
+        let e = g.constrain(&ConstraintSpec::JsonObject).err().unwrap();
+        assert!(
+            e.contains("unavailable") && e.contains("tokenizer.json"),
+            "{e}"
+        );
     }
 }
