@@ -8,7 +8,7 @@ and workers):
   same greedy flags, the same accuracy (and the trained model gets most facts right).
 - generate_until: `local-completions` (greedy, stop at the end of the line) and
   `local-chat-completions` (the folder's chat template on both sides) give exactly the answers
-  `hf` gives (SmolLM2, TP 1), hence the same exact-match score.
+  `hf` gives (SmolLM2 at TP 1 and 3), hence the same exact-match score.
 """
 import os
 
@@ -94,10 +94,12 @@ def test_lm_eval_loglikelihoods_through_the_api_equal_transformers(task_dir, che
         assert served_acc >= 0.75, served_acc
 
 
+# SmolLM2's 9 heads split 1, 3 or 9 ways: TP 3 is its multi-rank case.
+@pytest.mark.parametrize("tp", [1, 3], ids=["tp1", "tp3"])
 @pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
-def test_lm_eval_generations_through_the_api_equal_transformers(task_dir, endpoint):
+def test_lm_eval_generations_through_the_api_equal_transformers(task_dir, endpoint, tp):
     chat = endpoint != "completions"
-    coordinator, url = start(SMOLLM2_DIR, 1)
+    coordinator, url = start(SMOLLM2_DIR, tp)
     try:
         served_score, served_resps = evaluate(
             "local-chat-completions" if chat else "local-completions", api_args(SMOLLM2_DIR, url, endpoint),
