@@ -58,6 +58,19 @@ def checkpoint() -> Path:
     return CHECKPOINT_DIR
 
 
+SMOLLM2_DIR = REPO / "models" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """models/smollm2-135m-instruct: the trained SmolLM2-135M-Instruct, fetched and converted by
+    python/fetch_smollm2.py (a no-op once done; scripts/setup.sh runs it too)."""
+    proc = subprocess.run([_python(), "python/fetch_smollm2.py", "--out", str(SMOLLM2_DIR)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return SMOLLM2_DIR
+
+
 @pytest.fixture(scope="session")
 def reference(checkpoint) -> dict:
     with open(checkpoint / "reference.json", encoding="utf-8") as f:

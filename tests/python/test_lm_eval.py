@@ -14,10 +14,9 @@ import os
 
 import pytest
 
-from conftest import REPO, Coordinator
+from conftest import REPO, SMOLLM2_DIR, Coordinator
 
 LL_TOL = 1e-3
-SMOLLM2_DIR = REPO / "models" / "smollm2-135m-instruct"
 TASK_DIR = REPO / "tests" / "data" / "lm_eval"
 
 
@@ -46,7 +45,6 @@ def evaluate(model, model_args, task_dir, task, metric, **options):
 
 
 def start(model_dir, tp):
-    assert (model_dir / "config.json").is_file(), f"{model_dir}: run scripts/setup.sh"
     coordinator = Coordinator(["--model", model_dir, "--tp", tp, "--local-workers", "--host", "127.0.0.1",
                                "--port", 0])
     return coordinator, coordinator.wait_ready()
@@ -68,8 +66,8 @@ def hf_args(model_dir):
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["smollm2-tp1", "fixture-tp2"])
-def test_lm_eval_loglikelihoods_through_the_api_equal_transformers(task_dir, checkpoint, tp):
-    model_dir = SMOLLM2_DIR if tp == 1 else checkpoint
+def test_lm_eval_loglikelihoods_through_the_api_equal_transformers(task_dir, request, tp):
+    model_dir = request.getfixturevalue("smollm2" if tp == 1 else "checkpoint")
     coordinator, url = start(model_dir, tp)
     try:
         served_acc, served_resps = evaluate("local-completions", api_args(model_dir, url, "completions"),
@@ -97,7 +95,7 @@ def test_lm_eval_loglikelihoods_through_the_api_equal_transformers(task_dir, che
 # SmolLM2's 9 heads split 1, 3 or 9 ways: TP 3 is its multi-rank case.
 @pytest.mark.parametrize("tp", [1, 3], ids=["tp1", "tp3"])
 @pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
-def test_lm_eval_generations_through_the_api_equal_transformers(task_dir, endpoint, tp):
+def test_lm_eval_generations_through_the_api_equal_transformers(task_dir, smollm2, endpoint, tp):
     chat = endpoint != "completions"
     coordinator, url = start(SMOLLM2_DIR, tp)
     try:

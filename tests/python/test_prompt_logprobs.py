@@ -14,8 +14,6 @@ loglikelihood tasks send), against transformers on the same weights.
 import concurrent.futures
 import json
 import math
-import subprocess
-import sys
 
 import httpx
 import openai
@@ -31,7 +29,6 @@ PERPLEXITY_RTOL = 1e-3
 STEP_TOKENS = 48
 TOP = 2
 TEXT = (REPO / "tests" / "data" / "perplexity.txt").read_text(encoding="utf-8")
-SMOLLM2_DIR = REPO / "models" / "smollm2-135m-instruct"
 
 
 def hf_scores(model, ids):
@@ -234,14 +231,6 @@ def test_vllms_prompt_logprobs_field(served, hf_random, tokenizer):
 
 # ---------------------------------------------------------------------------------------------------
 # A trained model: perplexity
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    proc = subprocess.run([sys.executable, "python/fetch_smollm2.py", "--out", SMOLLM2_DIR], cwd=REPO,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return SMOLLM2_DIR
 
 
 def test_smollm2_perplexity_equals_transformers(smollm2):

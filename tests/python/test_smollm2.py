@@ -10,17 +10,14 @@ python/fetch_smollm2.py and python/convert_gguf.py.
   of France?" names Paris.
 - TP 2 refused at start with the divisibility error (9 heads).
 """
-import subprocess
-import sys
 
 import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, Coordinator, continuation_text, hf_greedy
+from conftest import REPO, SMOLLM2_DIR as MODEL_DIR, Coordinator, continuation_text, hf_greedy
 
-MODEL_DIR = REPO / "models" / "smollm2-135m-instruct"
 GGUF = REPO / ".tools" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEN_TOKENS = 24
 MIN_COMPARED = 8
@@ -38,14 +35,6 @@ CHATS = [
     [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help you today?"},
      {"role": "user", "content": "Tell me a fact about the Moon."}],
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    proc = subprocess.run([sys.executable, "python/fetch_smollm2.py", "--out", MODEL_DIR], cwd=REPO,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return MODEL_DIR
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import GREEDY_MARGIN, REPO, Coordinator, continuation_text
+from conftest import GREEDY_MARGIN, SMOLLM2_DIR, Coordinator, continuation_text
 from test_batching import Served
 
 PROMPT = "The old lighthouse keeper climbed the stairs and"
 EOS = 2
-SMOLLM2_DIR = REPO / "models" / "smollm2-135m-instruct"
 COMPACT = {"whitespace_flexible": False}  # the server's default for JSON schemas
 
 
@@ -182,8 +181,7 @@ def test_bad_constraints_are_400s(served, fields, param):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    assert (SMOLLM2_DIR / "config.json").is_file(), "scripts/setup.sh makes models/smollm2-135m-instruct"
+def smollm2_client(smollm2):
     coordinator = Coordinator(["--model", SMOLLM2_DIR, "--tp", 1, "--local-workers", "--host", "127.0.0.1",
                                "--port", 0])
     url = coordinator.wait_ready()
@@ -191,13 +189,13 @@ def smollm2():
     coordinator.stop()
 
 
-def test_a_trained_model_answers_in_the_schemas_json(smollm2):
+def test_a_trained_model_answers_in_the_schemas_json(smollm2_client):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
                                                "country": {"type": "string", "maxLength": 40}},
               "required": ["city", "country"], "additionalProperties": False}
     messages = [{"role": "user", "content": "What is the capital of France? Answer in JSON with the city "
                                             "and the country."}]
-    resp = smollm2.chat.completions.create(
+    resp = smollm2_client.chat.completions.create(
         model=SMOLLM2_DIR.name, messages=messages, max_tokens=60, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema,
                                                                 "strict": True}})
@@ -206,7 +204,7 @@ def test_a_trained_model_answers_in_the_schemas_json(smollm2):
     value = json.loads(choice.message.content)
     assert set(value) == {"city", "country"}, value
     assert "Paris" in value["city"], value
-    resp = smollm2.chat.completions.create(model=SMOLLM2_DIR.name, messages=messages, max_tokens=60,
+    resp = smollm2_client.chat.completions.create(model=SMOLLM2_DIR.name, messages=messages, max_tokens=60,
                                            temperature=0, response_format={"type": "json_object"})
     assert resp.choices[0].finish_reason == "stop", resp
     assert isinstance(json.loads(resp.choices[0].message.content), dict), resp
