@@ -182,6 +182,27 @@ def interleaved_decode(model_dir: Path, threads: int, ggufs: dict) -> dict:
     return {name: {"median": statistics.median(v), "runs": v} for name, v in samples.items()}
 
 
+def llama_cpp_peers(ggufs: dict, threads: int):
+    """llama-bench decode and prefill tok/s of each GGUF in `ggufs` (name: a function that gives
+    its path, called only when llama.cpp can run here), and the paths; nothing, with a message,
+    when `ggufs` is empty (skipped) or llama.cpp cannot be built."""
+    if not ggufs:
+        log("llama.cpp: skipped (--skip-llama-cpp)")
+        return {}, {}
+    ok, why = llama_cpp_peer.available()
+    if not ok:
+        log(f"llama.cpp: skipped ({why})")
+        return {}, {}
+    llama, paths = {}, {}
+    for name, make in ggufs.items():
+        paths[name] = make()
+        log(f"llama.cpp {name}")
+        r = llama_cpp_peer.run_bench(paths[name], threads, prompt_tokens=PREFILL_TOKENS,
+                                     gen_tokens=DECODE_TOKENS, repetitions=3)
+        llama[name] = {"decode": r["decode_tps"], "prefill": r["prefill_tps"]}
+    return llama, paths
+
+
 # --- transformers ------------------------------------------------------------------------------
 
 def transformers_peer(model_dir: Path, dtype: str, threads: int) -> dict:
@@ -235,21 +256,9 @@ def main():
     args = ap.parse_args()
     model_dir, commit = prepare()
 
-    llama, ggufs = {}, {}
-    if args.skip_llama_cpp:
-        log("llama.cpp: skipped (--skip-llama-cpp)")
-    else:
-        ok, why = llama_cpp_peer.available()
-        if not ok:
-            log(f"llama.cpp: skipped ({why})")
-        else:
-            for outtype in ("f32", "f16"):
-                gguf = llama_cpp_peer.convert(model_dir, outtype)
-                ggufs[outtype] = gguf
-                log(f"llama.cpp {outtype}")
-                r = llama_cpp_peer.run_bench(gguf, args.threads, prompt_tokens=PREFILL_TOKENS,
-                                             gen_tokens=DECODE_TOKENS, repetitions=3)
-                llama[outtype] = {"decode": r["decode_tps"], "prefill": r["prefill_tps"]}
+    ggufs = {} if args.skip_llama_cpp else {t: (lambda t=t: llama_cpp_peer.convert(model_dir, t))
+                                             for t in ("f32", "f16")}
+    llama, ggufs = llama_cpp_peers(ggufs, args.threads)
 
     rows = {}
     for tp in (1, 2):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_cpp_peer  # noqa: E402
-from perf_bench import (DECODE_TOKENS, PREFILL_TOKENS, caravan, caravan_engine, fmt, ratio,  # noqa: E402
+from perf_bench import (caravan, caravan_engine, fmt, llama_cpp_peers, ratio,  # noqa: E402
                         transformers_peer, write_docs_section)
 from serving_bench import REPO, log  # noqa: E402
 
@@ -54,21 +54,11 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
 
-    llama = {}
-    if args.skip_llama_cpp:
-        log("llama.cpp: skipped (--skip-llama-cpp)")
-    else:
-        ok, why = llama_cpp_peer.available()
-        if not ok:
-            log(f"llama.cpp: skipped ({why})")
-        else:
-            ggufs = {outtype: llama_cpp_peer.convert(MODEL_DIR, outtype) for outtype in ("f32", "f16")}
-            ggufs["q4_1 (as shipped)"] = SHIPPED_GGUF
-            for name, gguf in ggufs.items():
-                log(f"llama.cpp {name}")
-                r = llama_cpp_peer.run_bench(gguf, args.threads, prompt_tokens=PREFILL_TOKENS,
-                                             gen_tokens=DECODE_TOKENS, repetitions=3)
-                llama[name] = {"decode": r["decode_tps"], "prefill": r["prefill_tps"]}
+    ggufs = {} if args.skip_llama_cpp else {
+        **{t: (lambda t=t: llama_cpp_peer.convert(MODEL_DIR, t)) for t in ("f32", "f16")},
+        "q4_1 (as shipped)": lambda: SHIPPED_GGUF,
+    }
+    llama, _ = llama_cpp_peers(ggufs, args.threads)
 
     rows = {}
     for dtype in ("f32", "bf16"):
