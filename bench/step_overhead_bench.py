@@ -13,7 +13,11 @@ over caravan_steps_total (the step's wall time at the coordinator less rank 0's 
 
 Goal (issue 20): served decode within 5% of caravan-generate; outside the worker < 0.5 ms per step.
 
-Usage: bench/step_overhead_bench.py [--threads 2] [--rounds 5] [--dtypes f32,bf16]
+With --baseline DIR (a folder holding the binaries of an earlier build), every round measures
+that build too, in the same interleaved order, so a change to the step path is compared A/B on
+one machine at one time.
+
+Usage: bench/step_overhead_bench.py [--threads 2] [--rounds 5] [--dtypes f32,bf16] [--baseline DIR]
 Prints a Markdown table; progress goes to stderr. The machine should be otherwise idle.
 """
 import argparse
@@ -61,33 +65,40 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtypes", default="f32,bf16")
+    ap.add_argument("--baseline", type=Path, help="binaries of an earlier build, measured alongside")
     args = ap.parse_args()
     dtypes = args.dtypes.split(",")
     model_dir, commit = perf_bench.prepare()
+    builds = {commit: os.environ["CARAVAN_BIN_DIR"]}
+    if args.baseline:
+        if not (args.baseline / "caravan-coordinator").is_file():
+            raise SystemExit(f"{args.baseline} holds no caravan-coordinator")
+        builds["baseline"] = str(args.baseline.resolve())
 
-    engine = {d: [] for d in dtypes}
-    serve = {d: [] for d in dtypes}
-    outside = {d: [] for d in dtypes}
+    rows = [(b, d) for d in dtypes for b in builds]
+    engine, serve, outside = ({row: [] for row in rows} for _ in range(3))
     for r in range(args.rounds):
-        for dtype in dtypes:
-            log(f"round {r + 1} of {args.rounds}, {dtype}")
+        for build, dtype in rows:
+            log(f"round {r + 1} of {args.rounds}, {dtype}, {build}")
+            os.environ["CARAVAN_BIN_DIR"] = builds[build]
             prompt = prompts(1, SHORT_PROMPT, seed=40 + r)[0]
-            engine[dtype].append(perf_bench.caravan_engine_run(model_dir, 1, dtype, args.threads, prompt,
-                                                               DECODE_TOKENS)[1])
+            engine[build, dtype].append(perf_bench.caravan_engine_run(model_dir, 1, dtype, args.threads, prompt,
+                                                                      DECODE_TOKENS)[1])
             tok_s, ms = served(model_dir, dtype, args.threads, 40 + r)
-            serve[dtype].append(tok_s)
-            outside[dtype].append(ms)
+            serve[build, dtype].append(tok_s)
+            outside[build, dtype].append(ms)
 
-    print(f"\nbench-150m, TP 1, {args.threads} threads, {args.rounds} interleaved rounds, commit {commit}; "
-          f"medians (each round's figure in brackets)\n")
-    print("| dtype | caravan-generate decode tok/s | served decode tok/s | served / generate "
+    print(f"\nbench-150m, TP 1, {args.threads} threads, {args.rounds} interleaved rounds, commit {commit}"
+          f"{f' against the baseline {args.baseline}' if args.baseline else ''}; medians (each round's figure "
+          f"in brackets)\n")
+    print("| build | dtype | caravan-generate decode tok/s | served decode tok/s | served / generate "
           "| outside the worker per step |")
-    print("|---|---|---|---|---|")
-    for dtype in dtypes:
-        e, s, o = (statistics.median(v) for v in (engine[dtype], serve[dtype], outside[dtype]))
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        e, s, o = (statistics.median(v[row]) for v in (engine, serve, outside))
         runs = lambda v, d=1: ", ".join(f"{x:.{d}f}" for x in v)  # noqa: E731
-        print(f"| {dtype} | {e:.1f} ({runs(engine[dtype])}) | {s:.1f} ({runs(serve[dtype])}) | {s / e:.3f}x "
-              f"| {o:.2f} ms ({runs(outside[dtype], 2)}) |")
+        print(f"| {row[0]} | {row[1]} | {e:.1f} ({runs(engine[row])}) | {s:.1f} ({runs(serve[row])}) | {s / e:.3f}x "
+              f"| {o:.2f} ms ({runs(outside[row], 2)}) |")
 
 
 if __name__ == "__main__":

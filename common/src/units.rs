@@ -58,11 +58,29 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// [`parse_duration`] for an option where zero means "never wait" (`0`, `0s`, `0ms`).
+pub fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    match number_and_unit(text, "a duration like 30s or 500ms")? {
+        (0.0, "" | "s" | "ms" | "m" | "min" | "h") => Ok(Duration::ZERO),
+        _ => parse_duration(text),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use super::{parse_bytes, parse_duration};
+    use super::{parse_bytes, parse_duration, parse_duration_or_zero};
+
+    #[test]
+    fn zero_durations_parse_where_zero_means_never_wait() {
+        assert_eq!(parse_duration_or_zero("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("0ms"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("90s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration_or_zero("0 weeks").is_err());
+        assert!(parse_duration_or_zero("-1s").is_err());
+    }
 
     #[test]
     fn durations_parse_with_units_and_bare_seconds() {

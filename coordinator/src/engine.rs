@@ -8,10 +8,17 @@
 //! requests that are done. The policy lives in the scheduler and the text in the output
 //! processor; this loop only moves data between them and the executor.
 //!
-//! A failed step ends the requests it touched with an explicit error; nothing is dropped
-//! silently. A step every rank refused ([`StepErrorKind::Rejected`]) leaves the group serving;
-//! any other failure marks the group unhealthy, ends every request in flight, and tells the
-//! owner (through [`EngineHandle::failed`]) to form the group again.
+//! The engine outlives its worker groups. A step every rank refused ([`StepErrorKind::Rejected`])
+//! ends that step's requests with an explicit error and leaves the group serving. Any other
+//! failure, or the owner's word that the group is gone ([`EngineControl::detach`]), loses the
+//! group: the owner hears of it ([`EngineControl::failed`]) and forms one again, while every
+//! request stays where it is, its stream open. Once the new group is attached
+//! ([`EngineControl::attach`]), the sequences that were running are recomputed from the tokens
+//! the coordinator holds (prompt and generated, exactly as after a preemption) and go on; the
+//! workers' sampler resumes each random stream at the same position, so no token is sent twice,
+//! skipped, or drawn differently. A request that waits for a group longer than the recovery
+//! timeout, or was in too many failed steps, ends with an explicit error; nothing is dropped
+//! silently.
 
 use std::{
     collections::HashMap,
@@ -19,7 +26,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use caravan_proto as pb;
@@ -27,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     blocks::BlockManager,
-    executor::{StepError, StepExecutor},
+    executor::{StepError, StepErrorKind, StepExecutor},
     group::SharedHealth,
     model_info::ModelInfo,
     output::{Event, FinishReason, RequestOutput, StopLimits, Stops},
@@ -57,15 +64,73 @@ pub struct GenerationRequest {
     pub constraint: Option<Constraint>,
 }
 
+/// The engine's limits.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    /// How long a request waits for a failed group's successor before it ends with an error;
+    /// zero ends the requests in flight as soon as their group fails.
+    pub recovery_timeout: Duration,
+}
+
+/// A request that was in this many steps that failed their group is not recomputed again: it
+/// may be what brings the ranks down.
+const MAX_FAILED_STEPS: u32 = 3;
+
+/// How often a request waiting for a group is checked for its deadline and its client.
+const RECOVERY_TICK: Duration = Duration::from_millis(100);
+
 /// Submits requests to the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
     requests: mpsc::UnboundedSender<GenerationRequest>,
     retire: Arc<watch::Sender<bool>>,
-    failed: watch::Receiver<Option<StepError>>,
     queued: Arc<AtomicUsize>,
     max_waiting: usize,
     stats: Arc<EngineStats>,
+}
+
+/// What the owner tells the engine about its group.
+enum GroupChange<E> {
+    /// Serve on this newly formed group, whose KV-cache pool `blocks` describes.
+    Attach(E, BlockManager),
+    /// The group can no longer serve (the owner saw a rank fail): stop stepping on it.
+    Detach(String),
+}
+
+/// The owner's side of an engine: hands it each group formed, and hears when one is lost.
+pub struct EngineControl<E> {
+    changes: mpsc::UnboundedSender<GroupChange<E>>,
+    failed: Arc<watch::Sender<Option<StepError>>>,
+}
+
+impl<E> EngineControl<E> {
+    /// Gives the engine a newly formed group, after the last one was lost: the sequences that
+    /// were running are recomputed on it.
+    pub fn attach(&self, executor: E, blocks: BlockManager) {
+        self.failed.send_replace(None);
+        let _ = self.changes.send(GroupChange::Attach(executor, blocks));
+    }
+
+    /// Tells the engine its group is gone (a step in flight is abandoned); the requests wait
+    /// for the next group.
+    pub fn detach(&self, reason: impl Into<String>) {
+        let _ = self.changes.send(GroupChange::Detach(reason.into()));
+    }
+
+    /// Resolves once a step has failed in a way the group cannot survive (it must be formed
+    /// again and attached); never while the group serves.
+    pub async fn failed(&self) -> StepError {
+        let mut failed = self.failed.subscribe();
+        let error = match failed.wait_for(Option::is_some).await {
+            Ok(error) => error.clone(),
+            Err(_) => None,
+        };
+        match error {
+            Some(error) => error,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// Why a request was not accepted.
@@ -76,26 +141,11 @@ pub enum SubmitError {
 }
 
 impl EngineHandle {
-    /// Stops the engine for good (its group failed or was replaced, or this coordinator stepped
-    /// down): a step in flight is abandoned, every request ends with an error, and the engine
-    /// no longer touches the shared health, which belongs to the next group.
+    /// Stops the engine for good (this coordinator stepped down, or its drain timed out): a
+    /// step in flight is abandoned, every request ends with an error, and the engine no longer
+    /// touches the shared health, which belongs to whoever serves next.
     pub fn retire(&self) {
         let _ = self.retire.send(true);
-    }
-
-    /// Resolves once a step has failed in a way the group cannot survive (it must be formed
-    /// again); never while the engine serves.
-    pub async fn failed(&self) -> StepError {
-        let mut failed = self.failed.clone();
-        let error = match failed.wait_for(Option::is_some).await {
-            Ok(error) => error.clone(),
-            // The engine stopped without a step failure (retired): nothing to report.
-            Err(_) => None,
-        };
-        match error {
-            Some(error) => error,
-            None => std::future::pending().await,
-        }
     }
 
     pub fn submit(&self, request: GenerationRequest) -> Result<(), SubmitError> {
@@ -133,11 +183,30 @@ struct Active {
     last_token_at: Option<Instant>,
     prompt_group: Option<u64>,
     constraint: Option<Constraint>,
+    /// While it waits for a group (its own failed, or it arrived during a recovery): when it
+    /// ends with an error if none has been attached.
+    recover_by: Option<Instant>,
+    /// Steps it was in that failed their group.
+    failed_steps: u32,
+}
+
+/// How a step in flight ended.
+enum Interrupted<E, T> {
+    /// It did not: its result.
+    No(T),
+    Retired,
+    /// The owner changed the group.
+    Changed(Option<GroupChange<E>>),
 }
 
 /// The engine's state: the scheduler, the executor and the requests.
 pub struct Engine<E: StepExecutor> {
-    executor: E,
+    /// The group stepped on; none while the next is being formed.
+    executor: Option<E>,
+    changes: mpsc::UnboundedReceiver<GroupChange<E>>,
+    /// When the last group was lost, while there is none.
+    lost_at: Option<Instant>,
+    recovery_timeout: Duration,
     scheduler: Scheduler,
     requests: HashMap<SequenceId, Active>,
     /// The first request of each live prompt group, which computes the shared prompt.
@@ -150,37 +219,47 @@ pub struct Engine<E: StepExecutor> {
     stats: Arc<EngineStats>,
     /// Turns true when the handle's owner retires this engine.
     retired: watch::Receiver<bool>,
-    failed: watch::Sender<Option<StepError>>,
+    /// The owner is gone (its control dropped): nothing will be attached again.
+    orphaned: bool,
+    failed: Arc<watch::Sender<Option<StepError>>>,
 }
 
 impl<E: StepExecutor> Engine<E> {
-    /// Starts the engine task; returns the handle to submit to.
+    /// Starts the engine task serving on `executor`, a group whose KV-cache pool `blocks`
+    /// describes; returns the handle to submit to and the owner's control.
     pub fn start(
         executor: E,
+        blocks: BlockManager,
         health: SharedHealth,
         tokenizer: Arc<Tokenizer>,
         model: ModelInfo,
-        blocks: BlockManager,
-        config: SchedulerConfig,
+        config: EngineConfig,
         stats: Arc<EngineStats>,
-    ) -> EngineHandle {
+    ) -> (EngineHandle, EngineControl<E>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (retire, retired) = watch::channel(false);
-        let (failed, failed_rx) = watch::channel(None);
+        let (changes, changes_rx) = mpsc::unbounded_channel();
+        let failed = Arc::new(watch::Sender::new(None));
         let queued = Arc::new(AtomicUsize::new(0));
         EngineStats::set(&stats.kv_blocks_total, blocks.total_blocks());
         EngineStats::set(&stats.block_size, blocks.block_size());
         let handle = EngineHandle {
             requests: tx,
             retire: Arc::new(retire),
-            failed: failed_rx,
             queued: queued.clone(),
-            max_waiting: config.max_waiting.max(1),
+            max_waiting: config.scheduler.max_waiting.max(1),
             stats: stats.clone(),
         };
+        let control = EngineControl {
+            changes,
+            failed: failed.clone(),
+        };
         let engine = Engine {
-            executor,
-            scheduler: Scheduler::new(config, blocks),
+            executor: Some(executor),
+            changes: changes_rx,
+            lost_at: None,
+            recovery_timeout: config.recovery_timeout,
+            scheduler: Scheduler::new(config.scheduler, blocks),
             requests: HashMap::new(),
             group_leaders: HashMap::new(),
             health,
@@ -190,15 +269,16 @@ impl<E: StepExecutor> Engine<E> {
             queued,
             stats,
             retired,
+            orphaned: false,
             failed,
         };
         tokio::spawn(engine.run(rx));
-        handle
+        (handle, control)
     }
 
     async fn run(mut self, mut requests: mpsc::UnboundedReceiver<GenerationRequest>) {
         loop {
-            if *self.retired.borrow() {
+            if *self.retired.borrow() || self.orphaned {
                 // Nothing submitted is dropped unanswered: what is queued fails too.
                 requests.close();
                 while let Ok(r) = requests.try_recv() {
@@ -207,12 +287,22 @@ impl<E: StepExecutor> Engine<E> {
                 self.fail_all(&self.retired_reason());
                 return;
             }
+            if self.executor.is_none() {
+                if !self.wait_for_group(&mut requests).await {
+                    return;
+                }
+                continue;
+            }
             if self.scheduler.is_idle() {
                 self.publish_stats();
                 let mut retired = self.retired.clone();
                 tokio::select! {
                     biased;
                     _ = retired.wait_for(|r| *r) => continue,
+                    change = self.changes.recv() => {
+                        self.change_group(change);
+                        continue;
+                    }
                     next = requests.recv() => match next {
                         Some(r) => self.enqueue(r),
                         None => return,
@@ -221,11 +311,6 @@ impl<E: StepExecutor> Engine<E> {
             }
             while let Ok(r) = requests.try_recv() {
                 self.enqueue(r);
-            }
-            if !self.health.is_ready() {
-                let reason = format!("the worker group is not ready: {}", self.health.reason());
-                self.fail_all(&reason);
-                continue;
             }
             self.drop_cancelled();
             let plan = self.scheduler.schedule();
@@ -240,6 +325,129 @@ impl<E: StepExecutor> Engine<E> {
                 continue;
             }
             self.step(plan).await;
+        }
+    }
+
+    /// Without a group: queues what arrives and ends requests whose client went away or whose
+    /// recovery deadline passed, until a group is attached. False when nothing will be (the
+    /// request channel closed); a retired or orphaned engine returns true for `run` to end it.
+    async fn wait_for_group(
+        &mut self,
+        requests: &mut mpsc::UnboundedReceiver<GenerationRequest>,
+    ) -> bool {
+        let mut retired = self.retired.clone();
+        while self.executor.is_none() && !self.orphaned {
+            self.drop_cancelled();
+            self.expire_recoveries();
+            self.publish_stats();
+            tokio::select! {
+                biased;
+                _ = retired.wait_for(|r| *r) => return true,
+                change = self.changes.recv() => self.change_group(change),
+                next = requests.recv() => match next {
+                    Some(r) => self.enqueue(r),
+                    None => return false,
+                },
+                _ = tokio::time::sleep(RECOVERY_TICK) => {}
+            }
+        }
+        true
+    }
+
+    /// Applies what the owner said about the group (`None`: the owner is gone).
+    fn change_group(&mut self, change: Option<GroupChange<E>>) {
+        match change {
+            Some(GroupChange::Attach(executor, blocks)) => self.attach(executor, blocks),
+            Some(GroupChange::Detach(reason)) => {
+                if self.executor.is_some() {
+                    self.lose_group(StepError::new(StepErrorKind::Unreachable, reason), &[]);
+                }
+            }
+            None => {
+                self.orphaned = true;
+                self.executor = None;
+            }
+        }
+    }
+
+    /// Takes a newly formed group: what was running is recomputed on it.
+    fn attach(&mut self, executor: E, blocks: BlockManager) {
+        if self.executor.is_some() {
+            // The owner replaced a group the engine had not seen fail: its caches go with it.
+            self.lose_group(
+                StepError::new(StepErrorKind::Unreachable, "the group was replaced"),
+                &[],
+            );
+        }
+        EngineStats::set(&self.stats.kv_blocks_total, blocks.total_blocks());
+        EngineStats::set(&self.stats.block_size, blocks.block_size());
+        let resumed = self.scheduler.restart(blocks);
+        EngineStats::add(&self.stats.requests_resumed, resumed);
+        if let Some(lost) = self.lost_at.take() {
+            self.stats.recovery.observe(lost.elapsed());
+        }
+        for active in self.requests.values_mut() {
+            active.recover_by = None;
+        }
+        tracing::info!(
+            resumed,
+            "a new worker group took over the requests in flight"
+        );
+        self.executor = Some(executor);
+    }
+
+    /// The group is gone (`error` says why; `failed_plan` holds the sequences of the step that
+    /// failed it, if one did): the owner hears of it, and every request waits for the next group
+    /// until the recovery timeout.
+    fn lose_group(&mut self, error: StepError, failed_plan: &[SequenceId]) {
+        self.executor = None;
+        let reason = format!("step failed: {error}");
+        let now = Instant::now();
+        self.lost_at = Some(now);
+        // A retired engine's failure is not the current group's.
+        if !*self.retired.borrow() {
+            self.health
+                .set_lost(reason.clone(), !self.recovery_timeout.is_zero());
+            self.failed.send_replace(Some(error));
+        }
+        if self.recovery_timeout.is_zero() {
+            self.fail_all(&reason);
+            return;
+        }
+        let deadline = now + self.recovery_timeout;
+        let mut given_up = Vec::new();
+        for (&id, active) in &mut self.requests {
+            if failed_plan.contains(&id) {
+                active.failed_steps += 1;
+                if active.failed_steps >= MAX_FAILED_STEPS {
+                    given_up.push(id);
+                    continue;
+                }
+            }
+            active.recover_by = Some(active.recover_by.map_or(deadline, |d| d.min(deadline)));
+        }
+        self.fail(
+            &given_up,
+            &format!("{reason} (the request was in {MAX_FAILED_STEPS} steps that failed their group: it is not retried again)"),
+        );
+    }
+
+    /// Ends the requests that waited for a group past their deadline.
+    fn expire_recoveries(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<SequenceId> = self
+            .requests
+            .iter()
+            .filter(|(_, a)| a.recover_by.is_some_and(|d| d <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        if !expired.is_empty() {
+            let reason = format!(
+                "the worker group is not ready: {} (no group formed within the recovery timeout, {:?})",
+                self.health.reason(),
+                self.recovery_timeout
+            );
+            self.fail(&expired, &reason);
         }
     }
 
@@ -292,6 +500,11 @@ impl<E: StepExecutor> Engine<E> {
                 last_token_at: None,
                 prompt_group: request.prompt_group,
                 constraint: request.constraint,
+                recover_by: self
+                    .executor
+                    .is_none()
+                    .then(|| Instant::now() + self.recovery_timeout),
+                failed_steps: 0,
             },
         );
     }
@@ -433,15 +646,20 @@ impl<E: StepExecutor> Engine<E> {
         let span = self.step_span(&plan);
         let started = Instant::now();
         let mut retired = self.retired.clone();
+        let Some(executor) = self.executor.as_mut() else {
+            return;
+        };
         let result = tokio::select! {
             biased;
-            _ = retired.wait_for(|r| *r) => None,
-            result = self.executor.step(&plan, &span) => Some(result),
+            _ = retired.wait_for(|r| *r) => Interrupted::Retired,
+            change = self.changes.recv() => Interrupted::Changed(change),
+            result = executor.step(&plan, &span) => Interrupted::No(result),
         };
-        let Some(result) = result else {
-            // Abandoned: the step's answers would no longer mean anything.
-            self.fail_all(&self.retired_reason());
-            return;
+        // Abandoned steps' answers would no longer mean anything.
+        let result = match result {
+            Interrupted::No(result) => result,
+            Interrupted::Retired => return self.fail_all(&self.retired_reason()),
+            Interrupted::Changed(change) => return self.change_group(change),
         };
         let output = match result {
             Ok(output) => output,
@@ -519,22 +737,17 @@ impl<E: StepExecutor> Engine<E> {
         }
     }
 
-    /// Ends what a failed step touched: only its own requests when the group survives, every
-    /// request otherwise (and the group is reported failed).
+    /// Ends the requests of a step every rank refused (the group serves on); any other failure
+    /// loses the group, and the requests wait for the next.
     fn step_failed(&mut self, plan: &StepPlan, error: StepError) {
         let reason = format!("step failed: {error}");
         tracing::warn!(kind = error.kind.as_str(), %reason, "step failed");
         EngineStats::add(self.stats.step_failures(error.kind), 1);
+        let ids: Vec<SequenceId> = plan.sequences.iter().map(|p| p.id).collect();
         if error.kind.group_survives() {
-            let ids: Vec<SequenceId> = plan.sequences.iter().map(|p| p.id).collect();
             self.fail(&ids, &reason);
             return;
         }
-        // A retired engine's failure is not the current group's.
-        if !*self.retired.borrow() {
-            self.health.fail(reason.clone());
-            let _ = self.failed.send(Some(error));
-        }
-        self.fail_all(&reason);
+        self.lose_group(error, &ids);
     }
 }

@@ -101,6 +101,8 @@ impl KvCacheSize {
 #[derive(Debug, Default)]
 pub struct GroupHealth {
     ready: AtomicBool,
+    /// Not ready because a group failed and the next is being formed: requests still queue.
+    recovering: AtomicBool,
     reason: Mutex<String>,
 }
 
@@ -110,17 +112,51 @@ impl GroupHealth {
     }
 
     pub fn reason(&self) -> String {
-        self.reason.lock().expect("health lock").clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn set_ready(&self) {
-        self.reason.lock().expect("health lock").clear();
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.recovering.store(false, Ordering::Release);
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// Whether the group failed and its requests wait for the next one (see
+    /// [`GroupHealth::set_recovering`]).
+    pub fn is_recovering(&self) -> bool {
+        self.recovering.load(Ordering::Acquire)
+    }
+
+    /// The group failed and the next is being formed; the requests in flight wait for it.
+    pub fn set_recovering(&self, reason: impl Into<String>) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        *r = format!("recovering: {}", reason.into());
+        self.recovering.store(true, Ordering::Release);
+        if self.ready.swap(false, Ordering::AcqRel) {
+            tracing::error!(reason = %r, "worker group is not ready");
+        }
+    }
+
+    /// The group failed: with `requests_wait` (a recovery timeout is set) requests queue for the
+    /// next group ([`GroupHealth::set_recovering`]); without, they are refused until it is ready.
+    pub fn set_lost(&self, reason: impl Into<String>, requests_wait: bool) {
+        if requests_wait {
+            self.set_recovering(reason);
+        } else {
+            self.fail(reason);
+        }
     }
 
     /// Marks the group stopped on purpose (a normal shutdown: nothing to log as an error).
     pub fn shut_down(&self) {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = "shut down".into();
+        self.recovering.store(false, Ordering::Release);
         self.ready.store(false, Ordering::Release);
     }
 
@@ -128,12 +164,13 @@ impl GroupHealth {
     /// reason replaces whatever was there.
     pub fn set_not_ready(&self, reason: impl Into<String>) {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason.into();
+        self.recovering.store(false, Ordering::Release);
         self.ready.store(false, Ordering::Release);
     }
 
     /// Marks the group unusable (keeps the first reason).
     pub fn fail(&self, reason: impl Into<String>) {
-        let mut r = self.reason.lock().expect("health lock");
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         if self.ready.swap(false, Ordering::AcqRel) || r.is_empty() {
             *r = reason.into();
             tracing::error!(reason = %r, "worker group is not ready");
@@ -281,6 +318,7 @@ impl WorkerGroup {
                 tokens: vec![1],
                 start_position: 0,
                 admitted: Some(pb::SamplingParams::default()),
+                prompt_len: 1,
                 new_blocks: vec![0],
                 sample: true,
                 next_token: None,
@@ -325,6 +363,11 @@ impl WorkerGroup {
                     start_position: p.start_position as u32,
                     new_blocks: p.new_blocks.clone(),
                     admitted: p.admitted.clone(),
+                    prompt_len: if p.admitted.is_some() {
+                        p.prompt_len as u32
+                    } else {
+                        0
+                    },
                     sample: p.sample,
                     next_token: p.next_token,
                     allowed_tokens: p.allowed_tokens.clone().unwrap_or_default(),

@@ -1,5 +1,7 @@
 //! Worker registration: the coordinator's gRPC service (`caravan.v1.Coordinator`) and the pool of
-//! registered workers that groups are formed from.
+//! registered workers that groups are formed from. Workers beyond the group's size are spares:
+//! when a rank fails, the next group keeps the survivors at their ranks and gives the failed
+//! rank's place to a spare ([`choose_group`]).
 
 use std::{
     collections::HashMap,
@@ -113,19 +115,24 @@ impl Registry {
         }
     }
 
-    /// Waits until at least `n` workers are registered and alive, and returns the first `n`.
-    /// Workers silent for longer than `stale_after` (when given) are removed on the way.
-    pub async fn wait_for(&self, n: usize, stale_after: Option<Duration>) -> Vec<RegisteredWorker> {
+    /// Waits until at least `n` workers are registered and alive, and chooses `n` of them with
+    /// [`choose_group`] (`previous`: the last group's members by rank; `avoid`: workers found
+    /// dead whose registrations have not expired yet). Workers silent for longer than
+    /// `stale_after` (when given) are removed on the way.
+    pub async fn wait_for(
+        &self,
+        n: usize,
+        stale_after: Option<Duration>,
+        previous: &[String],
+        avoid: &[String],
+    ) -> Vec<RegisteredWorker> {
         loop {
             let notified = self.changed.notified();
             if let Some(limit) = stale_after {
                 self.prune(limit);
             }
-            {
-                let workers = self.lock();
-                if workers.len() >= n {
-                    return workers[..n].to_vec();
-                }
+            if let Some(group) = choose_group(&self.lock(), n, previous, avoid) {
+                return group;
             }
             // Wake up on a registration, or now and then to prune silent workers.
             let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
@@ -162,6 +169,38 @@ impl Registry {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RegisteredWorker>> {
         self.workers.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Chooses a group of `n` from `workers` (registration order), or `None` if there are fewer.
+/// The previous group's members (`previous`, by rank) keep their ranks, so a survivor loads the
+/// shard it had; the other places go to the rest in registration order (spares first, and
+/// workers in `avoid`, found dead but still registered, only when nothing else is left).
+pub fn choose_group(
+    workers: &[RegisteredWorker],
+    n: usize,
+    previous: &[String],
+    avoid: &[String],
+) -> Option<Vec<RegisteredWorker>> {
+    if workers.len() < n {
+        return None;
+    }
+    let usable = |w: &&RegisteredWorker| !avoid.contains(&w.id);
+    let mut slots: Vec<Option<&RegisteredWorker>> = vec![None; n];
+    for (slot, id) in slots.iter_mut().zip(previous) {
+        *slot = workers.iter().filter(usable).find(|w| w.id == *id);
+    }
+    let taken = |w: &RegisteredWorker, slots: &[Option<&RegisteredWorker>]| {
+        slots.iter().flatten().any(|s| s.id == w.id)
+    };
+    let (first, last): (Vec<&RegisteredWorker>, Vec<&RegisteredWorker>) =
+        workers.iter().partition(|w| usable(w));
+    let mut rest = first.into_iter().chain(last);
+    for i in 0..n {
+        if slots[i].is_none() {
+            slots[i] = rest.find(|w| !taken(w, &slots));
+        }
+    }
+    slots.into_iter().map(|s| s.cloned()).collect()
 }
 
 /// The gRPC face of the registry.
@@ -217,5 +256,69 @@ impl Coordinator for CoordinatorService {
         let id = request.into_inner().worker_id;
         let known = self.registry.touch(&id);
         Ok(Response::new(pb::HeartbeatResponse { known }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(ids: &[&str]) -> Vec<RegisteredWorker> {
+        ids.iter()
+            .map(|id| RegisteredWorker {
+                id: id.to_string(),
+                worker_addr: String::new(),
+                ring_addr: String::new(),
+                host: String::new(),
+                device: "cpu".into(),
+                memory_bytes: 0,
+                last_seen: Instant::now(),
+            })
+            .collect()
+    }
+
+    fn ids(group: Option<Vec<RegisteredWorker>>) -> Option<Vec<String>> {
+        group.map(|g| g.into_iter().map(|w| w.id).collect())
+    }
+
+    fn strings(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_first_group_takes_workers_in_registration_order() {
+        let workers = pool(&["a", "b", "c"]);
+        assert_eq!(
+            ids(choose_group(&workers, 2, &[], &[])),
+            Some(strings(&["a", "b"]))
+        );
+        assert_eq!(ids(choose_group(&workers, 4, &[], &[])), None);
+    }
+
+    #[test]
+    fn survivors_keep_their_ranks_and_a_spare_takes_the_dead_ranks_place() {
+        // a (rank 0) died and left the pool; b keeps rank 1, the spare c takes rank 0.
+        let workers = pool(&["b", "c", "d"]);
+        let previous = strings(&["a", "b"]);
+        assert_eq!(
+            ids(choose_group(&workers, 2, &previous, &[])),
+            Some(strings(&["c", "b"]))
+        );
+    }
+
+    #[test]
+    fn a_worker_found_dead_is_chosen_only_when_no_spare_is_left() {
+        // b failed its liveness probe but its etcd lease has not expired yet.
+        let previous = strings(&["a", "b"]);
+        let avoid = strings(&["b"]);
+        assert_eq!(
+            ids(choose_group(&pool(&["a", "b", "c"]), 2, &previous, &avoid)),
+            Some(strings(&["a", "c"]))
+        );
+        assert_eq!(
+            ids(choose_group(&pool(&["a", "b"]), 2, &previous, &avoid)),
+            Some(strings(&["a", "b"])),
+            "no spare: the group waits for b (or its lease to expire) as before"
+        );
     }
 }

@@ -47,6 +47,8 @@ pub struct PlannedSequence {
     /// Set on the first step after (re)admission: the workers start its block table afresh (and
     /// learn its sampling parameters, if it is new to them).
     pub admitted: Option<pb::SamplingParams>,
+    /// How many of its leading tokens are its prompt (the workers need it with `admitted`).
+    pub prompt_len: usize,
     /// Blocks appended to its table, covering the positions this step writes.
     pub new_blocks: Vec<u32>,
     /// Whether a token is sampled after this step (false for a non-final prompt chunk).
@@ -102,6 +104,9 @@ struct Sequence {
     chain: HashChain,
     /// Admitted to the batch at least once.
     ever_admitted: bool,
+    /// Admitted since the workers' caches were last lost ([`Scheduler::restart`]): the ranks
+    /// hold its per-sequence state (the tokens seen, for penalties and the random stream).
+    known_to_workers: bool,
     /// A sequence with the same prompt (a sibling of `n` > 1) whose computed prompt this one
     /// reuses from the prefix cache: it is not admitted before that prompt is in the caches.
     after: Option<SequenceId>,
@@ -169,6 +174,7 @@ impl Scheduler {
             blocks_sent: None,
             chain: HashChain::default(),
             ever_admitted: false,
+            known_to_workers: false,
             after,
         });
         self.next_id
@@ -240,10 +246,33 @@ impl Scheduler {
             return false;
         };
         self.blocks.release(&seq.blocks);
-        if seq.ever_admitted {
+        if seq.known_to_workers {
             self.finished.push(id);
         }
         true
+    }
+
+    /// The workers lost every cache and per-sequence state (their group was formed again after
+    /// a failure): every running sequence goes back to the queue, ahead of those waiting and in
+    /// admission order, to be recomputed (prompt and generated tokens) exactly as after a
+    /// preemption, and `blocks`, the new group's pool with an empty prefix cache, replaces the
+    /// old. Returns how many sequences were running.
+    pub fn restart(&mut self, blocks: BlockManager) -> usize {
+        let running = self.running.len();
+        for mut seq in self.running.drain(..).rev() {
+            seq.blocks.clear();
+            seq.blocks_sent = None;
+            seq.computed = 0;
+            seq.chain = HashChain::default();
+            self.waiting.push_front(seq);
+        }
+        for seq in &mut self.waiting {
+            seq.known_to_workers = false;
+        }
+        // The old group's ids mean nothing to the new one.
+        self.finished.clear();
+        self.blocks = blocks;
+        running
     }
 
     /// Ends every sequence; returns their ids (running first, then waiting).
@@ -320,11 +349,21 @@ impl Scheduler {
             };
             // Admitted once, it recomputes on its own if it is ever preempted.
             seq.after = None;
-            // A sequence that wants its prompt's log-probabilities computes every prompt token.
-            if seq.blocks.is_empty() && seq.sampling.prompt_logprobs.is_none() {
+            // A sequence that wants its prompt's log-probabilities computes every prompt token,
+            // and one with a repetition penalty too: the workers must see every token it holds.
+            if seq.blocks.is_empty()
+                && seq.sampling.prompt_logprobs.is_none()
+                && (seq.sampling.repetition_penalty <= 0.0
+                    || seq.sampling.repetition_penalty == 1.0)
+            {
                 // Reuse cached blocks of an identical prefix; at least one token is computed so
-                // the step yields logits.
-                let hit = self.blocks.lookup_prefix(&seq.tokens, seq.tokens.len() - 1);
+                // the step yields logits. Workers new to the sequence must compute its generated
+                // tokens themselves, to count them as generated.
+                let reusable = match seq.known_to_workers {
+                    true => seq.tokens.len() - 1,
+                    false => seq.prompt_len.min(seq.tokens.len() - 1),
+                };
+                let hit = self.blocks.lookup_prefix(&seq.tokens, reusable);
                 plan.prefix_queried_tokens += seq.tokens.len();
                 plan.prefix_hit_tokens += hit.tokens;
                 seq.blocks = hit.blocks;
@@ -340,6 +379,7 @@ impl Scheduler {
             if !std::mem::replace(&mut seq.ever_admitted, true) {
                 plan.first_admitted.push(seq.id);
             }
+            seq.known_to_workers = true;
             chosen.push((seq.id, n));
             budget -= n;
             self.running.push(seq);
@@ -358,6 +398,7 @@ impl Scheduler {
                 tokens: seq.tokens[seq.computed..end].to_vec(),
                 start_position: seq.computed,
                 admitted,
+                prompt_len: seq.prompt_len,
                 new_blocks: seq.blocks[sent..].to_vec(),
                 sample: end == seq.tokens.len(),
                 next_token: seq.tokens.get(end).copied(),
@@ -662,6 +703,40 @@ mod tests {
         let plan = s.schedule();
         assert_eq!(shape(&plan), vec![(c, 0, 1, true)]);
         assert_eq!(plan.finished, vec![a], "b never reached the workers");
+    }
+
+    #[test]
+    fn after_a_restart_the_running_sequences_are_recomputed_first_on_the_new_pool() {
+        // Batch of 2: a and b run, c waits.
+        let mut s = scheduler(16, 2, 2, 100);
+        let a = s.add(vec![1, 2, 3], Default::default());
+        let b = s.add(vec![4, 5], Default::default());
+        let c = s.add(vec![6], Default::default());
+        step(&mut s, 8); // a = 1 2 3 8, b = 4 5 8
+        step(&mut s, 9); // a = 1 2 3 8 9, b = 4 5 8 9
+        s.finish(b); // b's end never reached the old group's workers
+        let d = s.add(vec![7, 7], Default::default());
+        // The group is lost; the new one has a pool of its own (here of another size).
+        assert_eq!(s.restart(BlockManager::new(8, 2, true)), 1);
+        assert_eq!(s.blocks().total_blocks(), 8);
+        assert_eq!(s.blocks().used_blocks(), 0);
+        let plan = step(&mut s, 5);
+        // a first (it was running), then c and d in arrival order, each from position 0 and
+        // admitted again with its prompt's length; nothing finished is reported to the new group.
+        assert_eq!(shape(&plan), vec![(a, 0, 5, true), (c, 0, 1, true)]);
+        let p = &plan.sequences[0];
+        assert_eq!(p.tokens, vec![1, 2, 3, 8, 9]);
+        assert_eq!(p.prompt_len, 3);
+        assert!(p.admitted.is_some());
+        assert_eq!(p.new_blocks.len(), 3);
+        assert_eq!(plan.sequences[1].prompt_len, 1);
+        assert!(plan.finished.is_empty(), "the new group never knew b");
+        assert_eq!(plan.first_admitted, vec![c]);
+        assert_eq!((s.running(), s.waiting()), (2, 1));
+        s.finish(c);
+        let plan = step(&mut s, 5);
+        assert_eq!(shape(&plan), vec![(a, 5, 1, true), (d, 0, 2, true)]);
+        assert_eq!(plan.finished, vec![c]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::{
     api::{self, AppState, Control},
     blocks::BlockManager,
-    engine::Engine,
+    engine::{Engine, EngineConfig, EngineControl},
     etcd::{Etcd, Leadership},
     group::{ComputeDtype, GroupHealth, HealthProbe, KvCacheSize, ShardPlan, WorkerGroup},
     local_workers::LocalWorkers,
@@ -31,7 +31,7 @@ use crate::{
     tokenizer::Tokenizer,
 };
 use crate::{chat_template::ChatTemplate, structured::Grammars};
-use caravan_common::units::{parse_bytes, parse_duration};
+use caravan_common::units::{parse_bytes, parse_duration, parse_duration_or_zero};
 
 /// Everything `caravan-coordinator` can be told.
 #[derive(Args, Debug, Clone)]
@@ -67,6 +67,16 @@ pub struct ServeArgs {
     /// listens on a free loopback port).
     #[arg(long, env = "CARAVAN_LOCAL_WORKERS")]
     pub local_workers: bool,
+    /// With --local-workers: start this many spare workers too. A spare registers, waits, and
+    /// takes a failed rank's place at once (loading that rank's shard); the coordinator restarts
+    /// the dead worker, which becomes a spare in turn. Remote workers beyond --tp are spares too.
+    #[arg(
+        long,
+        env = "CARAVAN_LOCAL_SPARES",
+        default_value_t = 0,
+        requires = "local_workers"
+    )]
+    pub local_spares: usize,
     /// Device for local workers: cpu or cuda:N.
     #[arg(long, env = "CARAVAN_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -117,6 +127,11 @@ pub struct ServeArgs {
     /// number is seconds).
     #[arg(long, env = "CARAVAN_COLLECTIVE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub collective_timeout: Duration,
+    /// How long a request waits, its stream open, for the worker group to be formed again
+    /// after a rank failed, before it ends with an error (the requests in flight are
+    /// recomputed on the new group and go on); 0 ends them at once.
+    #[arg(long, env = "CARAVAN_RECOVERY_TIMEOUT", default_value = "60s", value_parser = parse_duration_or_zero)]
+    pub recovery_timeout: Duration,
     /// libtorch threads per worker (0: cores / tp for local workers, libtorch's default otherwise).
     #[arg(long, env = "CARAVAN_THREADS_PER_WORKER", default_value_t = 0)]
     pub threads_per_worker: u32,
@@ -223,7 +238,7 @@ struct ServedModel {
     chat_template: Arc<ChatTemplate>,
     grammars: Arc<Grammars>,
     kv_cache: KvCacheSize,
-    scheduler: SchedulerConfig,
+    engine: EngineConfig,
 }
 
 impl ServedModel {
@@ -280,10 +295,13 @@ impl ServedModel {
                 max_blocks: (args.max_batch_size * model.max_context).div_ceil(block_size) as u32,
             },
         };
-        let scheduler = SchedulerConfig {
-            max_batch_size: args.max_batch_size,
-            max_batched_tokens: args.max_num_batched_tokens,
-            max_waiting: args.max_waiting.max(1),
+        let engine = EngineConfig {
+            scheduler: SchedulerConfig {
+                max_batch_size: args.max_batch_size,
+                max_batched_tokens: args.max_num_batched_tokens,
+                max_waiting: args.max_waiting.max(1),
+            },
+            recovery_timeout: args.recovery_timeout,
         };
         Ok(ServedModel {
             model_dir,
@@ -292,7 +310,7 @@ impl ServedModel {
             chat_template,
             grammars,
             kv_cache,
-            scheduler,
+            engine,
         })
     }
 }
@@ -316,7 +334,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         chat_template,
         grammars,
         kv_cache,
-        scheduler,
+        engine: engine_config,
     } = ServedModel::load(&args)?;
     let block_size = args.block_size;
 
@@ -397,7 +415,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             extra.extend(tls.files.to_args());
         }
         let url = caravan_common::tls::with_scheme(&grpc_addr.to_string(), tls.is_some());
-        let workers = LocalWorkers::spawn(args.tp, &url, &args.device, extra)?;
+        let workers = LocalWorkers::spawn(args.tp + args.local_spares, &url, &args.device, extra)?;
         Some(tokio::spawn(workers.supervise(stop_workers_rx)))
     } else {
         eprintln!("waiting for {} workers to register at {grpc_addr}", args.tp);
@@ -454,6 +472,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     // still finish here.
     let mut leadership: Option<Leadership> = None;
     let mut mirror: Option<AbortOnDrop> = None;
+    // One engine per leadership: it outlives the groups, and its requests wait through a group's
+    // failure for the next. Kept through the drain (dropping it ends the engine).
+    let mut engine: Option<EngineControl<WorkerGroup>> = None;
     'leading: loop {
         if let Some(etcd) = &etcd {
             let leader = etcd.leader().await;
@@ -499,14 +520,18 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         tokio::pin!(lost_leadership);
 
         // Form a group, serve until it fails, form it again: until shutdown or, with etcd, until
-        // the leadership is lost.
+        // the leadership is lost. Survivors keep their ranks in the next group; a spare takes a
+        // dead rank's place, ahead of workers found dead that are still registered (`avoid`: in
+        // etcd until their leases expire).
+        let mut previous: Vec<String> = Vec::new();
+        let mut avoid: Vec<String> = Vec::new();
         'serving: loop {
             // Unique across coordinators, so a new leader's ring never meets an old one's.
             let epoch = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
             let group = tokio::select! {
-                group = form_group(&registry, &plan, args.tp, epoch, stale_after) => group,
+                group = form_group(&registry, &plan, args.tp, epoch, stale_after, &previous, &avoid) => group,
                 _ = &mut shutdown => break 'leading,
                 _ = &mut lost_leadership => break 'serving,
             };
@@ -516,6 +541,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                     let reason = format!("forming the worker group failed: {e:#}");
                     tracing::warn!(%reason, "retrying");
                     eprintln!("{reason}; retrying");
+                    // While recovering, /health goes on saying so.
                     health.fail(reason);
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'serving,
@@ -540,18 +566,29 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             );
             let probe = group.health_probe();
             let members: Vec<String> = group.workers().iter().map(|w| w.id.clone()).collect();
+            avoid.clear();
             *state.workers.write().unwrap_or_else(|e| e.into_inner()) = group.workers().to_vec();
             *state.probe.write().unwrap_or_else(|e| e.into_inner()) = Some(probe.clone());
-            let engine = Engine::start(
-                group,
-                health.clone(),
-                tokenizer.clone(),
-                model.clone(),
-                BlockManager::new(kv_blocks, block_size, !args.no_prefix_caching),
-                scheduler.clone(),
-                stats.clone(),
-            );
-            *state.engine.write().unwrap_or_else(|e| e.into_inner()) = Some(engine.clone());
+            let blocks = BlockManager::new(kv_blocks, block_size, !args.no_prefix_caching);
+            let engine = match engine.take() {
+                Some(control) => {
+                    control.attach(group, blocks);
+                    engine.insert(control)
+                }
+                None => {
+                    let (handle, control) = Engine::start(
+                        group,
+                        blocks,
+                        health.clone(),
+                        tokenizer.clone(),
+                        model.clone(),
+                        engine_config.clone(),
+                        stats.clone(),
+                    );
+                    *state.engine.write().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+                    engine.insert(control)
+                }
+            };
             health.set_ready();
             println!("ready: serving {} on http://{http_addr}", model.name);
             tracing::info!(epoch, kv_cache_tokens = kv_tokens, "ready");
@@ -562,24 +599,27 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                     format!("a step failed ({}): {error}", error.kind.as_str())
                 }
                 problem = watch_group(&probe, &registry, &members, stale_after) => {
-                    health.fail(problem.clone());
+                    health.set_lost(problem.clone(), !engine_config.recovery_timeout.is_zero());
+                    engine.detach(problem.clone());
                     problem
                 }
                 _ = &mut shutdown => break 'leading,
                 _ = &mut lost_leadership => break 'serving,
             };
             eprintln!("worker group failed: {problem}; forming it again");
-            // Every request in flight ends with an error; the engine stops.
-            retire_engine(&state);
-            // Workers that do not answer leave the pool; the rest join the next group.
-            // (In etcd, a dead worker's registration expires with its lease.)
-            if stale_after.is_some() {
-                for (id, alive) in probe.liveness(&members).await {
-                    if !alive {
+            // The requests in flight wait for the next group (up to --recovery-timeout).
+            // Workers that do not answer leave the pool (in etcd, their registrations stay until
+            // their leases expire: they are avoided meanwhile); the rest join the next group.
+            for (id, alive) in probe.liveness(&members).await {
+                if !alive {
+                    if stale_after.is_some() {
                         registry.remove(&id);
+                    } else {
+                        avoid.push(id);
                     }
                 }
             }
+            previous = members;
         }
         // The leadership is lost: a standby may lead (and drive the workers) by now, so stop
         // stepping at once; what is in flight ends with an error.
@@ -588,6 +628,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         tracing::error!(reason, "stepping down");
         health.set_not_ready(reason);
         retire_engine(&state);
+        engine = None;
         state
             .workers
             .write()
@@ -602,7 +643,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         leadership = None;
     }
 
-    drain(&control, &health, &stats, args.drain_timeout).await;
+    drain(&state, args.drain_timeout).await;
     health.shut_down();
     control.drained.store(true, Ordering::Release);
     // Hand the leadership over now rather than when the lease runs out.
@@ -620,8 +661,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 }
 
 /// Stops admitting, lets requests in flight finish within `timeout`, then ends the rest
-/// explicitly (marking the group failed makes the engine end them).
-async fn drain(control: &Control, health: &GroupHealth, stats: &EngineStats, timeout: Duration) {
+/// explicitly (the engine is retired).
+async fn drain(state: &AppState, timeout: Duration) {
+    let (control, health, stats) = (&state.control, &state.health, &state.stats);
     control.draining.store(true, Ordering::Release);
     let deadline = tokio::time::Instant::now() + timeout;
     let in_flight = || EngineStats::get(&stats.in_flight);
@@ -632,9 +674,10 @@ async fn drain(control: &Control, health: &GroupHealth, stats: &EngineStats, tim
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if in_flight() > 0 {
-        health.fail(format!(
+        health.set_not_ready(format!(
             "shutting down: the drain timeout ({timeout:?}) passed"
         ));
+        retire_engine(state);
         let grace = tokio::time::Instant::now() + Duration::from_secs(2);
         while in_flight() > 0 && tokio::time::Instant::now() < grace {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -670,8 +713,10 @@ async fn form_group(
     tp: usize,
     epoch: u64,
     stale_after: Option<Duration>,
+    previous: &[String],
+    avoid: &[String],
 ) -> Result<WorkerGroup> {
-    let workers = registry.wait_for(tp, stale_after).await;
+    let workers = registry.wait_for(tp, stale_after, previous, avoid).await;
     WorkerGroup::form(workers, plan, epoch).await
 }
 

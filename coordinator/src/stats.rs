@@ -98,6 +98,10 @@ pub struct EngineStats {
     pub step_failures_diverged: AtomicU64,
     /// Worker groups formed (loaded and warmed up), the first one included.
     pub group_formations: AtomicU64,
+    /// Sequences that were running when their group failed and were recomputed on the next.
+    pub requests_resumed: AtomicU64,
+    /// A group's failure to the next group taking over its requests.
+    pub recovery: Histogram,
     /// Arrival at the scheduler to the first token.
     pub time_to_first_token: Histogram,
     /// Between consecutive tokens of a sequence.
@@ -135,7 +139,7 @@ impl EngineStats {
 
     /// The Prometheus text exposition of every value.
     pub fn render(&self) -> String {
-        let plain: [(&str, &str, &str, &AtomicU64); 15] = [
+        let plain: [(&str, &str, &str, &AtomicU64); 16] = [
             (
                 "caravan_requests_in_flight",
                 "gauge",
@@ -226,6 +230,12 @@ impl EngineStats {
                 "Worker groups formed (shards loaded, warmed up), the first one included.",
                 &self.group_formations,
             ),
+            (
+                "caravan_requests_resumed_total",
+                "counter",
+                "Sequences running when their worker group failed, recomputed on the group formed next.",
+                &self.requests_resumed,
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in plain {
@@ -300,6 +310,10 @@ impl EngineStats {
         out += &self.end_to_end_latency.render(
             "caravan_request_latency_seconds",
             "Arrival at the scheduler to the last token, for completed requests.",
+        );
+        out += &self.recovery.render(
+            "caravan_recovery_seconds",
+            "A worker group's failure to the next group taking over the requests in flight.",
         );
         out
     }

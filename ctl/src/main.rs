@@ -506,6 +506,9 @@ fn print_status(s: &admin::Status) {
             w.health,
         );
     }
+    if !s.spares.is_empty() {
+        println!("\nspares     {}", s.spares.join(", "));
+    }
 }
 
 /// A plain-HTTP base URL (the coordinator serves HTTP; put TLS in front of it).

@@ -21,6 +21,10 @@ pub struct Status {
     pub kv_cache_blocks_total: u64,
     /// The serving group, rank order (empty while none is formed).
     pub workers: Vec<GroupMember>,
+    /// Registered workers outside the group, ready to take a failed rank's place (their ids;
+    /// `caravanctl workers` shows them in full).
+    #[serde(default)]
+    pub spares: Vec<String>,
 }
 
 /// One rank of the serving group.

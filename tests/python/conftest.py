@@ -306,6 +306,61 @@ def ctl_status(url: str) -> dict:
     return json.loads(proc.stdout)
 
 
+def stream_text(client, model, prompt, max_tokens, out, **options):
+    """Streams a completion into `out` (chunks, then "text" and "finish", or "error")."""
+    chunks = out.setdefault("chunks", [])
+    try:
+        options = dict(options)
+        extra_body = {"ignore_eos": True, **options.pop("extra_body", {})}
+        stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
+                                           extra_body=extra_body, **options)
+        for chunk in stream:
+            chunks.append(chunk)
+        out["text"] = "".join(c.choices[0].text for c in chunks)
+        out["finish"] = chunks[-1].choices[0].finish_reason if chunks else None
+    except Exception as e:  # noqa: BLE001 - a dropped connection (httpx) fails the test too
+        out["error"] = e
+
+
+def wait_for_chunks(outs, threads, count, deadline_s=60.0):
+    """Waits until every stream in `outs` has `count` chunks (fails if one ends first)."""
+    deadline = time.monotonic() + deadline_s
+    while not all(len(o.get("chunks", [])) >= count for o in outs):
+        assert time.monotonic() < deadline and all(t.is_alive() for t in threads), \
+            f"a stream ended before {count} chunks: {[o.get('error') for o in outs]}"
+        time.sleep(0.01)  # polling the streams' progress, with a deadline
+
+
+def listening_pid(pids, port: int) -> int:
+    """The process among `pids` listening on TCP `port` (its socket inodes against /proc/net/tcp)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(fields[9])
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue  # closed since the listing
+            if target.startswith("socket:[") and target[len("socket:["):-1] in inodes:
+                return pid
+    raise AssertionError(f"none of {pids} listens on port {port}")
+
+
+def wait_for_spares(url: str, count: int) -> dict:
+    """Polls `caravanctl status` until `count` spares are registered; returns the status."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        status = ctl_status(url)
+        if len(status["spares"]) == count:
+            return status
+        assert time.monotonic() < deadline, f"expected {count} spares: {status}"
+        time.sleep(0.1)  # polling registration, with a deadline
+
+
 def greedy_text(client, model: str, ref: dict) -> str:
     """The greedy completion of reference case `ref`'s prompt, as long as its reference."""
     out = client.completions.create(model=model, prompt=ref["prompt"], temperature=0,
@@ -373,6 +428,18 @@ def metrics(http: httpx.Client) -> dict:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+def wait_for_metric(http: httpx.Client, name: str, predicate, deadline_s: float = 10.0):
+    """Polls /metrics until sample `name` satisfies `predicate`; returns its value."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = metrics(http).get(name)
+        if value is not None and predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{name} = {value} after {deadline_s}s", pytrace=False)
+        time.sleep(0.05)  # polling a sample the engine updates asynchronously, with a deadline
 
 
 GREEDY_MARGIN = 1e-3

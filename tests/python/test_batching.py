@@ -19,21 +19,9 @@ import httpx
 import openai
 import pytest
 
-from conftest import Coordinator, metrics, sse_lines
+from conftest import Coordinator, metrics, sse_lines, wait_for_metric
 
 TIMEOUT_S = 120.0
-IDLE_DEADLINE_S = 10.0
-
-
-def wait_for_metric(http, name, predicate, deadline_s=IDLE_DEADLINE_S):
-    deadline = time.monotonic() + deadline_s
-    while True:
-        value = metrics(http)[name]
-        if predicate(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{name} = {value} after {deadline_s}s", pytrace=False)
-        time.sleep(0.05)  # polling a gauge the scheduler updates asynchronously, with a deadline
 
 
 def complete(client, model, case):

@@ -5,6 +5,8 @@ on loopback, real coordinators and workers.
 - Two coordinators share the etcd: one leads, the standby answers 503; when the leader is
   SIGKILLed, the standby takes over within 10 s, forms the group again and serves correctly.
 - A worker SIGKILLed: its lease expires, a replacement registers, the group is formed again.
+- With a spare registered: rank 1 SIGKILLed mid-stream is replaced by the spare well before its
+  lease expires, and the stream ends as without the fault.
 - etcd restarted under load: etcd is off the data path, so every request completes correctly and
   the leader keeps leading (its lease survives the restart).
 - etcd down for longer than the lease TTL: the leader steps down (in-flight requests end with an
@@ -26,7 +28,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import READY_TIMEOUT_S, Coordinator, Load, greedy_text, bin_path, ctl_status, free_port, wait_for_status
+from conftest import (READY_TIMEOUT_S, Coordinator, Load, greedy_text, bin_path, ctl_status, free_port, listening_pid,
+                      metrics, wait_for_spares, wait_for_status)
 
 TIMEOUT_S = 60.0
 TAKEOVER_DEADLINE_S = 10.0
@@ -174,6 +177,52 @@ def test_standby_takes_over_and_groups_reform_from_etcd(etcd_url, checkpoint, re
         leader.stop()
         if standby is not None:
             standby.stop()
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+            w.wait()
+
+
+def test_a_spare_in_etcd_takes_a_dead_ranks_place_before_its_lease_expires(etcd_url, checkpoint):
+    """Workers under 30 s leases, a third one a spare (`caravanctl status`, /metrics). Rank 1 is
+    SIGKILLed mid-stream: the failed step shows it dead, so the group is formed with the spare
+    well before the dead worker's lease expires, and the stream ends as without the fault."""
+    worker_ttl = 30
+    prefix = f"/caravan-test-{uuid.uuid4().hex[:8]}"
+    coordinator = Coordinator(["--model", checkpoint, "--tp", 2, "--etcd-endpoints", etcd_url, "--etcd-prefix", prefix,
+                               "--etcd-lease-ttl", LEASE_TTL_S, "--grpc-addr", "127.0.0.1:0", "--port", 0])
+    workers = [start_worker(etcd_url, prefix, lease_ttl=worker_ttl) for _ in range(2)]
+    try:
+        url = coordinator.wait_ready()
+        workers.append(start_worker(etcd_url, prefix, lease_ttl=worker_ttl))
+        before = wait_for_spares(url, 1)
+        group, spare = [w["id"] for w in before["workers"]], before["spares"][0]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+        prompt, max_tokens = "Once upon a time", 300
+        expected = client.completions.create(model=checkpoint.name, prompt=prompt, max_tokens=max_tokens,
+                                             temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+        with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
+            assert metrics(http)["caravan_workers_spare"] == 1
+            rank1_port = int(before["workers"][1]["address"].rsplit(":", 1)[1])
+            victim = listening_pid([w.pid for w in workers], rank1_port)
+            stream = client.completions.create(model=checkpoint.name, prompt=prompt, max_tokens=max_tokens,
+                                               temperature=0, stream=True, extra_body={"ignore_eos": True})
+            chunks = []
+            for chunk in stream:
+                chunks.append(chunk)
+                if len(chunks) == 5:
+                    os.kill(victim, signal.SIGKILL)
+                    killed_at = time.monotonic()
+            wait_for_status(http, "/health", 200, READY_TIMEOUT_S)
+            took = time.monotonic() - killed_at
+            assert "".join(c.choices[0].text for c in chunks) == expected
+            assert chunks[-1].choices[0].finish_reason == "length"
+            assert took < worker_ttl / 2, f"the group was formed {took:.1f}s after the kill: it waited for the lease"
+            after = ctl_status(url)
+            assert [w["id"] for w in after["workers"]] == [group[0], spare], (before, after)
+            assert metrics(http)["caravan_recovery_seconds_count"] == 1
+    finally:
+        coordinator.stop()
         for w in workers:
             if w.poll() is None:
                 w.kill()

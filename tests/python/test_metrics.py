@@ -3,8 +3,8 @@ counters and histograms must move by exactly what the requests did."""
 import httpx
 import pytest
 
-from conftest import metrics
-from test_batching import Served, wait_for_metric
+from conftest import metrics, wait_for_metric
+from test_batching import Served
 
 N = 3
 MAX_TOKENS = 5

@@ -28,8 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Coordinator, children, metrics, sse_lines
-from test_batching import wait_for_metric
+from conftest import Coordinator, children, metrics, sse_lines, wait_for_metric
 
 SOAK_SECONDS = float(os.environ.get("CARAVAN_SOAK_SECONDS", "45"))
 CLIENTS = 24

@@ -1,9 +1,9 @@
 //! A Caravan tensor-parallel rank: one shard of every layer and of the KV cache, joined to its
 //! peers by a collective.
 //!
-//! The served path: [`service`] (gRPC, `caravan.v1.Worker`) forwards to [`runner`] (the one thread
-//! that owns the model, the cache and each sequence's [`sequences`] state: block table and
-//! [`sampling`] stream). [`faults`] injects step failures for recovery tests. The offline path:
+//! The served path: [`service`] (gRPC, `caravan.v1.Worker`) runs each step on the thread that
+//! received it, through [`runner`] (the model, the cache and each sequence's [`sequences`] state:
+//! block table and [`sampling`] stream, behind one lock). [`faults`] injects step failures for recovery tests. The offline path:
 //! [`generate`] runs a rank of a fixed generation job and [`local_group`] starts a group as local
 //! processes.
 

@@ -1,9 +1,14 @@
-//! The model runner: the thread that owns a worker's model shard, KV cache and per-sequence
-//! state ([`Sequences`]).
+//! The model runner: a worker's model shard, KV cache and per-sequence state ([`Sequences`]),
+//! and the two things done with them, loading a shard and running a step.
 //!
-//! tch tensors are `Send` but not `Sync`, and a rank's collectives must run in order, so exactly
-//! one thread touches the model. gRPC handlers send it [`Command`]s and await the answer on a
-//! oneshot channel (the pattern of text-generation-inference's queue).
+//! tch tensors are `Send` but not `Sync`, and a rank's collectives must run in order, so one
+//! caller at a time holds the runner ([`SharedRunner`], a mutex). The gRPC step handler runs the
+//! step itself, on the async thread that decoded the request, and answers from there: a step is
+//! then no thread hand-off away from its request and its answer (the hand-offs to and from a
+//! dedicated model thread cost 0.1-0.2 ms each on two cores, docs/BENCHMARKS.md). Blocking that
+//! async thread for a step is the point; the step first hands the thread's other tasks to
+//! another thread (`block_in_place`), so `Health` is answered meanwhile.
+//! A load takes seconds to minutes, so it runs on a blocking thread.
 
 use std::{
     sync::{Arc, Mutex},
@@ -16,7 +21,6 @@ use caravan_ops::{
 };
 use caravan_proto as pb;
 use tch::Device;
-use tokio::sync::oneshot;
 use tonic::Status;
 
 use crate::{
@@ -24,20 +28,6 @@ use crate::{
     sampling::score,
     sequences::Sequences,
 };
-
-/// Work for the model thread.
-pub enum Command {
-    Load(
-        pb::LoadShardRequest,
-        oneshot::Sender<Result<pb::LoadShardResponse, Status>>,
-    ),
-    /// A step, traced under the given span (parented on the coordinator's step).
-    Step(
-        pb::StepRequest,
-        tracing::Span,
-        oneshot::Sender<Result<pb::StepResponse, Status>>,
-    ),
-}
 
 /// State shared with the gRPC handlers (read-only for them).
 #[derive(Debug, Clone, Default)]
@@ -50,16 +40,22 @@ pub struct RunnerStatus {
 /// Shared view of the runner's health.
 pub type SharedStatus = Arc<Mutex<RunnerStatus>>;
 
+/// The runner, held by whoever loads or steps.
+pub type SharedRunner = Arc<Mutex<ModelRunner>>;
+
 struct Loaded {
     model: Llama,
     comm: Arc<Communicator>,
     cache: KvCache,
     sequences: Sequences,
     rank: u32,
+    /// libtorch's intra-op threads for this shard. OpenMP keeps the count per thread, and steps
+    /// run on whichever async thread received them, so each step sets it where it runs.
+    threads: i32,
     next_step: u64,
 }
 
-/// The model thread's state.
+/// A worker's model state: the device, the ring listener, and the loaded shard if any.
 pub struct ModelRunner {
     device: Device,
     /// Kept for the worker's lifetime: every formation of a group joins the ring through it.
@@ -86,38 +82,33 @@ impl ModelRunner {
         }
     }
 
-    /// Serves commands until every sender is gone.
-    pub fn run(mut self, commands: std::sync::mpsc::Receiver<Command>) {
-        while let Ok(command) = commands.recv() {
-            match command {
-                Command::Load(req, reply) => {
-                    let result = self.load(req);
-                    let _ = reply.send(result);
-                }
-                Command::Step(req, span, reply) => {
-                    let result = span.in_scope(|| self.step(req));
-                    if let Err(e) = &result {
-                        if !matches!(
-                            e.code(),
-                            tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
-                        ) {
-                            // A failed collective leaves the group unusable.
-                            self.set_status(false, e.message().to_string());
-                        }
-                    }
-                    let _ = reply.send(result);
-                }
+    /// Runs step `req` under `span`; a failure other than a refusal leaves the group unusable
+    /// (a collective failed, or the rank's state is lost), and `Health` says so from then on.
+    pub fn serve_step(
+        &mut self,
+        req: pb::StepRequest,
+        span: &tracing::Span,
+    ) -> Result<pb::StepResponse, Status> {
+        let result = span.in_scope(|| self.step(req));
+        if let Err(e) = &result {
+            if !matches!(
+                e.code(),
+                tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+            ) {
+                self.set_status(false, e.message().to_string());
             }
         }
+        result
     }
 
     fn set_status(&self, ready: bool, detail: String) {
-        let mut s = self.status.lock().expect("status lock");
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
         s.ready = ready;
         s.detail = detail;
     }
 
-    fn load(&mut self, req: pb::LoadShardRequest) -> Result<pb::LoadShardResponse, Status> {
+    /// Loads the shard `req` assigns, joining its group's collective (seconds to minutes).
+    pub fn load(&mut self, req: pb::LoadShardRequest) -> Result<pb::LoadShardResponse, Status> {
         let started = Instant::now();
         if self.loaded.take().is_some() {
             // A new formation of the group (after a failure): the old shard, cache and ring go.
@@ -224,10 +215,11 @@ impl ModelRunner {
             cache,
             sequences: Sequences::default(),
             rank: req.rank,
+            threads: threads as i32,
             next_step: 0,
         });
         {
-            let mut s = self.status.lock().expect("status lock");
+            let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
             s.rank = Some(req.rank);
             s.ready = true;
             s.detail.clear();
@@ -250,6 +242,9 @@ impl ModelRunner {
             )));
         }
         loaded.next_step += 1;
+        if tch::get_num_threads() != loaded.threads {
+            tch::set_num_threads(loaded.threads);
+        }
         loaded.sequences.forget(&req.finished);
         let fault = self
             .fault
@@ -308,9 +303,9 @@ impl ModelRunner {
                 .sequences
                 .get_mut(seq.sequence_id)
                 .ok_or_else(|| Status::internal("a prepared sequence went missing"))?;
-            if state.params.repetition_penalty != 1.0 {
-                state.sampler.observe(&step.tokens);
-            }
+            state
+                .sampler
+                .observe(&step.tokens, step.start_position, &state.params);
             if let (true, Some(top)) = (step.all_logits, state.params.prompt_logprobs) {
                 // Row j scores the token after the step's j-th: the next one in the step, then
                 // the one the coordinator says follows (none after a final chunk: sampled).

@@ -3,8 +3,10 @@
 //! log-probabilities for the response.
 //!
 //! Every rank holds identical logits after the last collective and runs this same code with the
-//! same per-sequence random stream (ChaCha seeded by the request's seed, advanced once per
-//! sampled token), so all ranks choose the same token without communicating.
+//! same per-sequence random stream (ChaCha seeded by the request's seed; the draw for the n-th
+//! generated token is the stream's n-th), so all ranks choose the same token without
+//! communicating, and a rank that joins a sequence late (the group formed again after a failure,
+//! the sequence recomputed) draws what the lost rank would have.
 
 use std::collections::{HashMap, HashSet};
 
@@ -82,24 +84,38 @@ pub struct SequenceSampler {
     counts: HashMap<i64, u32>,
     /// Every token of the sequence so far, prompt included (for the repetition penalty).
     seen: HashSet<i64>,
-    /// Tokens sampled so far.
+    /// Tokens generated so far (sampled here, or replayed by [`SequenceSampler::observe`]).
     generated: usize,
+    /// How many of the sequence's leading tokens are its prompt.
+    prompt_len: usize,
 }
 
 impl SequenceSampler {
-    pub fn new(seed: u64) -> Self {
+    /// The sampler of a sequence whose first `prompt_len` tokens are its prompt.
+    pub fn new(seed: u64, prompt_len: usize) -> Self {
         SequenceSampler {
             rng: ChaCha12Rng::seed_from_u64(seed),
             counts: HashMap::new(),
             seen: HashSet::new(),
             generated: 0,
+            prompt_len,
         }
     }
 
-    /// Records tokens the sequence holds (a step's input: prompt chunks, then each sampled
-    /// token as the next step feeds it back). Recomputed tokens are recorded again, harmlessly.
-    pub fn observe(&mut self, tokens: &[i64]) {
-        self.seen.extend(tokens);
+    /// Records a step's input: `tokens` at positions from `start_position` (prompt chunks, then
+    /// each sampled token as the next step feeds it back). A generated token this sampler did
+    /// not sample itself (the sequence is recomputed on a rank that joined after a failure)
+    /// counts as if it had: penalties, `min_tokens` and the random stream go on from there.
+    /// Tokens recomputed after a preemption are recorded again, harmlessly.
+    pub fn observe(&mut self, tokens: &[i64], start_position: usize, params: &SamplingParams) {
+        if params.repetition_penalty != 1.0 {
+            self.seen.extend(tokens);
+        }
+        let replayed_from = (self.prompt_len + self.generated).saturating_sub(start_position);
+        for &token in tokens.iter().skip(replayed_from) {
+            *self.counts.entry(token).or_insert(0) += 1;
+            self.generated += 1;
+        }
     }
 
     /// Chooses a token from `logits` (one row over the vocabulary) and records it.
@@ -209,6 +225,8 @@ impl SequenceSampler {
             let total: f64 = probs.iter().sum();
             probs.iter_mut().for_each(|p| *p /= total);
         }
+        // Two 32-bit words per f64 draw: the n-th generated token's draw, whatever came before.
+        self.rng.set_word_pos(2 * self.generated as u128);
         let u: f64 = self.rng.random();
         let mut acc = 0.0;
         for (p, &token) in probs.iter().zip(&order) {
@@ -302,7 +320,7 @@ mod tests {
 
     #[test]
     fn greedy_picks_the_maximum_and_reports_its_logprob() {
-        let s = SequenceSampler::new(0).sample(&logits(), lse(), &SamplingParams::default());
+        let s = SequenceSampler::new(0, 0).sample(&logits(), lse(), &SamplingParams::default());
         assert_eq!(s.token, 1);
         let expected = 3.0 - logits().iter().map(|x| x.exp()).sum::<f32>().ln();
         assert!((s.logprob - expected).abs() < 1e-6);
@@ -314,7 +332,7 @@ mod tests {
             top_logprobs: 3,
             ..Default::default()
         };
-        let s = SequenceSampler::new(0).sample(&logits(), lse(), &params);
+        let s = SequenceSampler::new(0, 0).sample(&logits(), lse(), &params);
         let ids: Vec<i64> = s.top_logprobs.iter().map(|t| t.0).collect();
         assert_eq!(ids, [1, 4, 2]);
         let mass: f32 = s.top_logprobs.iter().map(|t| t.1.exp()).sum();
@@ -329,7 +347,7 @@ mod tests {
             ..Default::default()
         };
         let run = |seed| {
-            let mut s = SequenceSampler::new(seed);
+            let mut s = SequenceSampler::new(seed, 0);
             (0..50)
                 .map(|_| s.sample(&logits(), lse(), &params).token)
                 .collect::<Vec<_>>()
@@ -344,7 +362,7 @@ mod tests {
             top_k: 1,
             ..params.clone()
         };
-        let mut s = SequenceSampler::new(7);
+        let mut s = SequenceSampler::new(7, 0);
         assert!((0..20).all(|_| s.sample(&logits(), lse(), &greedy_k).token == 1));
     }
 
@@ -356,7 +374,7 @@ mod tests {
             top_p: 0.3,
             ..Default::default()
         };
-        let mut s = SequenceSampler::new(1);
+        let mut s = SequenceSampler::new(1, 0);
         assert!((0..50).all(|_| s.sample(&logits(), lse(), &params).token == 1));
     }
 
@@ -366,7 +384,7 @@ mod tests {
             frequency_penalty: 2.0,
             ..Default::default()
         };
-        let mut s = SequenceSampler::new(0);
+        let mut s = SequenceSampler::new(0, 0);
         let first = s.sample(&logits(), lse(), &params).token;
         let second = s.sample(&logits(), lse(), &params).token;
         assert_eq!(
@@ -383,7 +401,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            SequenceSampler::new(0)
+            SequenceSampler::new(0, 0)
                 .sample(&logits(), lse(), &forced)
                 .token,
             3
@@ -392,7 +410,7 @@ mod tests {
             logit_bias: vec![(1, -100.0)],
             ..Default::default()
         };
-        let s = SequenceSampler::new(0).sample(&logits(), lse(), &banned);
+        let s = SequenceSampler::new(0, 0).sample(&logits(), lse(), &banned);
         assert_eq!(s.token, 4, "the runner-up");
         // The reported log-probability is the model's own.
         assert!((s.logprob - (logits()[4] - lse())).abs() < 1e-6);
@@ -405,19 +423,19 @@ mod tests {
             ..Default::default()
         };
         // 3.0 / 1.5 = 2.0 falls below 2.9: the runner-up wins once token 1 has been seen.
-        let mut s = SequenceSampler::new(0);
+        let mut s = SequenceSampler::new(0, 0);
         assert_eq!(
             s.sample(&logits(), lse(), &params).token,
             1,
             "nothing seen yet"
         );
-        let mut s = SequenceSampler::new(0);
-        s.observe(&[1]);
+        let mut s = SequenceSampler::new(0, 1);
+        s.observe(&[1], 0, &params);
         assert_eq!(s.sample(&logits(), lse(), &params).token, 4);
         // A negative logit is pushed further down (multiplied), not up.
         let negative = vec![-1.0, -1.2, -3.0];
-        let mut s = SequenceSampler::new(0);
-        s.observe(&[0]);
+        let mut s = SequenceSampler::new(0, 1);
+        s.observe(&[0], 0, &params);
         assert_eq!(
             s.sample(&negative, log_sum_exp(&negative), &params).token,
             1
@@ -431,7 +449,7 @@ mod tests {
             min_tokens_banned: vec![1],
             ..Default::default()
         };
-        let mut s = SequenceSampler::new(0);
+        let mut s = SequenceSampler::new(0, 0);
         let picks: Vec<i64> = (0..3)
             .map(|_| s.sample(&logits(), lse(), &params).token)
             .collect();
@@ -442,7 +460,7 @@ mod tests {
     fn a_mask_restricts_the_choice_greedy_and_sampled() {
         // Only tokens 2 and 3 allowed (bits 2 and 3 of byte 0).
         let mask = [0b0000_1100u8];
-        let mut s = SequenceSampler::new(0);
+        let mut s = SequenceSampler::new(0, 0);
         let greedy = s.sample_masked(&logits(), lse(), &SamplingParams::default(), Some(&mask));
         assert_eq!(greedy.token, 2);
         assert!(
@@ -454,7 +472,7 @@ mod tests {
             ..Default::default()
         };
         for seed in 0..50 {
-            let t = SequenceSampler::new(seed)
+            let t = SequenceSampler::new(seed, 0)
                 .sample_masked(&logits(), lse(), &hot, Some(&mask))
                 .token;
             assert!(t == 2 || t == 3, "{t}");
@@ -468,5 +486,46 @@ mod tests {
         assert_eq!(s.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 4]);
         assert!((s.logprob - (logits()[4] - lse())).abs() < 1e-6);
         assert_eq!(score(&logits(), lse(), 1, 0).rank, 1);
+    }
+
+    #[test]
+    fn a_rank_that_replays_the_generated_tokens_samples_what_the_lost_rank_would_have() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: 11,
+            frequency_penalty: 0.4,
+            presence_penalty: 0.2,
+            min_tokens: 3,
+            min_tokens_banned: vec![4],
+            ..Default::default()
+        };
+        let prompt = [2, 3];
+        // The rank that served the sequence from the start: prompt, then each token fed back.
+        let mut original = SequenceSampler::new(params.seed, prompt.len());
+        original.observe(&prompt, 0, &params);
+        let mut tokens = prompt.to_vec();
+        for _ in 0..6 {
+            let t = original.sample(&logits(), lse(), &params).token;
+            original.observe(&[t], tokens.len(), &params);
+            tokens.push(t);
+        }
+        // A rank new to it recomputes prompt and generated tokens, in two chunks.
+        let mut joined = SequenceSampler::new(params.seed, prompt.len());
+        joined.observe(&tokens[..3], 0, &params);
+        joined.observe(&tokens[3..], 3, &params);
+        assert_eq!(joined.generated, original.generated);
+        assert_eq!(joined.counts, original.counts);
+        let next: Vec<i64> = (0..20)
+            .map(|_| {
+                let a = original.sample(&logits(), lse(), &params).token;
+                let b = joined.sample(&logits(), lse(), &params).token;
+                assert_eq!(a, b, "the rank that joined late drew differently");
+                a
+            })
+            .collect();
+        assert!(
+            next.iter().any(|&t| t != next[0]),
+            "the draws should vary (else the test proves nothing): {next:?}"
+        );
     }
 }

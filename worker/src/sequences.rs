@@ -73,7 +73,7 @@ impl Sequences {
                         .by_id
                         .entry(s.sequence_id)
                         .or_insert_with(|| SequenceState {
-                            sampler: SequenceSampler::new(params.seed),
+                            sampler: SequenceSampler::new(params.seed, s.prompt_len as usize),
                             params: params.clone(),
                             blocks: Vec::new(),
                         });
@@ -131,6 +131,7 @@ mod tests {
         blocks: Vec<u32>,
         admit: bool,
     ) -> pb::SequenceStep {
+        let tokens_len = tokens.len() as u32;
         pb::SequenceStep {
             sequence_id: id,
             tokens,
@@ -143,6 +144,7 @@ mod tests {
             sample: true,
             next_token: None,
             allowed_tokens: Vec::new(),
+            prompt_len: if admit { tokens_len } else { 0 },
         }
     }
 
@@ -174,7 +176,7 @@ mod tests {
             .unwrap();
         assert_eq!(batch[0].block_table, vec![3, 4, 9]);
         // Preempted and admitted again: a new table, the same sampler.
-        s.get_mut(1).unwrap().sampler = SequenceSampler::new(99);
+        s.get_mut(1).unwrap().sampler = SequenceSampler::new(99, 3);
         let batch = s
             .prepare(&step(
                 vec![seq(1, vec![5, 6, 7, 8, 9], 0, vec![0, 1, 2], true)],
@@ -183,7 +185,7 @@ mod tests {
             .unwrap();
         assert_eq!(batch[0].block_table, vec![0, 1, 2]);
         let kept = format!("{:?}", s.get_mut(1).unwrap().sampler);
-        assert_eq!(kept, format!("{:?}", SequenceSampler::new(99)));
+        assert_eq!(kept, format!("{:?}", SequenceSampler::new(99, 3)));
     }
 
     #[test]

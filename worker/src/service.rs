@@ -1,13 +1,13 @@
-//! The worker's gRPC service (`caravan.v1.Worker`): a thin async front that forwards every request
-//! to the model thread and awaits its answer.
+//! The worker's gRPC service (`caravan.v1.Worker`): steps run on the handler's thread (its queue
+//! moved aside), loads on a blocking thread, health and identity from shared status without the
+//! runner.
 
-use std::sync::mpsc::Sender;
+use std::sync::TryLockError;
 
 use caravan_proto::{self as pb, worker_server::Worker};
-use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-use crate::runner::{Command, SharedStatus};
+use crate::runner::{SharedRunner, SharedStatus};
 
 /// What the service reports about this worker in `Info`.
 #[derive(Debug, Clone)]
@@ -19,15 +19,15 @@ pub struct WorkerIdentity {
 }
 
 pub struct WorkerService {
-    commands: Sender<Command>,
+    runner: SharedRunner,
     status: SharedStatus,
     identity: WorkerIdentity,
 }
 
 impl WorkerService {
-    pub fn new(commands: Sender<Command>, status: SharedStatus, identity: WorkerIdentity) -> Self {
+    pub fn new(runner: SharedRunner, status: SharedStatus, identity: WorkerIdentity) -> Self {
         WorkerService {
-            commands,
+            runner,
             status,
             identity,
         }
@@ -40,19 +40,6 @@ impl WorkerService {
             .unwrap_or_else(|e| e.into_inner())
             .rank
             .map_or(-1, i64::from)
-    }
-
-    async fn call<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, Status>>) -> Command,
-    ) -> Result<Response<T>, Status> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(make(tx))
-            .map_err(|_| Status::unavailable("the model thread has stopped"))?;
-        rx.await
-            .map_err(|_| Status::internal("the model thread dropped the request"))?
-            .map(Response::new)
     }
 }
 
@@ -78,7 +65,17 @@ impl Worker for WorkerService {
         request: Request<pb::LoadShardRequest>,
     ) -> Result<Response<pb::LoadShardResponse>, Status> {
         let req = request.into_inner();
-        self.call(|tx| Command::Load(req, tx)).await
+        let runner = self.runner.clone();
+        // A step waits for no load (it is refused meanwhile), so the lock is the load's alone.
+        tokio::task::spawn_blocking(move || {
+            let result = runner.lock().unwrap_or_else(|e| e.into_inner()).load(req);
+            // A load replaces whatever state a panicked step left behind.
+            runner.clear_poison();
+            result
+        })
+        .await
+        .map_err(|e| Status::internal(format!("loading the shard stopped: {e}")))?
+        .map(Response::new)
     }
 
     async fn step(
@@ -92,7 +89,27 @@ impl Worker for WorkerService {
         );
         caravan_common::telemetry::set_parent_from(&span, request.metadata());
         let req = request.into_inner();
-        self.call(|tx| Command::Step(req, span, tx)).await
+        // On this thread, blocking it for the step (see `runner`). Never wait for the lock: it
+        // is held only by a load, which a step must not queue behind.
+        let mut runner =
+            match self.runner.try_lock() {
+                Ok(runner) => runner,
+                // A step panicked half-way: the rank's state is unknown until the group is formed
+                // again (a load clears the poison).
+                Err(TryLockError::Poisoned(_)) => return Err(Status::internal(
+                    "an earlier step on this rank failed mid-way: the group must be formed again",
+                )),
+                Err(TryLockError::WouldBlock) => {
+                    return Err(Status::failed_precondition(
+                        "a shard is loading: no step until it is loaded",
+                    ))
+                }
+            };
+        // `block_in_place` hands this thread's queue (its LIFO slot included, which no other
+        // thread may steal) to a fresh thread first: without it, a task parked behind a long
+        // step, such as the connection that carries `Health`, waits for the step to end, and a
+        // prefill of seconds reads as a dead rank.
+        tokio::task::block_in_place(|| runner.serve_step(req, &span)).map(Response::new)
     }
 
     async fn health(

@@ -1,12 +1,18 @@
 //! `POST /v1/completions` and `POST /v1/chat/completions`: validate, submit to the scheduler, and
 //! answer with one JSON body or a server-sent-event stream ending in `[DONE]`.
 
-use std::{convert::Infallible, time::SystemTime};
+use std::{
+    convert::Infallible,
+    time::{Duration, SystemTime},
+};
 
 use axum::{
     body::Body,
     extract::State,
-    response::{sse::Event as SseEvent, IntoResponse, Response, Sse},
+    response::{
+        sse::{Event as SseEvent, KeepAlive},
+        IntoResponse, Response, Sse,
+    },
     Json,
 };
 use futures::{stream, Stream, StreamExt};
@@ -26,6 +32,9 @@ use crate::{
     engine::{GenerationRequest, SubmitError},
     output::{Alternative, Event, FinishReason, PromptTokenOut, TokenOut},
 };
+
+/// How often an idle stream gets an SSE comment line.
+const SSE_KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// Which endpoint is answering: shapes the JSON.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -358,7 +367,8 @@ async fn run(state: SharedState, p: Prepared) -> Response {
         ))
         .into_response();
     };
-    if !state.health.is_ready() {
+    // While the group is formed again, requests queue for it (up to --recovery-timeout).
+    if !state.health.is_ready() && !state.health.is_recovering() {
         return ApiError::unavailable(format!(
             "The worker group is not ready: {}",
             state.health.reason()
@@ -434,7 +444,11 @@ async fn run(state: SharedState, p: Prepared) -> Response {
     let meta = ResponseMeta::new(&state, &p);
     let echoes: Vec<Option<String>> = p.prompts.into_iter().map(|job| job.echo).collect();
     if p.stream {
-        Sse::new(sse_stream(meta, echoes, p.n, submitted)).into_response()
+        // Comment lines keep an idle stream open through proxies while a failed group is
+        // formed again (or a long prefill runs); clients skip them.
+        Sse::new(sse_stream(meta, echoes, p.n, submitted))
+            .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE).text("keep-alive"))
+            .into_response()
     } else {
         collect(meta, echoes, p.n, submitted).await
     }

@@ -185,6 +185,13 @@ async fn admin_status(State(state): State<SharedState>) -> Json<admin::Status> {
                 .unwrap_or_else(|| "unknown".into()),
         })
         .collect();
+    let spares = state
+        .registry
+        .workers()
+        .into_iter()
+        .filter(|w| !members.iter().any(|m| m.id == w.id))
+        .map(|w| w.id)
+        .collect();
     let s = &state.stats;
     let ready = state.is_ready();
     Json(admin::Status {
@@ -204,6 +211,7 @@ async fn admin_status(State(state): State<SharedState>) -> Json<admin::Status> {
         kv_cache_blocks_used: EngineStats::get(&s.kv_blocks_used),
         kv_cache_blocks_total: EngineStats::get(&s.kv_blocks_total),
         workers,
+        spares,
     })
 }
 
@@ -256,18 +264,27 @@ async fn metrics(State(state): State<SharedState>) -> Response {
          # TYPE caravan_ready gauge\ncaravan_ready {ready}\n"
     );
     body += &state.stats.render();
-    let members = state
+    let members: Vec<String> = state
         .workers
         .read()
         .unwrap_or_else(|e| e.into_inner())
-        .len();
+        .iter()
+        .map(|w| w.id.clone())
+        .collect();
+    let registered = state.registry.workers();
+    let spares = registered
+        .iter()
+        .filter(|w| !members.contains(&w.id))
+        .count();
     body += &format!(
         "# HELP caravan_workers_registered Workers registered and alive.\n\
          # TYPE caravan_workers_registered gauge\ncaravan_workers_registered {}\n\
          # HELP caravan_workers_up Workers in the serving group (0 while it is not ready).\n\
-         # TYPE caravan_workers_up gauge\ncaravan_workers_up {}\n",
-        state.registry.workers().len(),
-        if ready == 1 { members } else { 0 },
+         # TYPE caravan_workers_up gauge\ncaravan_workers_up {}\n\
+         # HELP caravan_workers_spare Registered workers outside the group, ready to replace a rank.\n\
+         # TYPE caravan_workers_spare gauge\ncaravan_workers_spare {spares}\n",
+        registered.len(),
+        if ready == 1 { members.len() } else { 0 },
     );
     (
         [(

@@ -12,7 +12,7 @@ use caravan_proto::{
 use caravan_worker::{
     generate::parse_device,
     membership::EtcdRegistration,
-    runner::{ModelRunner, SharedStatus},
+    runner::{ModelRunner, SharedRunner, SharedStatus},
     service::{WorkerIdentity, WorkerService},
     telemetry,
 };
@@ -80,6 +80,8 @@ struct Args {
 fn main() -> ExitCode {
     let restart = caravan_ops::cpu::restart_with_passive_openmp();
     let args = Args::parse();
+    // Two threads: a step runs on (and blocks) the one that received it, the other answers
+    // health checks and keeps the membership meanwhile.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -168,22 +170,18 @@ async fn run(args: Args) -> Result<()> {
     );
 
     let status = SharedStatus::default();
-    let (commands, receiver) = std::sync::mpsc::channel();
     let fault = caravan_worker::faults::Fault::from_env().map_err(anyhow::Error::msg)?;
     if let Some(fault) = &fault {
         tracing::warn!(?fault, "a fault will be injected (CARAVAN_INJECT_FAULT)");
     }
-    let runner = ModelRunner::new(device, ring, status.clone(), fault);
-    std::thread::Builder::new()
-        .name("caravan-model".into())
-        .spawn(move || runner.run(receiver))?;
+    let runner = SharedRunner::new(ModelRunner::new(device, ring, status.clone(), fault).into());
     let identity = WorkerIdentity {
         host: caravan_worker::host::hostname(),
         device: args.device.clone(),
         memory_bytes: caravan_worker::host::available_memory(),
         ring_addr: advertised_ring.clone(),
     };
-    let service = WorkerService::new(commands, status, identity.clone());
+    let service = WorkerService::new(runner, status, identity.clone());
     // The standard gRPC health protocol, for Kubernetes `grpc` probes and load balancers.
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
