@@ -6,6 +6,10 @@
 //! teacher-forced with transformers' greedy tokens so every logit row is comparable, and our own
 //! argmax must equal transformers' token at every step, which is exactly the condition for free-
 //! running greedy decoding to produce the same tokens (checked directly below as well).
+//!
+//! Every f32 case runs twice: with Caravan's CPU kernels, and with `--cpu-kernels off`, where
+//! every product, norm and the paged-KV attention (gathered SDPA) run through libtorch, the
+//! device-generic path a GPU takes.
 
 use std::collections::HashMap;
 
@@ -42,8 +46,14 @@ impl Golden {
         self.get(&format!("p{i}.tokens")).ints.clone()
     }
 
-    /// Arguments for a teacher-forced run of both prompts as one batch, dumping logits to `dump`.
-    fn teacher_forced_args(&self, shape: &str, tp: usize, dump: &std::path::Path) -> Vec<String> {
+    /// Arguments for a teacher-forced run of `prompts` as one batch, dumping logits to `dump`.
+    fn teacher_forced_args(
+        &self,
+        shape: &str,
+        tp: usize,
+        prompts: &[usize],
+        dump: &std::path::Path,
+    ) -> Vec<String> {
         let mut args = vec![
             "--model".into(),
             fixtures().join(shape).display().to_string(),
@@ -54,7 +64,7 @@ impl Golden {
             "--dump-logits".into(),
             dump.display().to_string(),
         ];
-        for i in 0..PROMPTS {
+        for &i in prompts {
             args.extend(["--prompt-ids".into(), ids(&self.prompt(i))]);
             args.extend([
                 "--force-tokens".into(),
@@ -65,24 +75,69 @@ impl Golden {
     }
 }
 
-/// Runs a teacher-forced batch and returns the dumped logits and tokens.
-fn run(shape: &str, tp: usize, extra: &[&str]) -> HashMap<String, HostTensor> {
+/// Which implementation computes on the CPU (`--cpu-kernels`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kernels {
+    /// Caravan's kernels (where the CPU has AVX2/FMA/F16C).
+    Caravan,
+    /// libtorch alone: the device-generic path.
+    Libtorch,
+}
+
+const BOTH_PATHS: [Kernels; 2] = [Kernels::Caravan, Kernels::Libtorch];
+
+/// Runs a teacher-forced batch of `prompts` and returns the dumped logits and tokens (their
+/// rows keyed by each prompt's index in the golden file).
+fn run_prompts(
+    shape: &str,
+    tp: usize,
+    prompts: &[usize],
+    kernels: Kernels,
+    extra: &[&str],
+) -> HashMap<String, HostTensor> {
     let golden = Golden::load(shape);
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("logits.safetensors");
-    let mut args = golden.teacher_forced_args(shape, tp, &dump);
+    let mut args = golden.teacher_forced_args(shape, tp, prompts, &dump);
+    let switch = match kernels {
+        Kernels::Caravan => "on",
+        Kernels::Libtorch => "off",
+    };
+    args.extend(["--cpu-kernels".to_string(), switch.to_string()]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let out = generate(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "caravan-generate failed for {shape} tp={tp}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    read_safetensors(&dump).expect("dump")
+    if kernels == Kernels::Libtorch {
+        assert!(
+            stdout.contains("cpu kernels: libtorch (--cpu-kernels off)"),
+            "the run does not say it took the libtorch path:\n{stdout}"
+        );
+    }
+    let dumped = read_safetensors(&dump).expect("dump");
+    // The dump numbers prompts in the order they were given.
+    dumped
+        .into_iter()
+        .map(|(key, tensor)| {
+            let (index, part) = key.split_once('.').expect("dump keys are p<i>.<part>");
+            let given: usize = index[1..].parse().expect("prompt index");
+            (format!("p{}.{part}", prompts[given]), tensor)
+        })
+        .collect()
 }
 
-/// Asserts that every logit is within `tolerance` of `reference(i)` and, when `exact_tokens`, that
-/// every greedy choice equals transformers'.
+/// Runs a teacher-forced batch of both prompts.
+fn run(shape: &str, tp: usize, kernels: Kernels, extra: &[&str]) -> HashMap<String, HostTensor> {
+    let all: Vec<usize> = (0..PROMPTS).collect();
+    run_prompts(shape, tp, &all, kernels, extra)
+}
+
+/// Asserts that every logit of the prompts in `ours` is within `tolerance` of transformers' and,
+/// when `exact_tokens`, that every greedy choice equals transformers'.
 fn compare(
     shape: &str,
     ours: &HashMap<String, HostTensor>,
@@ -91,7 +146,11 @@ fn compare(
 ) -> f64 {
     let golden = Golden::load(shape);
     let mut worst: f64 = 0.0;
-    for i in 0..PROMPTS {
+    let prompts: Vec<usize> = (0..PROMPTS)
+        .filter(|i| ours.contains_key(&format!("p{i}.tokens")))
+        .collect();
+    assert!(!prompts.is_empty(), "no prompt in the dump");
+    for i in prompts {
         for part in ["prefill_logits", "decode_logits"] {
             let key = format!("p{i}.{part}");
             let diff = max_abs_diff(golden.get(&key), &ours[&key]);
@@ -113,9 +172,11 @@ fn compare(
 }
 
 fn check_f32(shape: &str, tp: usize) {
-    let ours = run(shape, tp, &[]);
-    let worst = compare(shape, &ours, F32_TOLERANCE, true);
-    eprintln!("{shape} tp={tp}: max |logit diff| {worst:.2e}");
+    for kernels in BOTH_PATHS {
+        let ours = run(shape, tp, kernels, &[]);
+        let worst = compare(shape, &ours, F32_TOLERANCE, true);
+        eprintln!("{shape} tp={tp} {kernels:?}: max |logit diff| {worst:.2e}");
+    }
 }
 
 #[test]
@@ -165,8 +226,24 @@ fn mqa_tp4_replicates_the_kv_head() {
 
 #[test]
 fn replicated_vocab_matches_too() {
-    let ours = run("mha", 2, &["--vocab-sharding", "replicated"]);
+    let ours = run(
+        "mha",
+        2,
+        Kernels::Caravan,
+        &["--vocab-sharding", "replicated"],
+    );
     compare("mha", &ours, F32_TOLERANCE, true);
+}
+
+/// One sequence alone decodes through the per-sequence SDPA (two or more share one gathered
+/// call, which the other cases cover).
+#[test]
+fn one_sequence_on_the_libtorch_path() {
+    for (shape, tp) in [("gqa", 2), ("mqa", 1)] {
+        let ours = run_prompts(shape, tp, &[1], Kernels::Libtorch, &[]);
+        assert!(!ours.contains_key("p0.tokens"));
+        compare(shape, &ours, F32_TOLERANCE, true);
+    }
 }
 
 /// bf16 compute against the f32 reference. Rounding to bf16 (8 bits of mantissa) moves logits by
@@ -175,7 +252,13 @@ fn replicated_vocab_matches_too() {
 #[test]
 fn bf16_within_twice_transformers_bf16_error() {
     let golden = Golden::load("gqa");
-    let ours = run("gqa", 2, &["--dtype", "bf16"]);
+    for kernels in BOTH_PATHS {
+        let ours = run("gqa", 2, kernels, &["--dtype", "bf16"]);
+        check_bf16(&golden, &ours, kernels);
+    }
+}
+
+fn check_bf16(golden: &Golden, ours: &HashMap<String, HostTensor>, kernels: Kernels) {
     for i in 0..PROMPTS {
         let p = golden.prompt(i).len();
         let f32_all = golden.get(&format!("p{i}.prefill_logits"));
@@ -190,10 +273,13 @@ fn bf16_within_twice_transformers_bf16_error() {
         let hf_error = max_abs_diff(f32_all, &hf_prefill);
         let bound = 2.0 * hf_error + 0.02;
         let ours_error = max_abs_diff(f32_all, &ours[&format!("p{i}.prefill_logits")]);
-        eprintln!("bf16 prompt {i}: ours {ours_error:.3e}, transformers {hf_error:.3e}, bound {bound:.3e}");
+        eprintln!(
+            "bf16 {kernels:?} prompt {i}: ours {ours_error:.3e}, transformers {hf_error:.3e}, \
+             bound {bound:.3e}"
+        );
         assert!(
             ours_error <= bound,
-            "prompt {i}: bf16 error {ours_error:.3e} > {bound:.3e}"
+            "{kernels:?} prompt {i}: bf16 error {ours_error:.3e} > {bound:.3e}"
         );
         let decode_error = max_abs_diff(
             golden.get(&format!("p{i}.decode_logits")),
@@ -201,7 +287,7 @@ fn bf16_within_twice_transformers_bf16_error() {
         );
         assert!(
             decode_error <= bound,
-            "prompt {i}: bf16 decode error {decode_error:.3e} > {bound:.3e}"
+            "{kernels:?} prompt {i}: bf16 decode error {decode_error:.3e} > {bound:.3e}"
         );
     }
 }

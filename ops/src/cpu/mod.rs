@@ -9,6 +9,7 @@
 //! KV cache where it lies.
 
 pub mod attention;
+mod kernels;
 pub mod packed;
 pub mod rows;
 mod team;
@@ -20,17 +21,24 @@ use std::sync::{Arc, Mutex};
 use half::{bf16, f16};
 use tch::{Device, Kind, Tensor};
 
+pub use kernels::{cpu_kernel_path, set_cpu_kernels, CpuKernels};
+
 static TEAM: Mutex<Option<Arc<team::Team>>> = Mutex::new(None);
 
-/// Whether this CPU runs the kernels here (x86-64 with AVX2, FMA and F16C); detected once.
-#[cfg(target_arch = "x86_64")]
+/// Whether the kernels here run: not switched off ([`set_cpu_kernels`]) and this CPU has what
+/// they need (x86-64 with AVX2, FMA and F16C; detected once).
 fn kernels_run_here() -> bool {
+    kernels::enabled() && cpu_has_kernel_features()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_kernel_features() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(x86::available)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn kernels_run_here() -> bool {
+fn cpu_has_kernel_features() -> bool {
     false
 }
 

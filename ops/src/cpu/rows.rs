@@ -17,7 +17,8 @@ use crate::{
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
     let kind = x.kind();
     let hidden = weight.numel();
-    if !is_plain(x, kind)
+    if !super::kernels::enabled()
+        || !is_plain(x, kind)
         || !is_plain(weight, kind)
         || x.dim() != 2
         || x.size()[1] as usize != hidden
@@ -57,7 +58,8 @@ fn norm<T: Scalar>(x: &Tensor, weight: &Tensor, eps: f32, y: &mut Tensor) {
 pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
     let kind = x.kind();
     let (xs, cs) = (x.size(), cos.size());
-    if !is_plain(x, kind)
+    if !super::kernels::enabled()
+        || !is_plain(x, kind)
         || !is_plain(cos, kind)
         || !is_plain(sin, kind)
         || xs.len() != 3

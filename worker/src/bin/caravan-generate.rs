@@ -4,7 +4,10 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Result};
-use caravan_ops::{Communicator, DType, VocabSharding};
+use caravan_ops::{
+    cpu::{cpu_kernel_path, set_cpu_kernels, CpuKernels},
+    Communicator, DType, VocabSharding,
+};
 use caravan_worker::{
     generate::{self, GenerateJob},
     local_group::{self, Backend},
@@ -41,6 +44,10 @@ struct Args {
     /// Placement of the embedding and LM head: auto, replicated or parallel.
     #[arg(long, default_value = "auto")]
     vocab_sharding: VocabSharding,
+    /// On a CPU: `on` runs Caravan's AVX2 kernels where the CPU has them; `off` runs every
+    /// product, norm and attention through libtorch, the path a GPU takes.
+    #[arg(long, env = "CARAVAN_CPU_KERNELS", default_value_t = CpuKernels::On)]
+    cpu_kernels: CpuKernels,
     /// libtorch threads per rank (default: available cores / tp).
     #[arg(long, env = "CARAVAN_THREADS")]
     threads: Option<usize>,
@@ -122,6 +129,7 @@ fn run(args: Args) -> Result<()> {
         force_tokens: (!args.force_tokens.is_empty()).then(|| args.force_tokens.clone()),
         dump_logits: args.dump_logits.clone(),
     };
+    set_cpu_kernels(args.cpu_kernels);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args.threads.unwrap_or((cores / args.tp.max(1)).max(1));
     let timeout = Duration::from_secs_f64(args.collective_timeout);
@@ -142,6 +150,7 @@ fn run(args: Args) -> Result<()> {
             let report = generate::run_rank(&job, comm).map_err(in_rank)?;
             if rank == 0 {
                 print!("{}", report.render());
+                print_compute(device);
             }
             Ok(())
         }
@@ -159,8 +168,16 @@ fn run(args: Args) -> Result<()> {
             caravan_ops::cpu::set_threads(threads)?;
             let report = generate::run_rank(&job, Communicator::Single)?;
             print!("{}", report.render());
+            print_compute(device);
             Ok(())
         }
+    }
+}
+
+/// Says what computed the run on a CPU (the tests check which path ran).
+fn print_compute(device: Device) {
+    if device == Device::Cpu {
+        println!("cpu kernels: {}", cpu_kernel_path());
     }
 }
 

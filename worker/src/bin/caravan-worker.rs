@@ -5,7 +5,10 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use caravan_common::telemetry::LogFormat;
-use caravan_ops::comm::RingListener;
+use caravan_ops::{
+    comm::RingListener,
+    cpu::{cpu_kernel_path, set_cpu_kernels, CpuKernels},
+};
 use caravan_proto::{
     self as pb, coordinator_client::CoordinatorClient, worker_server::WorkerServer,
 };
@@ -60,6 +63,10 @@ struct Args {
     /// cpu or cuda:N.
     #[arg(long, env = "CARAVAN_DEVICE", default_value = "cpu")]
     device: String,
+    /// On a CPU: `on` runs Caravan's AVX2 kernels where the CPU has them; `off` runs every
+    /// product, norm and attention through libtorch, the path a GPU takes.
+    #[arg(long, env = "CARAVAN_CPU_KERNELS", default_value_t = CpuKernels::On)]
+    cpu_kernels: CpuKernels,
     /// Log format on stderr.
     #[arg(long, env = "CARAVAN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -136,6 +143,7 @@ async fn run(args: Args) -> Result<()> {
         Some(d) => d,
         None => Device::Cuda(0),
     };
+    set_cpu_kernels(args.cpu_kernels);
     let ring_addr = args
         .ring_addr
         .unwrap_or(SocketAddr::new(args.listen.ip(), 0));
@@ -164,9 +172,13 @@ async fn run(args: Args) -> Result<()> {
     );
     let advertised_ring = join_host_port(&advertise, ring_addr.port());
     // The addresses peers will use, said once: wrong interfaces are the classic multi-host hang.
+    let compute = match device {
+        Device::Cpu => format!("cpu, kernels: {}", cpu_kernel_path()),
+        other => format!("{other:?}"),
+    };
     eprintln!(
         "caravan-worker: gRPC {grpc_addr}, ring {ring_addr}, advertised as {advertised_grpc} and \
-         ring {advertised_ring}"
+         ring {advertised_ring}; computing on {compute}"
     );
 
     let status = SharedStatus::default();
