@@ -7,7 +7,9 @@
 //! template. Rendering follows `transformers`: `trim_blocks` and `lstrip_blocks`, loop controls,
 //! Python string and dict methods (`.strip()`, `.items()`), `raise_exception`, `strftime_now`, a
 //! `tojson` that writes what Python's `json.dumps` writes, the tokenizer's special tokens
-//! (`bos_token`, `eos_token`, ...) as variables, and `continue_final_message` cut as
+//! (`bos_token`, `eos_token`, ...) as variables (from `tokenizer_config.json` or
+//! `special_tokens_map.json`, else `config.json`'s BOS and EOS ids spelled by the tokenizer),
+//! and `continue_final_message` cut as
 //! `transformers` cuts it. The rendered text is tokenized without adding special tokens: a
 //! template that wants BOS writes it.
 
@@ -103,12 +105,17 @@ impl fmt::Debug for ChatTemplate {
 impl ChatTemplate {
     /// The template for the checkpoint folder `dir`; `flag` is `--chat-template` (a file path,
     /// or the template itself when no such file exists and it holds Jinja tags, as in vLLM).
-    pub fn load(dir: &Path, flag: Option<&str>) -> Result<Self> {
+    /// `known` holds special tokens known otherwise ([`special_tokens_from_ids`]), used for
+    /// those the folder's `tokenizer_config.json` or `special_tokens_map.json` does not name.
+    pub fn load(dir: &Path, flag: Option<&str>, known: &Map<String, Json>) -> Result<Self> {
         let config = read_json_object(&dir.join("tokenizer_config.json"))?;
         let mut special = special_tokens(config.as_ref());
         if special.is_empty() {
             special =
                 special_tokens(read_json_object(&dir.join("special_tokens_map.json"))?.as_ref());
+        }
+        for (name, text) in known {
+            special.entry(name.clone()).or_insert_with(|| text.clone());
         }
         let (source, origin) = match flag {
             Some(flag) if Path::new(flag).is_file() => (
@@ -264,6 +271,26 @@ fn read_json_object(path: &Path) -> Result<Option<Map<String, Json>>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
+}
+
+/// `bos_token` and `eos_token` from `config.json`'s `bos_token_id` and (first) `eos_token_id`,
+/// as `token_text` (the tokenizer's vocabulary) spells them: what a folder without
+/// `tokenizer_config.json` still says of its special tokens.
+pub fn special_tokens_from_ids(
+    token_text: impl Fn(i64) -> Option<String>,
+    bos_token_id: Option<i64>,
+    eos_token_ids: &[i64],
+) -> Map<String, Json> {
+    let mut tokens = Map::new();
+    for (name, id) in [
+        ("bos_token", bos_token_id),
+        ("eos_token", eos_token_ids.first().copied()),
+    ] {
+        if let Some(text) = id.and_then(&token_text) {
+            tokens.insert(name.to_string(), Json::String(text));
+        }
+    }
+    tokens
 }
 
 /// `bos_token` and the others as text: a token is a string or an AddedToken object
@@ -668,7 +695,7 @@ mod tests {
         let config = json!({"bos_token": {"content": "<s>"}, "eos_token": "</s>",
                             "chat_template": "cfg{{ bos_token }}"});
         std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
-        let t = ChatTemplate::load(dir.path(), None).unwrap();
+        let t = ChatTemplate::load(dir.path(), None, &Map::new()).unwrap();
         assert_eq!(t.origin(), &TemplateOrigin::TokenizerConfig);
         assert_eq!(t.render(&[], &RenderOptions::default()).unwrap(), "cfg<s>");
         std::fs::write(
@@ -676,25 +703,67 @@ mod tests {
             "jinja{{ eos_token }}",
         )
         .unwrap();
-        let t = ChatTemplate::load(dir.path(), None).unwrap();
+        let t = ChatTemplate::load(dir.path(), None, &Map::new()).unwrap();
         assert_eq!(t.origin(), &TemplateOrigin::JinjaFile);
         assert_eq!(
             t.render(&[], &RenderOptions::default()).unwrap(),
             "jinja</s>"
         );
-        let t = ChatTemplate::load(dir.path(), Some("inline{{ 1 + 1 }}")).unwrap();
+        let t = ChatTemplate::load(dir.path(), Some("inline{{ 1 + 1 }}"), &Map::new()).unwrap();
         assert_eq!(t.render(&[], &RenderOptions::default()).unwrap(), "inline2");
-        assert!(ChatTemplate::load(dir.path(), Some("/no/such/file")).is_err());
-        assert!(ChatTemplate::load(dir.path(), Some("{% if %}")).is_err());
+        assert!(ChatTemplate::load(dir.path(), Some("/no/such/file"), &Map::new()).is_err());
+        assert!(ChatTemplate::load(dir.path(), Some("{% if %}"), &Map::new()).is_err());
 
         let named = json!({"chat_template": [{"name": "tool_use", "template": "t"},
                                              {"name": "default", "template": "d"}]});
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("tokenizer_config.json"), named.to_string()).unwrap();
-        let t = ChatTemplate::load(dir.path(), None).unwrap();
+        let t = ChatTemplate::load(dir.path(), None, &Map::new()).unwrap();
         assert_eq!(t.render(&[], &RenderOptions::default()).unwrap(), "d");
         let dir = tempfile::tempdir().unwrap();
-        let t = ChatTemplate::load(dir.path(), None).unwrap();
+        let t = ChatTemplate::load(dir.path(), None, &Map::new()).unwrap();
         assert_eq!(t.origin(), &TemplateOrigin::BuiltInLlama2);
+    }
+
+    #[test]
+    fn a_folder_without_tokenizer_config_takes_its_special_tokens_from_the_ids() {
+        let vocab = |id: i64| match id {
+            1 => Some("<s>".to_string()),
+            2 => Some("</s>".to_string()),
+            _ => None,
+        };
+        let known = special_tokens_from_ids(vocab, Some(1), &[2, 7]);
+        assert_eq!(
+            known,
+            json!({"bos_token": "<s>", "eos_token": "</s>"})
+                .as_object()
+                .unwrap()
+                .clone()
+        );
+        assert!(special_tokens_from_ids(vocab, None, &[9]).is_empty());
+
+        // Only tokenizer.json and config.json: the built-in Llama 2 template renders with them.
+        let dir = tempfile::tempdir().unwrap();
+        let t = ChatTemplate::load(dir.path(), None, &known).unwrap();
+        assert_eq!(t.origin(), &TemplateOrigin::BuiltInLlama2);
+        let turns = [
+            json!({"role": "user", "content": "Hi"}),
+            json!({"role": "assistant", "content": "Hello"}),
+            json!({"role": "user", "content": "Bye"}),
+        ];
+        assert_eq!(
+            t.render(&turns, &RenderOptions::default()).unwrap(),
+            "<s>[INST] Hi [/INST] Hello </s><s>[INST] Bye [/INST]"
+        );
+
+        // What the folder names wins.
+        let config = json!({"bos_token": "<BOS>"});
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let t =
+            ChatTemplate::load(dir.path(), Some("{{ bos_token }}{{ eos_token }}"), &known).unwrap();
+        assert_eq!(
+            t.render(&[], &RenderOptions::default()).unwrap(),
+            "<BOS></s>"
+        );
     }
 }

@@ -30,7 +30,10 @@ use crate::{
     stats::EngineStats,
     tokenizer::Tokenizer,
 };
-use crate::{chat_template::ChatTemplate, structured::Grammars};
+use crate::{
+    chat_template::{self, ChatTemplate},
+    structured::Grammars,
+};
 use caravan_common::units::{parse_bytes, parse_duration, parse_duration_or_zero};
 
 /// Everything `caravan-coordinator` can be told.
@@ -261,9 +264,15 @@ impl ServedModel {
             model.max_context = len;
         }
         let tokenizer = Arc::new(Tokenizer::load(&model_dir)?);
+        let known_special_tokens = chat_template::special_tokens_from_ids(
+            |id| tokenizer.token(id),
+            model.bos_token_id,
+            &model.eos_token_ids,
+        );
         let chat_template = Arc::new(ChatTemplate::load(
             &model_dir,
             args.chat_template.as_deref(),
+            &known_special_tokens,
         )?);
         tracing::info!(origin = %chat_template.origin(), "chat template");
         let grammars = Arc::new(Grammars::load(

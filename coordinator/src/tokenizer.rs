@@ -48,6 +48,13 @@ impl Tokenizer {
             .collect()
     }
 
+    /// Token `id`'s vocabulary entry, if the vocabulary has one.
+    pub fn token(&self, id: i64) -> Option<String> {
+        u32::try_from(id)
+            .ok()
+            .and_then(|id| self.inner.id_to_token(id))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import Coordinator, continuation_text, hf_greedy
+from test_openai_api import chat, chat_problems
 
 TIMEOUT_S = 60.0
 MIN_COMPARED = 4
@@ -297,3 +298,44 @@ def test_tokenize_and_detokenize_prompts(zephyr, folders):
     assert resp.status_code == 400, resp.text
     resp = zephyr.http.post("/tokenize", json={"model": "no-such-model", "prompt": "x"})
     assert resp.status_code == 404, resp.text
+
+
+def test_a_folder_without_tokenizer_config_serves_chats(checkpoint, reference, tmp_path):
+    """Only config.json, the weights and tokenizer.json (no tokenizer_config.json, no
+    special_tokens_map.json): the built-in Llama 2 template takes BOS and EOS from config.json's
+    ids as the tokenizer spells them, so chats, with logprobs and streamed, and structured outputs
+    are served, equal to the reference that transformers rendered from the complete folder."""
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        (folder / name).symlink_to(checkpoint / name)
+    served = Served(folder, 1)
+    try:
+        problems = []
+        for i, ref in enumerate(reference["chats"]):
+            if served.tokenize(messages=ref["messages"])["tokens"] != ref["prompt_ids"]:
+                problems.append(f"chat {i}: /tokenize differs from {ref['prompt_ids']}")
+            resp = chat(served.client, served.model, ref["messages"], logprobs=True, top_logprobs=2)
+            problems += chat_problems(f"chat {i}", resp, ref)
+            content = resp.choices[0].logprobs.content
+            if len(content) != resp.usage.completion_tokens or any(len(t.top_logprobs) != 2 for t in content):
+                problems.append(f"chat {i}: logprobs {content!r}")
+            streamed = "".join(c.choices[0].delta.content or "" for c in
+                               chat(served.client, served.model, ref["messages"], stream=True) if c.choices)
+            if streamed != ref["text"]:
+                problems.append(f"chat {i}: streamed {streamed!r} != {ref['text']!r}")
+        assert not problems, "\n".join(problems)
+
+        choices = ["yes", "no"]
+        resp = chat(served.client, served.model, reference["chats"][0]["messages"],
+                    extra_body={"guided_choice": choices})
+        assert resp.choices[0].message.content in choices, resp
+        schema = {"type": "object", "properties": {"answer": {"enum": choices}}, "required": ["answer"],
+                  "additionalProperties": False}
+        resp = served.client.chat.completions.create(
+            model=served.model, messages=reference["chats"][0]["messages"], max_tokens=32, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+        assert resp.choices[0].finish_reason == "stop", resp
+        assert json.loads(resp.choices[0].message.content)["answer"] in choices, resp
+    finally:
+        served.close()
