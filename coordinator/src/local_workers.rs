@@ -1,13 +1,18 @@
 //! `--local-workers`: the coordinator starts its workers as child processes on this machine and
 //! restarts any that dies, so the group can be formed again. Each child gets `--exit-with-parent`
-//! and a pipe on stdin, so no worker outlives the coordinator.
+//! and a pipe on stdin, so no worker outlives the coordinator. A worker that refuses to start
+//! (a device it cannot use, bad flags) is not restarted: the coordinator stops with its reason.
 
-use std::{process::Stdio, time::Duration};
+use std::{
+    process::{ExitStatus, Stdio},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
+use caravan_proto::WORKER_EXIT_REFUSED;
 use tokio::{
     process::{Child, ChildStdin, Command},
-    sync::watch,
+    sync::{oneshot, watch},
 };
 
 /// Spawned worker processes; dropping this kills them.
@@ -67,13 +72,16 @@ impl LocalWorkers {
         Ok((child, lifeline))
     }
 
-    /// Resolves when any worker process exits: its index and a description.
-    pub async fn any_exit(&mut self) -> (usize, String) {
+    /// Resolves when any worker process exits: its index and exit status (`None` when waiting
+    /// failed).
+    pub async fn any_exit(&mut self) -> (usize, Option<ExitStatus>) {
         let waits = self.children.iter_mut().enumerate().map(|(i, c)| {
             Box::pin(async move {
                 let status = c.wait().await;
-                let how = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-                (i, format!("local worker {i} exited ({how})"))
+                if let Err(e) = &status {
+                    tracing::warn!("waiting for local worker {i}: {e}");
+                }
+                (i, status.ok())
             })
         });
         futures::future::select_all(waits).await.0
@@ -87,14 +95,32 @@ impl LocalWorkers {
         Ok(())
     }
 
-    /// Restarts workers as they die until `stop` turns true, then stops them all.
-    pub async fn supervise(mut self, mut stop: watch::Receiver<bool>) {
+    /// Restarts workers as they die until `stop` turns true, then stops them all. A worker that
+    /// exits with [`WORKER_EXIT_REFUSED`] refused to start (its one-line reason is on stderr):
+    /// it is not restarted, and `refused` is told, so that the coordinator stops.
+    pub async fn supervise(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        refused: oneshot::Sender<String>,
+    ) {
+        let mut refused = Some(refused);
         loop {
             let exited = tokio::select! {
                 exited = self.any_exit() => exited,
                 _ = stop.wait_for(|s| *s) => break,
             };
-            let (i, reason) = exited;
+            let (i, status) = exited;
+            let how = status.map_or_else(|| "unknown status".to_string(), |s| s.to_string());
+            if status.and_then(|s| s.code()) == Some(i32::from(WORKER_EXIT_REFUSED)) {
+                let why = format!("local worker {i} refused to start ({how}; its error is above)");
+                tracing::info!(%why, "not restarting it");
+                if let Some(refused) = refused.take() {
+                    let _ = refused.send(why);
+                }
+                let _ = stop.wait_for(|s| *s).await;
+                break;
+            }
+            let reason = format!("local worker {i} exited ({how})");
             tracing::warn!(%reason, "restarting it");
             eprintln!("{reason}; restarting it");
             // Do not spin on a worker that cannot start.

@@ -15,7 +15,7 @@ use caravan_proto as pb;
 use caravan_proto::coordinator_server::CoordinatorServer;
 use clap::{Args, ValueEnum};
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::{
     api::{self, AppState, Control},
@@ -412,6 +412,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     tracing::info!(%http_addr, %grpc_addr, tp = args.tp, "coordinator listening");
 
     let (stop_workers, stop_workers_rx) = watch::channel(false);
+    // Told when a local worker refuses to start: the coordinator then stops with its reason.
+    let (refused_tx, refused_rx) = oneshot::channel::<String>();
     let supervisor = if args.local_workers {
         let mut extra = vec![
             "--log-format".to_string(),
@@ -425,7 +427,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         }
         let url = caravan_common::tls::with_scheme(&grpc_addr.to_string(), tls.is_some());
         let workers = LocalWorkers::spawn(args.tp + args.local_spares, &url, &args.device, extra)?;
-        Some(tokio::spawn(workers.supervise(stop_workers_rx)))
+        Some(tokio::spawn(workers.supervise(stop_workers_rx, refused_tx)))
     } else {
         eprintln!("waiting for {} workers to register at {grpc_addr}", args.tp);
         None
@@ -448,10 +450,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         tls: tls.clone(),
     };
 
+    let refused = std::sync::OnceLock::new();
     let shutdown = async {
         tokio::select! {
             _ = shutdown_signal() => {}
             _ = control.drain_requested.notified() => {}
+            Ok(why) = refused_rx => {
+                let _ = refused.set(why);
+            }
         }
     };
     tokio::pin!(shutdown);
@@ -666,7 +672,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         let _ = supervisor.await;
     }
     http_server.abort();
-    Ok(())
+    match refused.get() {
+        Some(why) => bail!("{why}"),
+        None => Ok(()),
+    }
 }
 
 /// Stops admitting, lets requests in flight finish within `timeout`, then ends the rest

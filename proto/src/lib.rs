@@ -8,6 +8,11 @@
 /// steps, no `Release`, enums for dtype and vocabulary placement; v1.2: prompt log-probabilities).
 pub const PROTOCOL_VERSION: &str = "caravan.v1.2";
 
+/// The exit status of a `caravan-worker` that refuses to start because of how it was asked to
+/// run (a device it cannot use; clap's usage errors exit with the same status). Restarting it
+/// cannot help, so a coordinator that started it (`--local-workers`) stops instead of retrying.
+pub const WORKER_EXIT_REFUSED: u8 = 2;
+
 /// Generated messages and services.
 pub mod v1 {
     tonic::include_proto!("caravan.v1");

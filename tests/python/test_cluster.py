@@ -530,3 +530,28 @@ def test_workers_run_with_passive_openmp_unless_the_operator_chose(checkpoint, r
         assert greedy_text(client, checkpoint.name, ref) == ref["text"]
     finally:
         coordinator.stop()
+
+
+def test_a_worker_asked_for_a_device_it_cannot_use_refuses_in_one_line(checkpoint):
+    """This build has no GPU support: `--device cuda`, `cuda:0` and `cuda:7` are refused at start
+    with one line naming the device and how to build for GPUs (not libtorch's dispatch dump at the
+    first tensor), exit status 2. A coordinator whose local workers refuse so stops with their
+    reason instead of restarting them forever, and leaves no worker behind."""
+    for device in ("cuda", "cuda:0", "cuda:7"):
+        out = subprocess.run([str(bin_path("caravan-worker")), "--coordinator", "http://127.0.0.1:9",
+                              "--device", device], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1, out.stderr
+        assert lines[0].startswith("error: --device cuda:") and "--features cuda" in lines[0], out.stderr
+
+    coordinator = Coordinator(["--model", checkpoint, "--tp", 2, "--local-workers", "--device", "cuda",
+                               "--port", 0])
+    try:
+        status = coordinator.proc.wait(timeout=READY_TIMEOUT_S)
+        assert status != 0
+        stderr = coordinator.stderr()
+        assert "refused to start" in stderr and "--features cuda" in stderr, stderr
+        assert "; restarting it" not in stderr and "aten::" not in stderr, stderr
+    finally:
+        coordinator.stop()

@@ -13,19 +13,6 @@ use caravan_ops::{
 };
 use tch::{Device, Kind, Tensor};
 
-/// Parses `cpu`, `cuda` (GPU `rank % count`, set by the caller) or `cuda:N`.
-pub fn parse_device(s: &str) -> Result<Option<Device>, String> {
-    match s {
-        "cpu" => Ok(Some(Device::Cpu)),
-        "cuda" => Ok(None),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(|n| Some(Device::Cuda(n)))
-            .ok_or_else(|| format!("unknown device {s:?} (cpu, cuda or cuda:N)")),
-    }
-}
-
 /// Tokens per KV-cache block.
 const BLOCK_SIZE: usize = 16;
 
@@ -89,15 +76,7 @@ pub fn preflight(job: &GenerateJob, world_size: usize) -> Result<LlamaConfig> {
     if job.prompts.is_empty() || job.prompts.iter().any(|p| p.is_empty()) {
         bail!("every prompt needs at least one token");
     }
-    if let Device::Cuda(index) = job.device {
-        let available = tch::Cuda::device_count() as usize;
-        if index >= available {
-            bail!(
-                "device cuda:{index} requested but libtorch sees {available} GPU(s) \
-                 (GPU support needs a build with --features cuda)"
-            );
-        }
-    }
+    crate::device::check_usable(job.device).map_err(anyhow::Error::msg)?;
     if job.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }

@@ -5,8 +5,9 @@
 //! received it, through [`runner`] (the model, the cache and each sequence's [`sequences`] state:
 //! block table and [`sampling`] stream, behind one lock). [`faults`] injects step failures for recovery tests. The offline path:
 //! [`generate`] runs a rank of a fixed generation job and [`local_group`] starts a group as local
-//! processes.
+//! processes. Both check `--device` with [`device`].
 
+pub mod device;
 pub mod faults;
 /// The checkers of the `cargo fuzz` targets (`fuzz/`): built for them (feature `fuzzing`) and
 /// for the tests that replay their seeds and regressions, not part of the library otherwise.

@@ -9,6 +9,7 @@ use caravan_ops::{
     Communicator, DType, VocabSharding,
 };
 use caravan_worker::{
+    device,
     generate::{self, GenerateJob},
     local_group::{self, Backend},
     telemetry,
@@ -107,10 +108,11 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let rank = args.rank.unwrap_or(0);
-    let device = match generate::parse_device(&args.device).map_err(anyhow::Error::msg)? {
+    let device = match device::parse_device(&args.device).map_err(anyhow::Error::msg)? {
         Some(device) => device,
         None => Device::Cuda(rank % (tch::Cuda::device_count().max(1) as usize)),
     };
+    device::check_usable(device).map_err(anyhow::Error::msg)?;
     let collective = match args.collective {
         Some(c) => c,
         None if device.is_cuda() && cfg!(feature = "cuda") => Collective::Nccl,

@@ -13,7 +13,7 @@ use caravan_proto::{
     self as pb, coordinator_client::CoordinatorClient, worker_server::WorkerServer,
 };
 use caravan_worker::{
-    generate::parse_device,
+    device,
     membership::EtcdRegistration,
     runner::{ModelRunner, SharedRunner, SharedStatus},
     service::{WorkerIdentity, WorkerService},
@@ -60,7 +60,8 @@ struct Args {
     /// listening on 0.0.0.0; on Kubernetes, the pod IP). Default: the --listen IP.
     #[arg(long, env = "CARAVAN_ADVERTISE_HOST")]
     advertise_host: Option<String>,
-    /// cpu or cuda:N.
+    /// cpu, cuda (GPU 0) or cuda:N. A device this build or machine cannot use is refused at
+    /// start, in one line (exit status 2).
     #[arg(long, env = "CARAVAN_DEVICE", default_value = "cpu")]
     device: String,
     /// On a CPU: `on` runs Caravan's AVX2 kernels where the CPU has them; `off` runs every
@@ -87,6 +88,17 @@ struct Args {
 fn main() -> ExitCode {
     let restart = caravan_ops::cpu::restart_with_passive_openmp();
     let args = Args::parse();
+    // A device this worker cannot use is refused here, in one line, before anything starts.
+    let device = match device::parse_device(&args.device).and_then(|d| {
+        let d = d.unwrap_or(Device::Cuda(0));
+        device::check_usable(d).map(|()| d)
+    }) {
+        Ok(device) => device,
+        Err(why) => {
+            eprintln!("error: {why}");
+            return ExitCode::from(pb::WORKER_EXIT_REFUSED);
+        }
+    };
     // Two threads: a step runs on (and blocks) the one that received it, the other answers
     // health checks and keeps the membership meanwhile.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -112,7 +124,7 @@ fn main() -> ExitCode {
     if let Err(e) = restart {
         tracing::warn!("running with spinning OpenMP threads (slower decode): cannot restart: {e}");
     }
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, device)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -138,11 +150,7 @@ fn no_delay(
     })
 }
 
-async fn run(args: Args) -> Result<()> {
-    let device = match parse_device(&args.device).map_err(anyhow::Error::msg)? {
-        Some(d) => d,
-        None => Device::Cuda(0),
-    };
+async fn run(args: Args, device: Device) -> Result<()> {
     set_cpu_kernels(args.cpu_kernels);
     let ring_addr = args
         .ring_addr
