@@ -245,14 +245,24 @@ impl WorkerGroup {
         })
         .collect::<Result<Vec<_>>>()?;
         check_members(&infos)?;
-        let dtype = plan
-            .dtype
-            .resolve(infos.iter().all(|i| i.device.starts_with("cuda")));
+        let on_cuda = infos.iter().all(|i| i.device.starts_with("cuda"));
+        let dtype = plan.dtype.resolve(on_cuda);
+        // CUDA ranks join one NCCL group, whose id rank 0 makes (this process may have no GPU
+        // and no libnccl); CPU ranks join the TCP ring.
+        let nccl_id = match on_cuda && world > 1 {
+            true => new_nccl_id(&ranks[0]).await?,
+            false => String::new(),
+        };
         let peers: Vec<String> = workers.iter().map(|w| w.ring_addr.clone()).collect();
         tracing::info!(
             world,
             ?peers,
             dtype = dtype.as_str_name(),
+            collective = if nccl_id.is_empty() {
+                "tcp ring"
+            } else {
+                "nccl"
+            },
             "forming worker group"
         );
         // Fresh for every formation: only the ranks loaded now can join this ring.
@@ -266,7 +276,7 @@ impl WorkerGroup {
                 rank: rank as u32,
                 world_size: world as u32,
                 ring_peers: peers.clone(),
-                nccl_id: String::new(),
+                nccl_id: nccl_id.clone(),
                 dtype: dtype.into(),
                 vocab_sharding: plan.vocab_sharding.into(),
                 kv_cache_blocks,
@@ -568,6 +578,21 @@ fn after_refusal(refused: bool, error: StepError) -> StepError {
 
 /// Refuses a group whose ranks speak another protocol or mix CPU and CUDA devices (their
 /// collectives could not meet: NCCL needs every rank on a GPU, the TCP ring runs on hosts).
+/// Asks rank 0 for a fresh NCCL id (hex) for the group being formed.
+async fn new_nccl_id(rank0: &WorkerClient<Channel>) -> Result<String> {
+    let mut client = rank0.clone();
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        client.new_nccl_id(pb::NewNcclIdRequest {}),
+    )
+    .await
+    {
+        Err(_) => bail!("rank 0 did not make an NCCL id within 10 s"),
+        Ok(Err(status)) => bail!("rank 0: making an NCCL id: {}", status.message()),
+        Ok(Ok(response)) => Ok(response.into_inner().nccl_id),
+    }
+}
+
 fn check_members(infos: &[pb::InfoResponse]) -> Result<()> {
     for (rank, info) in infos.iter().enumerate() {
         if info.protocol_version != caravan_proto::PROTOCOL_VERSION {

@@ -5,8 +5,9 @@
 
 /// Protocol version a coordinator and its workers must agree on.
 /// The gRPC package stays `caravan.v1`; the version says which revision of it (v1.1: stateful
-/// steps, no `Release`, enums for dtype and vocabulary placement; v1.2: prompt log-probabilities).
-pub const PROTOCOL_VERSION: &str = "caravan.v1.2";
+/// steps, no `Release`, enums for dtype and vocabulary placement; v1.2: prompt log-probabilities;
+/// v1.3: NCCL groups on the served path, `NewNcclId`).
+pub const PROTOCOL_VERSION: &str = "caravan.v1.3";
 
 /// The exit status of a `caravan-worker` that refuses to start because of how it was asked to
 /// run (a device it cannot use; clap's usage errors exit with the same status). Restarting it

@@ -17,6 +17,7 @@ pub mod generate;
 pub mod host;
 pub mod local_group;
 pub mod membership;
+pub mod nccl_group;
 pub mod runner;
 pub mod sampling;
 pub mod sequences;

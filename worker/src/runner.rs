@@ -149,9 +149,7 @@ impl ModelRunner {
         let comm = if world == 1 {
             Communicator::Single
         } else if !req.nccl_id.is_empty() {
-            return Err(Status::unimplemented(
-                "NCCL groups are formed by caravan-generate only for now",
-            ));
+            crate::nccl_group::join(rank, world, &req.nccl_id, self.device, timeout)?
         } else {
             // Host names are allowed (e.g. Kubernetes DNS); resolve each to its first address.
             let peers = req

@@ -112,6 +112,13 @@ impl Worker for WorkerService {
         tokio::task::block_in_place(|| runner.serve_step(req, &span)).map(Response::new)
     }
 
+    async fn new_nccl_id(
+        &self,
+        _: Request<pb::NewNcclIdRequest>,
+    ) -> Result<Response<pb::NewNcclIdResponse>, Status> {
+        crate::nccl_group::new_id().map(|nccl_id| Response::new(pb::NewNcclIdResponse { nccl_id }))
+    }
+
     async fn health(
         &self,
         _: Request<pb::HealthRequest>,

@@ -6,10 +6,12 @@
 
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod nccl_id;
 pub mod tcp_ring;
 
 use tch::{Device, Kind, Tensor};
 
+pub use nccl_id::NcclId;
 pub use tcp_ring::{ReduceType, RingListener, TcpRing};
 
 use crate::{Error, Result};

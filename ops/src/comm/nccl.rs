@@ -19,46 +19,27 @@ use cudarc::{
 };
 use tch::{Device, Kind, Tensor};
 
+use super::nccl_id::{NcclId, NCCL_ID_BYTES};
 use crate::{Error, Result};
 
-/// The rendezvous token of an NCCL group: created by one rank, handed to all (as hex) over the
-/// control plane.
-#[derive(Clone)]
-pub struct NcclId(sys::ncclUniqueId);
-
-impl NcclId {
-    /// Creates a fresh id (loads libnccl).
-    pub fn new() -> Result<Self> {
-        result::get_uniqueid()
-            .map(NcclId)
-            .map_err(|e| nccl_error("get_unique_id", e))
+/// Creates a fresh group id (loads libnccl): rank 0's part of forming a group.
+pub fn new_id() -> Result<NcclId> {
+    let raw = result::get_uniqueid().map_err(|e| nccl_error("get_unique_id", e))?;
+    let mut id = [0u8; NCCL_ID_BYTES];
+    for (out, &b) in id.iter_mut().zip(raw.internal.iter()) {
+        *out = b as u8;
     }
+    Ok(NcclId(id))
+}
 
-    /// Lower-case hex of the 128 id bytes.
-    pub fn to_hex(&self) -> String {
-        self.0
-            .internal
-            .iter()
-            .map(|&b| format!("{:02x}", b as u8))
-            .collect()
+fn raw_id(id: &NcclId) -> sys::ncclUniqueId {
+    let mut raw = sys::ncclUniqueId {
+        internal: [0; NCCL_ID_BYTES],
+    };
+    for (out, &b) in raw.internal.iter_mut().zip(id.0.iter()) {
+        *out = b as core::ffi::c_char;
     }
-
-    /// Parses [`NcclId::to_hex`]'s output.
-    pub fn from_hex(hex: &str) -> Result<Self> {
-        let bad = || Error::Collective {
-            op: "nccl_id",
-            reason: "an NCCL id is 256 hex digits".into(),
-        };
-        if hex.len() != 256 {
-            return Err(bad());
-        }
-        let mut id = sys::ncclUniqueId { internal: [0; 128] };
-        for (i, out) in id.internal.iter_mut().enumerate() {
-            let byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-            *out = byte as core::ffi::c_char;
-        }
-        Ok(NcclId(id))
-    }
+    raw
 }
 
 fn nccl_error(op: &'static str, e: result::NcclError) -> Error {
@@ -98,7 +79,7 @@ impl Nccl {
         let _ = Tensor::f_zeros([1], (Kind::Float, device))?;
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` is a valid out-pointer; NCCL fills it on success.
-        unsafe { result::comm_init_rank(&mut comm, world as i32, id.0, rank as i32) }
+        unsafe { result::comm_init_rank(&mut comm, world as i32, raw_id(id), rank as i32) }
             .map_err(|e| nccl_error("init", e))?;
         Ok(Nccl {
             comm,
@@ -278,15 +259,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn id_hex_round_trip_without_a_gpu() {
-        let mut raw = sys::ncclUniqueId { internal: [0; 128] };
-        for (i, b) in raw.internal.iter_mut().enumerate() {
-            *b = (i as u8).wrapping_mul(37) as core::ffi::c_char;
+    fn ids_convert_to_nccls_bytes_and_back_without_a_gpu() {
+        let mut bytes = [0u8; NCCL_ID_BYTES];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37);
         }
-        let hex = NcclId(raw).to_hex();
-        assert_eq!(hex.len(), 256);
-        let back = NcclId::from_hex(&hex).unwrap();
-        assert_eq!(back.0.internal, raw.internal);
-        assert!(NcclId::from_hex("zz").is_err());
+        let raw = raw_id(&NcclId(bytes));
+        assert!(raw
+            .internal
+            .iter()
+            .zip(bytes.iter())
+            .all(|(&r, &b)| r as u8 == b));
     }
 }

@@ -185,7 +185,7 @@ fn print_compute(device: Device) {
 
 #[cfg(feature = "cuda")]
 fn new_nccl_id() -> Result<String> {
-    Ok(caravan_ops::comm::nccl::NcclId::new()?.to_hex())
+    Ok(caravan_ops::comm::nccl::new_id()?.to_hex())
 }
 
 #[cfg(feature = "cuda")]
@@ -196,7 +196,7 @@ fn nccl_communicator(
     device: Device,
     timeout: Duration,
 ) -> Result<Communicator> {
-    use caravan_ops::comm::nccl::{Nccl, NcclId};
+    use caravan_ops::comm::{nccl::Nccl, NcclId};
     let id = NcclId::from_hex(id)?;
     Ok(Communicator::Nccl(Nccl::new(
         rank, world_size, &id, device, timeout,
