@@ -22,3 +22,5 @@ echo "[test] Python: the tokenizer build, the HTTP API through the openai client
 cargo build --workspace --bins
 CARAVAN_TOKENIZER_DIR="$root/models/llama2-tokenizer" \
   .venv/bin/python -m pytest -q python/test_tokenizer.py tests/python
+echo "[test] the device check on this CPU (scripts/gpu_check.sh --device cpu --size small)" >&2
+CARAVAN_BIN_DIR="$root/target/debug" bash scripts/gpu_check.sh "$root/target/gpu-check" --device cpu --size small
