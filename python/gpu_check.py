@@ -5,7 +5,7 @@ transformers on the same device, in one run, ending in one summary table.
 Checks (each a row of the table; the run fails if any check fails):
   golden   caravan-generate's logits (f32, prefill and 15 teacher-forced decode steps, TP 1)
            against transformers' on the same device, and its greedy tokens;
-  served   a coordinator and one worker on the device serving the OpenAI API: the `openai`
+  served   a coordinator and its workers on the device serving the OpenAI API: the `openai`
            client's greedy completion equals transformers' greedy tokens (up to the first near-tie)
            and the streamed text equals the whole one;
   bench    single-stream bf16 decode tok/s against transformers' `generate` on the same device
@@ -14,8 +14,9 @@ Checks (each a row of the table; the run fails if any check fails):
 
 Sizes: `small` (a 4-layer model, for CI on CPUs) or `7b` (Llama-2-7B's shape, random bf16
 weights written tensor by tensor). On CPUs the workers run with CARAVAN_CPU_KERNELS=off, the
-libtorch path a GPU runs. Not yet covered: an NCCL group through the coordinator and two ranks
-sharing one GPU over the TCP ring.
+libtorch path a GPU runs. The served check runs TP 1, on a GPU TP 1 in an NCCL group of one
+(`--collective nccl`), and TP 2 with both ranks on the one device over the TCP ring. Not yet
+covered: a collective that never completes, aborted within the timeout.
 
 Usage: python/gpu_check.py OUTDIR --bin-dir DIR --tokenizer DIR [--device cuda|cpu] [--size small|7b]
 """
@@ -184,11 +185,12 @@ def hf_greedy(model, ids, n, device):
 class Coordinator:
     """caravan-coordinator --local-workers on the device; the URL from its ready line."""
 
-    def __init__(self, args, model: Path, log_path: Path):
+    def __init__(self, args, model: Path, log_path: Path, tp: int, collective: str):
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [str(args.bin_dir / "caravan-coordinator"), "--model", str(model), "--tp", "1", "--local-workers",
-             "--device", args.device_arg, "--dtype", "f32", "--port", "0", "--host", "127.0.0.1"],
+            [str(args.bin_dir / "caravan-coordinator"), "--model", str(model), "--tp", str(tp), "--local-workers",
+             "--device", args.device_arg, "--collective", collective, "--dtype", "f32", "--port", "0",
+             "--host", "127.0.0.1"],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=args.env, start_new_session=True)
         self.url = None
         deadline = time.monotonic() + 300
@@ -219,16 +221,38 @@ class Coordinator:
         self.log.close()
 
 
+def served_groups(device_kind: str) -> list:
+    """(tp, --collective, label) of the groups served: on a GPU, one rank, one rank in an NCCL
+    group, and two ranks sharing the GPU over the TCP ring (NCCL refuses two ranks on one GPU);
+    on CPUs, one rank and two over the ring."""
+    groups = [(1, "auto", "TP 1")]
+    if device_kind == "cuda":
+        groups.append((1, "nccl", "TP 1, an NCCL group of one"))
+    groups.append((2, "tcp", "TP 2 on one device, TCP ring"))
+    return groups
+
+
 def check_served(args, model_dir: Path) -> list:
     """The OpenAI API through the `openai` client against transformers' greedy tokens."""
-    import openai
     log("served: transformers greedy on the device")
     model = hf_model(model_dir, args.device, torch.float32)
     prompt_ids = [1, 450, 7483, 310, 3444, 338]  # "The capital of France is"
     want, safe = hf_greedy(model, prompt_ids, DECODE_STEPS, args.device)
     del model
-    log("served: a coordinator and one worker on the device")
-    coordinator = Coordinator(args, model_dir, args.out / "served-coordinator.log")
+    rows = []
+    for tp, collective, label in served_groups(args.device_kind):
+        try:
+            rows += served_group(args, model_dir, tp, collective, label, prompt_ids, want, safe)
+        except Exception as e:  # one group that cannot serve is a failed row; the others still run
+            rows.append(("served", f"{label}: could not run: {str(e).splitlines()[0][:200]}", "", "", False))
+            log(f"served {label} failed: {e}")
+    return rows
+
+
+def served_group(args, model_dir, tp, collective, label, prompt_ids, want, safe) -> list:
+    import openai
+    log(f"served: a coordinator and {tp} worker(s) on the device, {label}")
+    coordinator = Coordinator(args, model_dir, args.out / f"served-tp{tp}-{collective}.log", tp, collective)
     try:
         client = openai.OpenAI(base_url=coordinator.url + "/v1", api_key="unused", timeout=120, max_retries=0)
         resp = client.completions.create(model=model_dir.name, prompt=prompt_ids, max_tokens=DECODE_STEPS,
@@ -242,9 +266,10 @@ def check_served(args, model_dir: Path) -> list:
     finally:
         coordinator.stop()
     equal = got[:safe] == want[:safe]
-    return [("served", f"openai completion's tokens equal transformers' ({safe} before a near-tie)",
+    return [("served", f"{label}: openai completion's tokens equal transformers' ({safe} before a near-tie)",
              str(equal), "True", equal and safe > 0),
-            ("served", "streamed text equals the whole completion", str(streamed == text), "True", streamed == text)]
+            ("served", f"{label}: streamed text equals the whole completion", str(streamed == text), "True",
+             streamed == text)]
 
 
 def copy_bandwidth(device: str) -> float:

@@ -30,9 +30,33 @@ pub struct ShardPlan {
     pub kv_cache: KvCacheSize,
     pub block_size: u32,
     pub collective_timeout: Duration,
+    pub collective: Collective,
     pub threads_per_worker: u32,
     /// Mutual TLS towards the workers, when the cluster uses it.
     pub tls: Option<caravan_common::tls::ClusterTls>,
+}
+
+/// `--collective`: what the ranks of a group exchange activations over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Collective {
+    /// NCCL when every rank is on a CUDA device and there are two or more; else the TCP ring.
+    Auto,
+    /// The TCP ring always (e.g. several ranks sharing one GPU, which NCCL refuses).
+    Tcp,
+    /// NCCL always, a group of one rank included (every rank must be on a CUDA device).
+    Nccl,
+}
+
+impl Collective {
+    /// Whether a group of `world` ranks, all on CUDA devices (`on_cuda`) or not, joins NCCL.
+    pub fn uses_nccl(self, on_cuda: bool, world: usize) -> Result<bool> {
+        match self {
+            Collective::Auto => Ok(on_cuda && world > 1),
+            Collective::Tcp => Ok(false),
+            Collective::Nccl if on_cuda => Ok(true),
+            Collective::Nccl => bail!("--collective nccl needs every rank on a CUDA device"),
+        }
+    }
 }
 
 /// The dtype the ranks compute in: fixed by the operator, or (`--dtype auto`, as vLLM's) the
@@ -247,9 +271,9 @@ impl WorkerGroup {
         check_members(&infos)?;
         let on_cuda = infos.iter().all(|i| i.device.starts_with("cuda"));
         let dtype = plan.dtype.resolve(on_cuda);
-        // CUDA ranks join one NCCL group, whose id rank 0 makes (this process may have no GPU
-        // and no libnccl); CPU ranks join the TCP ring.
-        let nccl_id = match on_cuda && world > 1 {
+        // CUDA ranks join one NCCL group (`--collective`), whose id rank 0 makes (this process
+        // may have no GPU and no libnccl); CPU ranks join the TCP ring.
+        let nccl_id = match plan.collective.uses_nccl(on_cuda, world)? {
             true => new_nccl_id(&ranks[0]).await?,
             false => String::new(),
         };
@@ -708,6 +732,21 @@ pub type SharedHealth = Arc<GroupHealth>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_collective_follows_the_devices_and_the_flag() {
+        use Collective::*;
+        assert!(!Auto.uses_nccl(false, 4).unwrap());
+        assert!(
+            !Auto.uses_nccl(true, 1).unwrap(),
+            "one rank needs no NCCL group"
+        );
+        assert!(Auto.uses_nccl(true, 2).unwrap());
+        assert!(!Tcp.uses_nccl(true, 2).unwrap());
+        assert!(Nccl.uses_nccl(true, 1).unwrap());
+        let refused = Nccl.uses_nccl(false, 2).unwrap_err().to_string();
+        assert!(refused.contains("CUDA"), "{refused}");
+    }
 
     fn info(device: &str, protocol: &str) -> pb::InfoResponse {
         pb::InfoResponse {

@@ -22,7 +22,9 @@ use crate::{
     blocks::BlockManager,
     engine::{Engine, EngineConfig, EngineControl},
     etcd::{Etcd, Leadership},
-    group::{ComputeDtype, GroupHealth, HealthProbe, KvCacheSize, ShardPlan, WorkerGroup},
+    group::{
+        Collective, ComputeDtype, GroupHealth, HealthProbe, KvCacheSize, ShardPlan, WorkerGroup,
+    },
     local_workers::LocalWorkers,
     model_info::ModelInfo,
     registry::{CoordinatorService, Registry, HEARTBEAT_INTERVAL, STALE_AFTER},
@@ -130,6 +132,10 @@ pub struct ServeArgs {
     /// number is seconds).
     #[arg(long, env = "CARAVAN_COLLECTIVE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub collective_timeout: Duration,
+    /// What the ranks exchange activations over: auto (NCCL when every rank is on a CUDA device
+    /// and there are two or more, else the TCP ring), tcp, or nccl (a group of one included).
+    #[arg(long, env = "CARAVAN_COLLECTIVE", value_enum, default_value_t = Collective::Auto)]
+    pub collective: Collective,
     /// How long a request waits, its stream open, for the worker group to be formed again
     /// after a rank failed, before it ends with an error (the requests in flight are
     /// recomputed on the new group and go on); 0 ends them at once.
@@ -280,6 +286,9 @@ impl ServedModel {
             model.vocab_size,
             &model.eos_token_ids,
         ));
+        if args.local_workers && args.collective == Collective::Nccl && args.device == "cpu" {
+            bail!("--collective nccl needs CUDA ranks, but the local workers run on --device cpu");
+        }
         if args.block_size == 0 || args.max_batch_size == 0 {
             bail!("--block-size and --max-batch-size must be positive");
         }
@@ -446,6 +455,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         kv_cache,
         block_size: block_size as u32,
         collective_timeout: args.collective_timeout,
+        collective: args.collective,
         threads_per_worker: threads,
         tls: tls.clone(),
     };

@@ -555,3 +555,16 @@ def test_a_worker_asked_for_a_device_it_cannot_use_refuses_in_one_line(checkpoin
         assert "; restarting it" not in stderr and "aten::" not in stderr, stderr
     finally:
         coordinator.stop()
+
+
+def test_nccl_asked_for_cpu_workers_is_refused_at_start(checkpoint):
+    """`--collective nccl` with local workers on the CPU cannot form a group: the coordinator
+    refuses at start, naming both flags, instead of failing every formation."""
+    coordinator = Coordinator(["--model", checkpoint, "--tp", 2, "--local-workers", "--collective", "nccl",
+                               "--port", 0])
+    try:
+        assert coordinator.proc.wait(timeout=READY_TIMEOUT_S) != 0
+        stderr = coordinator.stderr()
+        assert "--collective nccl" in stderr and "--device cpu" in stderr, stderr
+    finally:
+        coordinator.stop()

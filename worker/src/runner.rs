@@ -146,10 +146,10 @@ impl ModelRunner {
         };
         caravan_ops::cpu::set_threads(threads).map_err(|e| invalid(e.to_string()))?;
         let timeout = std::time::Duration::from_millis(req.collective_timeout_ms.max(1) as u64);
-        let comm = if world == 1 {
-            Communicator::Single
-        } else if !req.nccl_id.is_empty() {
+        let comm = if !req.nccl_id.is_empty() {
             crate::nccl_group::join(rank, world, &req.nccl_id, self.device, timeout)?
+        } else if world == 1 {
+            Communicator::Single
         } else {
             // Host names are allowed (e.g. Kubernetes DNS); resolve each to its first address.
             let peers = req
