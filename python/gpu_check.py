@@ -34,6 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from greedy_reference import hf_greedy
+
 SHAPES = {
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                   intermediate_size=688),
@@ -42,7 +44,6 @@ SHAPES = {
 }
 VOCAB = 32000  # the Llama 2 tokenizer's
 F32_TOLERANCE = {"cpu": 1e-4, "cuda": 1e-3}
-GREEDY_MARGIN = 1e-3
 DECODE_STEPS = 16
 
 
@@ -167,21 +168,6 @@ def check_golden(args, model_dir: Path) -> list:
     return rows
 
 
-def hf_greedy(model, ids, n, device):
-    """transformers' greedy tokens and how many follow steps whose top-2 margin >= GREEDY_MARGIN."""
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids], device=device), max_new_tokens=n, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True, pad_token_id=0)
-    tokens = out.sequences[0, len(ids):].tolist()
-    safe = 0
-    for scores in out.scores:
-        top = torch.topk(scores[0].float(), 2).values
-        if top[0] - top[1] < GREEDY_MARGIN:
-            break
-        safe += 1
-    return tokens, safe
-
-
 class Coordinator:
     """caravan-coordinator --local-workers on the device; the URL from its ready line."""
 
@@ -237,7 +223,7 @@ def check_served(args, model_dir: Path) -> list:
     log("served: transformers greedy on the device")
     model = hf_model(model_dir, args.device, torch.float32)
     prompt_ids = [1, 450, 7483, 310, 3444, 338]  # "The capital of France is"
-    want, safe = hf_greedy(model, prompt_ids, DECODE_STEPS, args.device)
+    want, safe = hf_greedy(model, prompt_ids, DECODE_STEPS)
     del model
     rows = []
     for tp, collective, label in served_groups(args.device_kind):

@@ -269,11 +269,11 @@ impl WorkerGroup {
         })
         .collect::<Result<Vec<_>>>()?;
         check_members(&infos)?;
-        let on_cuda = infos.iter().all(|i| i.device.starts_with("cuda"));
-        let dtype = plan.dtype.resolve(on_cuda);
+        let all_on_cuda = infos.iter().all(on_cuda);
+        let dtype = plan.dtype.resolve(all_on_cuda);
         // CUDA ranks join one NCCL group (`--collective`), whose id rank 0 makes (this process
         // may have no GPU and no libnccl); CPU ranks join the TCP ring.
-        let nccl_id = match plan.collective.uses_nccl(on_cuda, world)? {
+        let nccl_id = match plan.collective.uses_nccl(all_on_cuda, world)? {
             true => new_nccl_id(&ranks[0]).await?,
             false => String::new(),
         };
@@ -617,6 +617,11 @@ async fn new_nccl_id(rank0: &WorkerClient<Channel>) -> Result<String> {
     }
 }
 
+/// Whether a rank computes on a CUDA device (`cuda` or `cuda:N`).
+fn on_cuda(info: &pb::InfoResponse) -> bool {
+    info.device.starts_with("cuda")
+}
+
 fn check_members(infos: &[pb::InfoResponse]) -> Result<()> {
     for (rank, info) in infos.iter().enumerate() {
         if info.protocol_version != caravan_proto::PROTOCOL_VERSION {
@@ -629,10 +634,9 @@ fn check_members(infos: &[pb::InfoResponse]) -> Result<()> {
             );
         }
     }
-    let on_gpu = |i: &pb::InfoResponse| i.device.starts_with("cuda");
     if let (Some(cpu), Some(gpu)) = (
-        infos.iter().position(|i| !on_gpu(i)),
-        infos.iter().position(on_gpu),
+        infos.iter().position(|i| !on_cuda(i)),
+        infos.iter().position(on_cuda),
     ) {
         bail!(
             "a group cannot mix CPU and CUDA ranks: rank {cpu} is on {}, rank {gpu} on {}",

@@ -25,6 +25,9 @@ import openai
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# transformers' greedy reference, shared with python/gpu_check.py; re-exported for the tests.
+sys.path.append(str(REPO / "python"))
+from greedy_reference import GREEDY_MARGIN, hf_greedy  # noqa: E402,F401
 FIXTURES = REPO / "fixtures"
 TOKENIZER_DIR = FIXTURES / "serving-tokenizer"
 CHECKPOINT_DIR = FIXTURES / "serving"
@@ -440,29 +443,6 @@ def wait_for_metric(http: httpx.Client, name: str, predicate, deadline_s: float 
         if time.monotonic() > deadline:
             pytest.fail(f"{name} = {value} after {deadline_s}s", pytrace=False)
         time.sleep(0.05)  # polling a sample the engine updates asynchronously, with a deadline
-
-
-GREEDY_MARGIN = 1e-3
-
-
-def hf_greedy(model, ids, n, **generate_options):
-    """transformers' greedy continuation of `ids` (a list of token ids) by `model`: the tokens,
-    and how many of them follow steps whose top-2 logit margin is at least GREEDY_MARGIN (past
-    a near-tie, f32 summation order may pick the other token, so only that many are compared).
-    `generate_options` go to `generate` (its logits processors: `repetition_penalty`, ...); the
-    margins are those of the processed scores."""
-    import torch
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, pad_token_id=0, **generate_options)
-    tokens = out.sequences[0, len(ids):].tolist()
-    safe = 0
-    for scores in out.scores:
-        top = torch.topk(scores[0].float(), 2).values
-        if top[0] - top[1] < GREEDY_MARGIN:
-            break
-        safe += 1
-    return tokens, safe
 
 
 def continuation_text(tokenizer, prompt_ids, gen_ids):

@@ -1,5 +1,6 @@
-//! A served rank's part in an NCCL group: rank 0 makes the group's id (`NewNcclId`), and every
-//! rank joins with it in `LoadShard`, within the collective timeout. Built without the `cuda`
+//! A rank's part in an NCCL group: rank 0 makes the group's id (served: `NewNcclId`), and every
+//! rank joins with it (served: in `LoadShard`), within the collective timeout. `caravan-generate`'s
+//! local groups use the same two steps. Built without the `cuda`
 //! feature, a worker refuses both with FAILED_PRECONDITION; a damaged id is INVALID_ARGUMENT
 //! whatever the build.
 

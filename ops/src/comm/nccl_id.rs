@@ -3,7 +3,7 @@
 //! the coordinator in `LoadShard`; parsing is total, so a damaged id is an error, never a panic.
 //! Needs no GPU and no libnccl.
 
-use std::{fmt, str::FromStr};
+use std::fmt;
 
 use crate::{Error, Result};
 
@@ -40,14 +40,6 @@ impl NcclId {
             *out = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
         }
         Ok(NcclId(id))
-    }
-}
-
-impl FromStr for NcclId {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        NcclId::from_hex(s)
     }
 }
 

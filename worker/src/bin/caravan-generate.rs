@@ -12,7 +12,7 @@ use caravan_worker::{
     device,
     generate::{self, GenerateJob},
     local_group::{self, Backend},
-    telemetry,
+    nccl_group, telemetry,
 };
 use clap::{Parser, ValueEnum};
 use tch::Device;
@@ -112,7 +112,6 @@ fn run(args: Args) -> Result<()> {
         Some(device) => device,
         None => Device::Cuda(rank % (tch::Cuda::device_count().max(1) as usize)),
     };
-    device::check_usable(device).map_err(anyhow::Error::msg)?;
     let collective = match args.collective {
         Some(c) => c,
         None if device.is_cuda() && cfg!(feature = "cuda") => Collective::Nccl,
@@ -145,9 +144,8 @@ fn run(args: Args) -> Result<()> {
                 Backend::Tcp => {
                     Communicator::TcpRing(rendezvous.into_ring(rank, timeout).map_err(in_rank)?)
                 }
-                Backend::Nccl(id) => {
-                    nccl_communicator(rank, world_size, id, device, timeout).map_err(in_rank)?
-                }
+                Backend::Nccl(id) => nccl_group::join(rank, world_size, id, device, timeout)
+                    .map_err(|s| in_rank(status_error(s)))?,
             };
             let report = generate::run_rank(&job, comm).map_err(in_rank)?;
             if rank == 0 {
@@ -161,7 +159,7 @@ fn run(args: Args) -> Result<()> {
             generate::preflight(&job, args.tp)?;
             let backend = match collective {
                 Collective::Tcp => Backend::Tcp,
-                Collective::Nccl => Backend::Nccl(new_nccl_id()?),
+                Collective::Nccl => Backend::Nccl(nccl_group::new_id().map_err(status_error)?),
             };
             let forwarded: Vec<_> = std::env::args_os().skip(1).collect();
             local_group::run(args.tp, &forwarded, &backend)
@@ -183,32 +181,7 @@ fn print_compute(device: Device) {
     }
 }
 
-#[cfg(feature = "cuda")]
-fn new_nccl_id() -> Result<String> {
-    Ok(caravan_ops::comm::nccl::new_id()?.to_hex())
-}
-
-#[cfg(feature = "cuda")]
-fn nccl_communicator(
-    rank: usize,
-    world_size: usize,
-    id: &str,
-    device: Device,
-    timeout: Duration,
-) -> Result<Communicator> {
-    use caravan_ops::comm::{nccl::Nccl, NcclId};
-    let id = NcclId::from_hex(id)?;
-    Ok(Communicator::Nccl(Nccl::new(
-        rank, world_size, &id, device, timeout,
-    )?))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn new_nccl_id() -> Result<String> {
-    bail!("NCCL needs a build with --features cuda")
-}
-
-#[cfg(not(feature = "cuda"))]
-fn nccl_communicator(_: usize, _: usize, _: &str, _: Device, _: Duration) -> Result<Communicator> {
-    bail!("NCCL needs a build with --features cuda")
+/// A gRPC status from the served path's NCCL helpers as this tool's error.
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", status.message())
 }
