@@ -1,7 +1,8 @@
 """`echo` with prompt log-probabilities on /v1/completions (what lm-evaluation-harness's
 loglikelihood tasks send), against transformers on the same weights.
 
-- The random-weight Llama 2 fixture at TP 1 and TP 2, served with a small step budget so that long
+- The random-weight Llama 2 fixture at TP 1 and TP 2 (and at TP 2 on the libtorch path, where the
+  scores are computed where the logits lie, as on a GPU), served with a small step budget so that long
   prompts are split into prefill chunks (the chunk boundary's token is scored from the previous
   chunk's last row): every prompt position's log-probability and top alternatives equal
   transformers' within 1e-3; the first token has none; the generated token follows; the token
@@ -14,6 +15,7 @@ loglikelihood tasks send), against transformers on the same weights.
 import concurrent.futures
 import json
 import math
+import os
 
 import httpx
 import openai
@@ -83,11 +85,14 @@ def tokenizer(checkpoint):
     return AutoTokenizer.from_pretrained(checkpoint)
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+@pytest.fixture(scope="module", params=[(1, "on"), (2, "on"), (2, "off")], ids=["tp1", "tp2", "tp2-libtorch"])
 def served(request, checkpoint):
-    coordinator = Coordinator(["--model", checkpoint, "--tp", request.param, "--local-workers", "--host",
+    """TP 1 and 2 on Caravan's CPU kernels (prompts scored on the host), and TP 2 on the
+    device-generic libtorch path (scored where the logits lie, as on a GPU)."""
+    tp, kernels = request.param
+    coordinator = Coordinator(["--model", checkpoint, "--tp", tp, "--local-workers", "--host",
                                "127.0.0.1", "--port", "0", "--max-num-batched-tokens", STEP_TOKENS,
-                               "--max-batch-size", 8])
+                               "--max-batch-size", 8], env={**os.environ, "CARAVAN_CPU_KERNELS": kernels})
     url = coordinator.wait_ready()
     yield url, checkpoint.name
     coordinator.stop()

@@ -25,8 +25,8 @@ use tonic::Status;
 
 use crate::{
     faults::{Fault, FaultKind},
-    sampling::score,
     sequences::Sequences,
+    step_sampling::{self, SamplingPlace},
 };
 
 /// State shared with the gRPC handlers (read-only for them).
@@ -272,94 +272,22 @@ impl ModelRunner {
             caravan_ops::Error::InvalidBatch(m) => Status::invalid_argument(m),
             other => Status::internal(other.to_string()),
         })?;
-        let _sampling = tracing::info_span!("sample").entered();
-        let vocab = loaded.model.config().vocab_size;
-        // One vectorised pass for every row's normaliser; the per-row work below is then an
-        // argmax (or a draw) over the raw logits, with no exponentials.
-        let log_sum_exp: Vec<f32> = Vec::<f32>::try_from(
-            logits
-                .to_kind(tch::Kind::Float)
-                .logsumexp([-1i64].as_slice(), false),
-        )
-        .map_err(|e| Status::internal(e.to_string()))?;
-        let logits: Vec<f32> = Vec::<f32>::try_from(logits.flatten(0, -1))
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let mut tokens = Vec::new();
-        let mut prompt_logprobs = Vec::new();
-        // Each sequence's rows of `logits`: its last token's, or all of its tokens' when it
-        // asked for prompt log-probabilities; the sampled row is always its last.
-        let mut first_row = 0;
-        for (seq, step) in req.sequences.iter().zip(&batch) {
-            let rows = if step.all_logits {
-                step.tokens.len()
-            } else {
-                1
-            };
-            let last = first_row + rows - 1;
-            let row = |r: usize| &logits[r * vocab..(r + 1) * vocab];
-            let state = loaded
-                .sequences
-                .get_mut(seq.sequence_id)
-                .ok_or_else(|| Status::internal("a prepared sequence went missing"))?;
-            state
-                .sampler
-                .observe(&step.tokens, step.start_position, &state.params);
-            if let (true, Some(top)) = (step.all_logits, state.params.prompt_logprobs) {
-                // Row j scores the token after the step's j-th: the next one in the step, then
-                // the one the coordinator says follows (none after a final chunk: sampled).
-                let targets = step.tokens[1..].iter().copied().chain(seq.next_token);
-                let positions = targets
-                    .enumerate()
-                    .map(|(j, target)| {
-                        let r = first_row + j;
-                        let score = score(row(r), log_sum_exp[r], target, top);
-                        pb::PositionLogprob {
-                            logprob: score.logprob,
-                            rank: score.rank,
-                            top_logprobs: score
-                                .top
-                                .into_iter()
-                                .map(|(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
-                                .collect(),
-                        }
-                    })
-                    .collect();
-                prompt_logprobs.push(pb::PromptLogprobs {
-                    sequence_id: seq.sequence_id,
-                    first_position: seq.start_position + 1,
-                    positions,
-                });
-            }
-            first_row += rows;
-            if !seq.sample {
-                continue;
-            }
-            let allowed = (!seq.allowed_tokens.is_empty()).then_some(&seq.allowed_tokens[..]);
-            let sampled =
-                state
-                    .sampler
-                    .sample_masked(row(last), log_sum_exp[last], &state.params, allowed);
-            let token_id = match fault {
-                Some(FaultKind::Diverge) => (sampled.token + 1) % vocab as i64,
-                _ => sampled.token,
-            };
-            tokens.push(pb::SampledToken {
-                sequence_id: seq.sequence_id,
-                token_id,
-                logprob: sampled.logprob,
-                top_logprobs: sampled
-                    .top_logprobs
-                    .into_iter()
-                    .map(|(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
-                    .collect(),
-            });
-        }
+        let choices = tracing::info_span!("sample").in_scope(|| {
+            step_sampling::choose(
+                &logits,
+                &req,
+                &batch,
+                &mut loaded.sequences,
+                SamplingPlace::for_device(self.device),
+                fault == Some(FaultKind::Diverge),
+            )
+        })?;
         if let Some(FaultKind::Stall(pause)) = fault {
             std::thread::sleep(pause);
         }
         Ok(pb::StepResponse {
-            tokens,
-            prompt_logprobs,
+            tokens: choices.tokens,
+            prompt_logprobs: choices.prompt_logprobs,
             compute_us: started.elapsed().as_micros() as u64,
             collective_us: loaded.comm.take_busy_micros(),
         })

@@ -39,8 +39,9 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
-    /// Whether the row's logits change before the choice.
-    fn reshapes_logits(&self) -> bool {
+    /// Whether the row's logits change before the choice (penalties, bias, `min_tokens`): such a
+    /// row is sampled on the host, from its own copy of the logits.
+    pub fn reshapes_logits(&self) -> bool {
         self.presence_penalty != 0.0
             || self.frequency_penalty != 0.0
             || self.repetition_penalty != 1.0
@@ -184,8 +185,7 @@ impl SequenceSampler {
         } else {
             self.draw(scores, params)
         };
-        *self.counts.entry(token as i64).or_insert(0) += 1;
-        self.generated += 1;
+        self.record(token as i64);
         Sampled {
             token: token as i64,
             logprob: logits[token] - log_sum_exp,
@@ -194,6 +194,22 @@ impl SequenceSampler {
                 .map(|(t, logit)| (t, logit - log_sum_exp))
                 .collect(),
         }
+    }
+
+    /// The uniform draw in [0, 1) for the token about to be generated: the stream's n-th for the
+    /// n-th generated token, whatever came before (two 32-bit words per f64), so a rank that
+    /// joined late draws what the others do. Where the choice is made (here or on the device)
+    /// does not change it.
+    pub fn next_uniform(&mut self) -> f64 {
+        self.rng.set_word_pos(2 * self.generated as u128);
+        self.rng.random()
+    }
+
+    /// Records a token chosen for this sequence (here, or on the device from
+    /// [`SequenceSampler::next_uniform`]): the penalties and `min_tokens` count it.
+    pub fn record(&mut self, token: i64) {
+        *self.counts.entry(token).or_insert(0) += 1;
+        self.generated += 1;
     }
 
     /// Samples from softmax(scores / T) restricted to the top-k and the top-p nucleus.
@@ -225,9 +241,7 @@ impl SequenceSampler {
             let total: f64 = probs.iter().sum();
             probs.iter_mut().for_each(|p| *p /= total);
         }
-        // Two 32-bit words per f64 draw: the n-th generated token's draw, whatever came before.
-        self.rng.set_word_pos(2 * self.generated as u128);
-        let u: f64 = self.rng.random();
+        let u = self.next_uniform();
         let mut acc = 0.0;
         for (p, &token) in probs.iter().zip(&order) {
             acc += p;

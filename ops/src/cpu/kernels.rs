@@ -49,6 +49,15 @@ pub fn set_cpu_kernels(kernels: CpuKernels) {
     OFF.store(kernels == CpuKernels::Off, Ordering::Relaxed);
 }
 
+/// This process's setting ([`set_cpu_kernels`]).
+pub fn cpu_kernels() -> CpuKernels {
+    if enabled() {
+        CpuKernels::On
+    } else {
+        CpuKernels::Off
+    }
+}
+
 /// Whether the kernels may run (not switched off); whether this CPU can run them is asked
 /// separately.
 pub(crate) fn enabled() -> bool {

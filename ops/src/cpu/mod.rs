@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use half::{bf16, f16};
 use tch::{Device, Kind, Tensor};
 
-pub use kernels::{cpu_kernel_path, set_cpu_kernels, CpuKernels};
+pub use kernels::{cpu_kernel_path, cpu_kernels, set_cpu_kernels, CpuKernels};
 
 static TEAM: Mutex<Option<Arc<team::Team>>> = Mutex::new(None);
 
