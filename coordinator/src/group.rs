@@ -26,6 +26,7 @@ use crate::{
 pub struct ShardPlan {
     pub model_path: String,
     pub dtype: ComputeDtype,
+    pub quantization: Option<Quantization>,
     pub vocab_sharding: pb::VocabSharding,
     pub kv_cache: KvCacheSize,
     pub block_size: u32,
@@ -34,6 +35,29 @@ pub struct ShardPlan {
     pub threads_per_worker: u32,
     /// Mutual TLS towards the workers, when the cluster uses it.
     pub tls: Option<caravan_common::tls::ClusterTls>,
+}
+
+/// `--quantization`: how the ranks store their products' weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantization {
+    /// 8-bit integers, one f32 scale per block of 32 inputs.
+    Int8,
+}
+
+impl Quantization {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quantization::Int8 => "int8",
+        }
+    }
+}
+
+/// What `LoadShard` says for `--quantization` (or its absence).
+fn quantization_to_pb(q: Option<Quantization>) -> pb::Quantization {
+    match q {
+        None => pb::Quantization::None,
+        Some(Quantization::Int8) => pb::Quantization::Int8,
+    }
 }
 
 /// `--collective`: what the ranks of a group exchange activations over.
@@ -202,10 +226,20 @@ impl GroupHealth {
     }
 }
 
+/// A worker in a formed group, with what its shard holds.
+#[derive(Debug, Clone)]
+pub struct GroupMember {
+    pub worker: RegisteredWorker,
+    /// Bytes of weights its shard holds (quantized ones at their width).
+    pub weight_bytes: u64,
+}
+
 /// The ranks of one group, rank order.
 pub struct WorkerGroup {
     ranks: Vec<WorkerClient<Channel>>,
     workers: Vec<RegisteredWorker>,
+    /// Per rank.
+    weight_bytes: Vec<u64>,
     kv_cache_blocks: usize,
     cache_bytes_per_token: u64,
     step_timeout: Duration,
@@ -270,6 +304,12 @@ impl WorkerGroup {
         .collect::<Result<Vec<_>>>()?;
         check_members(&infos)?;
         let all_on_cuda = infos.iter().all(on_cuda);
+        if let (Some(q), true) = (plan.quantization, infos.iter().any(on_cuda)) {
+            bail!(
+                "--quantization {} runs on CPU ranks only for now, and this group has CUDA ranks",
+                q.as_str()
+            );
+        }
         let dtype = plan.dtype.resolve(all_on_cuda);
         // CUDA ranks join one NCCL group (`--collective`), whose id rank 0 makes (this process
         // may have no GPU and no libnccl); CPU ranks join the TCP ring.
@@ -302,6 +342,7 @@ impl WorkerGroup {
                 ring_peers: peers.clone(),
                 nccl_id: nccl_id.clone(),
                 dtype: dtype.into(),
+                quantization: quantization_to_pb(plan.quantization).into(),
                 vocab_sharding: plan.vocab_sharding.into(),
                 kv_cache_blocks,
                 kv_cache_memory_bytes,
@@ -315,12 +356,14 @@ impl WorkerGroup {
         });
         let mut kv_cache_blocks = usize::MAX;
         let mut cache_bytes_per_token = 0;
+        let mut weight_bytes = Vec::with_capacity(world);
         for (rank, result) in join_all(loads).await.into_iter().enumerate() {
             let response = result.map_err(|s| anyhow::anyhow!("rank {rank}: {}", s.message()))?;
             let r = response.get_ref();
             tracing::info!(
                 rank,
                 load_ms = r.load_ms,
+                weight_bytes = r.weight_bytes,
                 kv_cache_blocks = r.kv_cache_blocks,
                 bytes_per_token = r.cache_bytes_per_token,
                 "shard loaded"
@@ -328,10 +371,12 @@ impl WorkerGroup {
             // Every rank holds a shard of every block: the group has the smallest pool.
             kv_cache_blocks = kv_cache_blocks.min(r.kv_cache_blocks as usize);
             cache_bytes_per_token = cache_bytes_per_token.max(r.cache_bytes_per_token);
+            weight_bytes.push(r.weight_bytes);
         }
         let mut group = WorkerGroup {
             ranks,
             workers,
+            weight_bytes,
             kv_cache_blocks,
             cache_bytes_per_token,
             step_timeout: plan.collective_timeout + Duration::from_secs(30),
@@ -382,6 +427,18 @@ impl WorkerGroup {
 
     pub fn workers(&self) -> &[RegisteredWorker] {
         &self.workers
+    }
+
+    /// The members, rank order, with what each shard holds.
+    pub fn members(&self) -> Vec<GroupMember> {
+        self.workers
+            .iter()
+            .zip(&self.weight_bytes)
+            .map(|(worker, &weight_bytes)| GroupMember {
+                worker: worker.clone(),
+                weight_bytes,
+            })
+            .collect()
     }
 
     /// The wire form of `plan`, as step `step_id`.

@@ -23,7 +23,8 @@ use crate::{
     engine::{Engine, EngineConfig, EngineControl},
     etcd::{Etcd, Leadership},
     group::{
-        Collective, ComputeDtype, GroupHealth, HealthProbe, KvCacheSize, ShardPlan, WorkerGroup,
+        Collective, ComputeDtype, GroupHealth, HealthProbe, KvCacheSize, Quantization, ShardPlan,
+        WorkerGroup,
     },
     local_workers::LocalWorkers,
     model_info::ModelInfo,
@@ -89,6 +90,11 @@ pub struct ServeArgs {
     /// when the checkpoint names none).
     #[arg(long, env = "CARAVAN_DTYPE", value_enum, default_value_t = Dtype::Auto)]
     pub dtype: Dtype,
+    /// Store the products' weights quantized, each rank its own slice at load: int8 (8-bit
+    /// integers with one scale per block of 32 inputs, like llama.cpp's Q8_0). Runs on
+    /// Caravan's CPU kernels (x86-64 with AVX2), not yet on GPUs.
+    #[arg(long, env = "CARAVAN_QUANTIZATION", value_enum)]
+    pub quantization: Option<Quantization>,
     /// Embedding and LM head placement (auto: vocabulary-parallel when it divides evenly).
     #[arg(long, env = "CARAVAN_VOCAB_SHARDING", value_enum, default_value_t = VocabSharding::Auto)]
     pub vocab_sharding: VocabSharding,
@@ -286,6 +292,14 @@ impl ServedModel {
             model.vocab_size,
             &model.eos_token_ids,
         ));
+        if args.local_workers && args.quantization.is_some() && args.device != "cpu" {
+            bail!(
+                "--quantization {} runs on CPU ranks only for now, but the local workers run on \
+                 --device {}",
+                args.quantization.map(|q| q.as_str()).unwrap_or_default(),
+                args.device
+            );
+        }
         if args.local_workers && args.collective == Collective::Nccl && args.device == "cpu" {
             bail!("--collective nccl needs CUDA ranks, but the local workers run on --device cpu");
         }
@@ -451,6 +465,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let plan = ShardPlan {
         model_path: model_dir.display().to_string(),
         dtype: args.dtype.choice(model.dtype),
+        quantization: args.quantization,
         vocab_sharding: args.vocab_sharding.into(),
         kv_cache,
         block_size: block_size as u32,
@@ -592,7 +607,20 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             let probe = group.health_probe();
             let members: Vec<String> = group.workers().iter().map(|w| w.id.clone()).collect();
             avoid.clear();
-            *state.workers.write().unwrap_or_else(|e| e.into_inner()) = group.workers().to_vec();
+            let most_weights = group
+                .members()
+                .iter()
+                .map(|m| m.weight_bytes)
+                .max()
+                .unwrap_or(0);
+            eprintln!(
+                "weights: {:.1} MiB on the largest shard{}",
+                most_weights as f64 / (1u64 << 20) as f64,
+                args.quantization
+                    .map(|q| format!(" ({})", q.as_str()))
+                    .unwrap_or_default()
+            );
+            *state.workers.write().unwrap_or_else(|e| e.into_inner()) = group.members();
             *state.probe.write().unwrap_or_else(|e| e.into_inner()) = Some(probe.clone());
             let blocks = BlockManager::new(kv_blocks, block_size, !args.no_prefix_caching);
             let engine = match engine.take() {

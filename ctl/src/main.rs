@@ -492,16 +492,17 @@ fn print_status(s: &admin::Status) {
         s.kv_cache_blocks_used,
         s.kv_cache_blocks_total,
     );
-    println!("\nRANK  SHARD   WORKER           HOST             DEVICE   MEMORY     RING                   HEALTH");
+    println!("\nRANK  SHARD   WORKER           HOST             DEVICE   MEMORY     WEIGHTS    RING                   HEALTH");
     for w in &s.workers {
         println!(
-            "{:<5} {:<7} {:<16} {:<16} {:<8} {:<10} {:<22} {}",
+            "{:<5} {:<7} {:<16} {:<16} {:<8} {:<10} {:<10} {:<22} {}",
             w.rank,
             w.shard,
             w.id,
             w.host,
             w.device,
             gib(w.memory_bytes),
+            gib(w.weight_bytes),
             w.ring_address,
             w.health,
         );

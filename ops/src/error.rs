@@ -26,6 +26,9 @@ pub enum Error {
     },
     #[error("weight {name} has unsupported dtype {dtype}")]
     UnsupportedDtype { name: String, dtype: String },
+    /// Something this build or machine does not do (yet), said plainly.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
     #[error("collective {op} failed: {reason}")]

@@ -14,6 +14,7 @@ pub mod error;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;
+pub mod quantization;
 pub mod weights;
 
 pub use batch::{LogitsSelection, SequenceStep};
@@ -23,4 +24,5 @@ pub use dtype::TorchKind;
 pub use error::{Error, Result};
 pub use kv_cache::{BlockAllocator, KvCache};
 pub use llama::{Llama, LlamaWeights, LoadOptions};
+pub use quantization::Quantization;
 pub use weights::Checkpoint;

@@ -17,7 +17,7 @@ use crate::{
         RmsNorm, RotaryEmbedding,
     },
     weights::{Checkpoint, WeightLoader, WeightSpec},
-    DType, LlamaConfig, Result, ShardLayout, TorchKind,
+    DType, LlamaConfig, Quantization, Result, ShardLayout, TorchKind,
 };
 
 /// The checkpoint names and full shapes of one decoder layer's weights.
@@ -105,6 +105,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// Draw a progress bar while loading (rank 0 only, usually).
     pub show_progress: bool,
+    /// How the products' weights are stored (none: in `dtype`).
+    pub quantization: Option<Quantization>,
 }
 
 pub struct DecoderLayer {
@@ -184,7 +186,8 @@ impl Llama {
             options.device,
             total,
             options.show_progress,
-        );
+        )
+        .with_quantization(options.quantization);
         let started = std::time::Instant::now();
         let embed_tokens = ParallelEmbedding::load(
             &loader,
@@ -210,6 +213,7 @@ impl Llama {
             rank = layout.rank,
             world_size = layout.world_size,
             dtype = %options.dtype,
+            quantization = options.quantization.map(|q| q.to_string()),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "loaded shard"
         );
@@ -228,6 +232,23 @@ impl Llama {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// Bytes of weights this shard holds (quantized ones at their width).
+    pub fn weight_bytes(&self) -> usize {
+        self.embed_tokens.bytes()
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.input_layernorm.bytes()
+                        + l.self_attn.bytes()
+                        + l.post_attention_layernorm.bytes()
+                        + l.mlp.bytes()
+                })
+                .sum::<usize>()
+            + self.norm.bytes()
+            + self.lm_head.bytes()
     }
 
     pub fn layout(&self) -> &ShardLayout {

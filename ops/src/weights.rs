@@ -13,7 +13,7 @@ use memmap2::Mmap;
 use safetensors::Dtype as StDtype;
 use tch::{Device, Kind, Tensor};
 
-use crate::{DType, Error, Result, TorchKind};
+use crate::{DType, Error, Quantization, Result, TorchKind};
 
 /// Which part of a 2-D `[out, in]` weight a rank takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +160,7 @@ pub struct WeightLoader<'a> {
     checkpoint: &'a Checkpoint,
     kind: Kind,
     device: Device,
+    quantization: Option<Quantization>,
     progress: ProgressBar,
 }
 
@@ -189,8 +190,23 @@ impl<'a> WeightLoader<'a> {
             checkpoint,
             kind: dtype.kind(),
             device,
+            quantization: None,
             progress,
         }
+    }
+
+    /// The loader with the products' weights stored as `quantization` says (none: the compute
+    /// dtype).
+    pub fn with_quantization(self, quantization: Option<Quantization>) -> Self {
+        WeightLoader {
+            quantization,
+            ..self
+        }
+    }
+
+    /// How the products' weights are stored.
+    pub fn quantization(&self) -> Option<Quantization> {
+        self.quantization
     }
 
     /// Loads `slice` of `spec`, converted to the compute dtype and moved to the device.

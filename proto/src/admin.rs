@@ -40,6 +40,10 @@ pub struct GroupMember {
     pub host: String,
     pub device: String,
     pub memory_bytes: u64,
+    /// Bytes of weights its shard holds (quantized ones at their width; 0 from older
+    /// coordinators).
+    #[serde(default)]
+    pub weight_bytes: u64,
     /// "ready", "not ready: ...", "unreachable: ..." or "unknown".
     pub health: String,
 }

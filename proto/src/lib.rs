@@ -6,8 +6,9 @@
 /// Protocol version a coordinator and its workers must agree on.
 /// The gRPC package stays `caravan.v1`; the version says which revision of it (v1.1: stateful
 /// steps, no `Release`, enums for dtype and vocabulary placement; v1.2: prompt log-probabilities;
-/// v1.3: NCCL groups on the served path, `NewNcclId`).
-pub const PROTOCOL_VERSION: &str = "caravan.v1.3";
+/// v1.3: NCCL groups on the served path, `NewNcclId`; v1.4: `LoadShard`'s quantization, which a
+/// worker that ignored it would silently not apply).
+pub const PROTOCOL_VERSION: &str = "caravan.v1.4";
 
 /// The exit status of a `caravan-worker` that refuses to start because of how it was asked to
 /// run (a device it cannot use; clap's usage errors exit with the same status). Restarting it

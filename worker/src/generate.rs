@@ -9,7 +9,7 @@ use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Instant};
 use anyhow::{bail, Context, Result};
 use caravan_ops::{
     BlockAllocator, Checkpoint, Communicator, DType, Llama, LlamaConfig, LlamaWeights, LoadOptions,
-    LogitsSelection, SequenceStep, ShardLayout, VocabSharding,
+    LogitsSelection, Quantization, SequenceStep, ShardLayout, VocabSharding,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -28,6 +28,8 @@ pub struct GenerateJob {
     /// Where this rank's weights and cache live.
     pub device: Device,
     pub vocab_sharding: VocabSharding,
+    /// How the products' weights are stored (none: in `dtype`).
+    pub quantization: Option<Quantization>,
     /// Teacher forcing: feed these tokens (per prompt) instead of the model's own choices.
     pub force_tokens: Option<Vec<Vec<i64>>>,
     /// Rank 0 writes every logit row here (safetensors), for golden comparisons.
@@ -101,6 +103,7 @@ pub fn run_rank(job: &GenerateJob, comm: Communicator) -> Result<GenerateReport>
         dtype: job.dtype,
         device: job.device,
         show_progress: rank == 0,
+        quantization: job.quantization,
     };
     let model = Llama::load(&checkpoint, &config, layout, Arc::new(comm), options)
         .with_context(|| format!("loading shard {rank}/{world_size}"))?;

@@ -17,7 +17,7 @@ use std::{
 
 use caravan_ops::{
     comm::RingListener, Checkpoint, Communicator, DType, KvCache, Llama, LlamaConfig, LoadOptions,
-    LogitsSelection, ShardLayout, VocabSharding,
+    LogitsSelection, Quantization, ShardLayout, VocabSharding,
 };
 use caravan_proto as pb;
 use tch::Device;
@@ -174,14 +174,23 @@ impl ModelRunner {
                     .map_err(|e| Status::unavailable(e.to_string()))?,
             )
         };
+        let quantization = match req.quantization() {
+            pb::Quantization::None => None,
+            pb::Quantization::Int8 => Some(Quantization::Int8),
+        };
         let options = LoadOptions {
             dtype,
             device: self.device,
             show_progress: false,
+            quantization,
         };
         let comm = Arc::new(comm);
-        let model = Llama::load(&checkpoint, &config, layout, comm.clone(), options)
-            .map_err(|e| Status::internal(format!("loading shard: {e}")))?;
+        let model = Llama::load(&checkpoint, &config, layout, comm.clone(), options).map_err(
+            |e| match e {
+                caravan_ops::Error::Unsupported(m) => Status::invalid_argument(m),
+                other => Status::internal(format!("loading shard: {other}")),
+            },
+        )?;
         let bytes_per_block = model.cache_bytes_per_token() as u64 * req.block_size as u64;
         let blocks = if req.kv_cache_memory_bytes == 0 {
             req.kv_cache_blocks as u64
@@ -206,6 +215,7 @@ impl ModelRunner {
             kv_cache_blocks: blocks,
             cache_bytes_per_token: model.cache_bytes_per_token() as u64,
             load_ms: started.elapsed().as_millis() as u64,
+            weight_bytes: model.weight_bytes() as u64,
         };
         self.loaded = Some(Loaded {
             model,
@@ -222,7 +232,13 @@ impl ModelRunner {
             s.ready = true;
             s.detail.clear();
         }
-        tracing::info!(rank, world, load_ms = response.load_ms, "shard loaded");
+        tracing::info!(
+            rank,
+            world,
+            load_ms = response.load_ms,
+            weight_bytes = response.weight_bytes,
+            "shard loaded"
+        );
         Ok(response)
     }
 

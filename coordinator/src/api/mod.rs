@@ -27,9 +27,9 @@ use tokio::sync::Notify;
 use crate::{
     chat_template::ChatTemplate,
     engine::EngineHandle,
-    group::{HealthProbe, SharedHealth},
+    group::{GroupMember, HealthProbe, SharedHealth},
     model_info::ModelInfo,
-    registry::{RegisteredWorker, Registry},
+    registry::Registry,
     stats::EngineStats,
     structured::Grammars,
     tokenizer::Tokenizer,
@@ -50,7 +50,7 @@ pub struct AppState {
     /// The scheduler of the current worker group; `None` while a group is being formed.
     pub engine: RwLock<Option<EngineHandle>>,
     /// The current group's members, rank order, and a way to ask them how they are.
-    pub workers: RwLock<Vec<RegisteredWorker>>,
+    pub workers: RwLock<Vec<GroupMember>>,
     pub probe: RwLock<Option<HealthProbe>>,
     /// Every registered worker, in the group or not.
     pub registry: Arc<Registry>,
@@ -170,15 +170,16 @@ async fn admin_status(State(state): State<SharedState>) -> Json<admin::Status> {
     let workers = members
         .iter()
         .enumerate()
-        .map(|(rank, w)| admin::GroupMember {
+        .map(|(rank, m)| admin::GroupMember {
             rank,
             shard: format!("{} of {world}", rank + 1),
-            id: w.id.clone(),
-            address: w.worker_addr.clone(),
-            ring_address: w.ring_addr.clone(),
-            host: w.host.clone(),
-            device: w.device.clone(),
-            memory_bytes: w.memory_bytes,
+            id: m.worker.id.clone(),
+            address: m.worker.worker_addr.clone(),
+            ring_address: m.worker.ring_addr.clone(),
+            host: m.worker.host.clone(),
+            device: m.worker.device.clone(),
+            memory_bytes: m.worker.memory_bytes,
+            weight_bytes: m.weight_bytes,
             health: health
                 .get(rank)
                 .cloned()
@@ -189,7 +190,7 @@ async fn admin_status(State(state): State<SharedState>) -> Json<admin::Status> {
         .registry
         .workers()
         .into_iter()
-        .filter(|w| !members.iter().any(|m| m.id == w.id))
+        .filter(|w| !members.iter().any(|m| m.worker.id == w.id))
         .map(|w| w.id)
         .collect();
     let s = &state.stats;
@@ -222,7 +223,7 @@ async fn admin_workers(State(state): State<SharedState>) -> Json<admin::Workers>
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
-        .map(|w| w.id.clone())
+        .map(|m| m.worker.id.clone())
         .collect();
     let workers = state
         .registry
@@ -269,7 +270,7 @@ async fn metrics(State(state): State<SharedState>) -> Response {
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
-        .map(|w| w.id.clone())
+        .map(|m| m.worker.id.clone())
         .collect();
     let registered = state.registry.workers();
     let spares = registered

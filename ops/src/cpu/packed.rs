@@ -53,6 +53,15 @@ impl PackedWeight {
         [self.n as i64, self.k as i64]
     }
 
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match &self.values {
+            Values::F32(v) => 4 * v.len(),
+            Values::Bf16(v) => 2 * v.len(),
+            Values::F16(v) => 2 * v.len(),
+        }
+    }
+
     /// The dense weight's dtype, which is also what [`PackedWeight::linear`] takes and returns.
     pub fn kind(&self) -> Kind {
         match self.values {

@@ -61,6 +61,11 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Bytes of weights held.
+    pub fn bytes(&self) -> usize {
+        self.q_proj.bytes() + self.k_proj.bytes() + self.v_proj.bytes() + self.o_proj.bytes()
+    }
+
     pub fn load(
         loader: &WeightLoader,
         weights: &AttentionWeights,

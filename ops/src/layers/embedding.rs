@@ -37,6 +37,11 @@ pub struct ParallelEmbedding {
 }
 
 impl ParallelEmbedding {
+    /// Bytes of weights held.
+    pub fn bytes(&self) -> usize {
+        self.weight.numel() * self.weight.kind().elt_size_in_bytes()
+    }
+
     pub fn load(
         loader: &WeightLoader,
         spec: &WeightSpec,
@@ -74,6 +79,11 @@ pub struct LmHead {
 }
 
 impl LmHead {
+    /// Bytes of weights held.
+    pub fn bytes(&self) -> usize {
+        self.weight.bytes()
+    }
+
     pub fn load(
         loader: &WeightLoader,
         spec: &WeightSpec,
@@ -81,7 +91,7 @@ impl LmHead {
         comm: Arc<Communicator>,
     ) -> Result<Self> {
         Ok(LmHead {
-            weight: Weight::new(load_table(loader, spec, &rows)?)?,
+            weight: Weight::new(load_table(loader, spec, &rows)?, loader.quantization())?,
             parallel: rows.is_some(),
             comm,
         })

@@ -10,9 +10,9 @@ use tch::Tensor;
 
 use crate::{
     comm::Communicator,
-    cpu::packed::PackedWeight,
+    cpu::{int8::Int8Weight, packed::PackedWeight},
     weights::{Slice, WeightLoader, WeightSpec},
-    Result,
+    Quantization, Result,
 };
 
 /// `y = x W_r^T` for this rank's rows `W_r` of `W`: the output is this rank's slice of features.
@@ -24,12 +24,17 @@ impl ColumnParallelLinear {
     /// Loads rows `rows` of the `[out, in]` weight `spec`.
     pub fn load(loader: &WeightLoader, spec: &WeightSpec, rows: Range<usize>) -> Result<Self> {
         Ok(ColumnParallelLinear {
-            weight: Weight::new(loader.load(spec, Slice::Rows(rows))?)?,
+            weight: Weight::new(loader.load(spec, Slice::Rows(rows))?, loader.quantization())?,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.weight.project(x)
+    }
+
+    /// Bytes of weights held.
+    pub fn bytes(&self) -> usize {
+        self.weight.bytes()
     }
 }
 
@@ -48,7 +53,10 @@ impl RowParallelLinear {
         comm: Arc<Communicator>,
     ) -> Result<Self> {
         Ok(RowParallelLinear {
-            weight: Weight::new(loader.load(spec, Slice::Columns(columns))?)?,
+            weight: Weight::new(
+                loader.load(spec, Slice::Columns(columns))?,
+                loader.quantization(),
+            )?,
             comm,
         })
     }
@@ -59,17 +67,28 @@ impl RowParallelLinear {
         let partial = self.weight.project(x)?;
         self.comm.all_reduce_sum(partial)
     }
+
+    /// Bytes of weights held.
+    pub fn bytes(&self) -> usize {
+        self.weight.bytes()
+    }
 }
 
-/// A `[out, in]` weight as its products need it: packed for Caravan's CPU kernel where that
-/// runs (f32, bf16 or f16 on a CPU with AVX2), else dense for libtorch (GPUs, other CPUs).
+/// A `[out, in]` weight as its products need it: quantized when asked (Caravan's CPU kernels
+/// only, for now), else packed for Caravan's CPU kernel where that runs (f32, bf16 or f16 on a
+/// CPU with AVX2), else dense for libtorch (GPUs, other CPUs).
 pub(crate) enum Weight {
+    Int8(Int8Weight),
     Packed(PackedWeight),
     Dense(Tensor),
 }
 
 impl Weight {
-    pub(crate) fn new(dense: Tensor) -> Result<Weight> {
+    /// `dense` (in the compute dtype) stored as `quantization` says.
+    pub(crate) fn new(dense: Tensor, quantization: Option<Quantization>) -> Result<Weight> {
+        if let Some(Quantization::Int8) = quantization {
+            return Ok(Weight::Int8(Int8Weight::quantize(&dense, dense.kind())?));
+        }
         Ok(match PackedWeight::pack(&dense)? {
             Some(packed) => Weight::Packed(packed),
             None => Weight::Dense(dense.f_contiguous()?),
@@ -79,8 +98,18 @@ impl Weight {
     /// `x W^T`.
     pub(crate) fn project(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Weight::Int8(w) => w.linear(x),
             Weight::Packed(w) => w.linear(x),
             Weight::Dense(w) => Ok(x.f_linear::<Tensor>(w, None)?),
+        }
+    }
+
+    /// Bytes the weight holds.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Weight::Int8(w) => w.bytes(),
+            Weight::Packed(w) => w.bytes(),
+            Weight::Dense(w) => w.numel() * w.kind().elt_size_in_bytes(),
         }
     }
 }

@@ -49,6 +49,11 @@ impl MlpWeights {
 
 impl Mlp {
     /// Loads this rank's `columns` of the intermediate width.
+    /// Bytes of weights held.
+    pub fn bytes(&self) -> usize {
+        self.gate_proj.bytes() + self.up_proj.bytes() + self.down_proj.bytes()
+    }
+
     pub fn load(
         loader: &WeightLoader,
         weights: &MlpWeights,

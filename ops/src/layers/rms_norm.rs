@@ -16,6 +16,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// Bytes of weights held.
+    pub fn bytes(&self) -> usize {
+        self.weight.numel() * self.weight.kind().elt_size_in_bytes()
+    }
+
     pub fn load(loader: &WeightLoader, spec: &WeightSpec, eps: f64) -> Result<Self> {
         Ok(RmsNorm {
             weight: loader.load(spec, Slice::Full)?,

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{bail, Result};
 use caravan_ops::{
     cpu::{cpu_kernel_path, set_cpu_kernels, CpuKernels},
-    Communicator, DType, VocabSharding,
+    Communicator, DType, Quantization, VocabSharding,
 };
 use caravan_worker::{
     device,
@@ -45,6 +45,10 @@ struct Args {
     /// Placement of the embedding and LM head: auto, replicated or parallel.
     #[arg(long, default_value = "auto")]
     vocab_sharding: VocabSharding,
+    /// Store the products' weights quantized: int8 (8-bit integers, one scale per block of 32
+    /// inputs; Caravan's CPU kernels only).
+    #[arg(long)]
+    quantization: Option<Quantization>,
     /// On a CPU: `on` runs Caravan's AVX2 kernels where the CPU has them; `off` runs every
     /// product, norm and attention through libtorch, the path a GPU takes.
     #[arg(long, env = "CARAVAN_CPU_KERNELS", default_value_t = CpuKernels::On)]
@@ -127,6 +131,7 @@ fn run(args: Args) -> Result<()> {
         dtype: args.dtype,
         device,
         vocab_sharding: args.vocab_sharding,
+        quantization: args.quantization,
         force_tokens: (!args.force_tokens.is_empty()).then(|| args.force_tokens.clone()),
         dump_logits: args.dump_logits.clone(),
     };
