@@ -60,7 +60,7 @@ CMAKE_FLAGS = [
 ]
 BUILD_TARGETS = ["llama-bench"]
 BUILD_JOBS = 2  # the machine has 2 cores, shared
-OUTTYPES = ("f32", "f16", "bf16")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # Python modules convert_hf_to_gguf.py (and gguf-py) import for a Llama checkpoint.
 CONVERTER_MODULES = {"torch": "torch", "numpy": "numpy", "transformers": "transformers",
                      "safetensors": "safetensors", "yaml": "pyyaml", "tqdm": "tqdm",

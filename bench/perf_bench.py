@@ -113,10 +113,14 @@ def stream_times(http, model, prompt, max_tokens):
                               "stream": True, "ignore_eos": True, "logprobs": 1})
 
 
-def caravan(model_dir: Path, tp: int, dtype: str, threads: int) -> dict:
+def quantization_args(quantization):
+    return [] if quantization is None else ["--quantization", quantization]
+
+
+def caravan(model_dir: Path, tp: int, dtype: str, threads: int, quantization=None) -> dict:
     coordinator = Coordinator(["--model", model_dir, "--tp", tp, "--local-workers", "--port", 0,
                                "--threads-per-worker", max(1, threads // tp), "--dtype", dtype,
-                               "--max-batch-size", 32])
+                               "--max-batch-size", 32, *quantization_args(quantization)])
     try:
         url = coordinator.wait_ready()
         model = model_dir.name
@@ -141,35 +145,39 @@ def caravan(model_dir: Path, tp: int, dtype: str, threads: int) -> dict:
         coordinator.stop()
 
 
-def caravan_engine_run(model_dir: Path, tp: int, dtype: str, threads: int, prompt, new_tokens):
+def caravan_engine_run(model_dir: Path, tp: int, dtype: str, threads: int, prompt, new_tokens,
+                       quantization=None):
     """(prefill tok/s, decode tok/s) of one `caravan-generate` run (the forward pass without the server)."""
     binary = Path(os.environ.get("CARAVAN_BIN_DIR", REPO / "target" / "release")) / "caravan-generate"
     out = subprocess.run(
         [binary, "--model", model_dir, "--tp", str(tp), "--threads", str(max(1, threads // tp)),
          "--dtype", dtype, "--prompt-ids", ",".join(map(str, prompt)),
-         "--max-new-tokens", str(new_tokens)],
+         "--max-new-tokens", str(new_tokens), *quantization_args(quantization)],
         cwd=REPO, check=True, capture_output=True, text=True).stdout
     # "prefill: N tokens in X ms (Y tok/s); decode: N tokens in X ms (Y tok/s)"
     line = next(l for l in out.splitlines() if l.startswith("prefill:"))
     return [float(part.split("(")[1].split(" tok/s")[0]) for part in line.split(";")]
 
 
-def caravan_engine(model_dir: Path, tp: int, dtype: str, threads: int) -> dict:
+def caravan_engine(model_dir: Path, tp: int, dtype: str, threads: int, quantization=None) -> dict:
     """Decode and prefill tok/s of `caravan-generate`, medians of three runs."""
-    run = lambda prompt, n: caravan_engine_run(model_dir, tp, dtype, threads, prompt, n)  # noqa: E731
+    run = lambda prompt, n: caravan_engine_run(model_dir, tp, dtype, threads, prompt, n,  # noqa: E731
+                                               quantization)
     decode = [run(prompts(1, SHORT_PROMPT, seed=10 + rep)[0], DECODE_TOKENS)[1] for rep in range(3)]
     prefill = [run(prompts(1, PREFILL_TOKENS, seed=20 + rep)[0], 1)[0] for rep in range(3)]
     return {"decode": statistics.median(decode), "prefill": statistics.median(prefill)}
 
 
-def interleaved_decode(model_dir: Path, threads: int, ggufs: dict) -> dict:
-    """Single-stream engine decode tok/s of Caravan (TP 1 f32, TP 2 f32, TP 1 bf16) and llama.cpp
-    (f32, f16), measured in rounds of one run per system: whatever the machine does meanwhile (its
-    memory bandwidth moves with its neighbours) lands on every system alike. Medians per system."""
+def interleaved_decode(model_dir: Path, threads: int, ggufs: dict,
+                       caravans=((1, "f32", None), (2, "f32", None), (1, "bf16", None))) -> dict:
+    """Single-stream engine decode tok/s of Caravan (`caravans`: TP, dtype, quantization) and
+    llama.cpp (`ggufs`), measured in rounds of one run per system: whatever the machine does
+    meanwhile (its memory bandwidth moves with its neighbours) lands on every system alike.
+    Medians per system."""
     systems = {
-        f"caravan TP {tp} {dtype}": lambda r, tp=tp, dtype=dtype: caravan_engine_run(
-            model_dir, tp, dtype, threads, prompts(1, SHORT_PROMPT, seed=30 + r)[0], DECODE_TOKENS)[1]
-        for tp, dtype in ((1, "f32"), (2, "f32"), (1, "bf16"))
+        f"caravan TP {tp} {quantization or dtype}": lambda r, tp=tp, dtype=dtype, q=quantization: caravan_engine_run(
+            model_dir, tp, dtype, threads, prompts(1, SHORT_PROMPT, seed=30 + r)[0], DECODE_TOKENS, q)[1]
+        for tp, dtype, quantization in caravans
     }
     for outtype, gguf in ggufs.items():
         systems[f"llama.cpp {outtype}"] = lambda r, gguf=gguf: llama_cpp_peer.run_bench(

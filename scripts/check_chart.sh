@@ -229,12 +229,18 @@ check "mutual TLS, external etcd over TLS" --set etcd.enabled=false \
   --set tls.secretName=caravan-tls
 check "mutual TLS, direct registration" --set registration.mode=direct --set coordinator.replicaCount=1 \
   --set tls.secretName=caravan-tls
+check "int8 weights" --set engine.quantization=int8
+grep -qF -- '- "--quantization=int8"' "$tmp/$((validated - 1)).rendered.yaml" \
+  || die "int8 weights: the coordinator is not passed --quantization=int8"
 
 log "broken values must be refused"
 refuse "tp 0" --set tp=0
 refuse "unknown key" --set workers.gpus=1
 refuse "Kubernetes quantity as kvCacheMemory" --set engine.kvCacheMemory=40Gi
 refuse "unknown dtype" --set engine.dtype=fp8
+refuse "unknown quantization" --set engine.quantization=q3
+refuse "int8 weights on GPU workers" --set engine.quantization=int8 --set workers.device=cuda:0 \
+  --set workers.gpu.count=1
 refuse "even etcd cluster" --set etcd.replicaCount=2
 refuse "direct mode with 2 coordinators" --set registration.mode=direct
 refuse "external etcd without endpoints" --set etcd.enabled=false

@@ -305,6 +305,9 @@ workers, read from the Secrets that caravan.tlsVolumes mounts. */}}
 {{- if and (hasPrefix "cuda" $device) (eq (int $v.workers.gpu.count) 0) }}
 {{- fail (printf "workers.device %s needs workers.gpu.count of at least 1: a pod without GPUs sees none" $device) }}
 {{- end }}
+{{- if and $v.engine.quantization (ne $device "cpu") }}
+{{- fail (printf "engine.quantization %s runs on CPU workers only for now, not on workers.device %s" $v.engine.quantization $device) }}
+{{- end }}
 {{- if and (eq $device "cpu") (gt (int $v.workers.gpu.count) 0) }}
 {{- fail "workers.device cpu with workers.gpu.count > 0 would reserve GPUs and leave them idle" }}
 {{- end }}

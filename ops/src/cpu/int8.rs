@@ -1,7 +1,8 @@
 //! Weights in 8 bits (`--quantization int8`): symmetric integers with one f32 scale per block of
 //! 32 inputs, as llama.cpp's Q8_0 (whose scale is an f16). A product quantizes its activations
-//! the same way, row by row, so each block's dot product is exact in integers (AVX2
-//! `maddubs`/`madd`, [`super::x86_int8`]) and only its scaling and the sum over blocks are in f32.
+//! the same way, row by row, so each block's dot product is exact in integers (AVX-VNNI `dpbusd`
+//! where the CPU has it, else AVX2 `maddubs`/`madd`: the same integers either way,
+//! [`super::x86_int8`]) and only its scaling and the sum over blocks are in f32.
 //! A weight takes 1.125 bytes per value against bf16's 2, and single-stream decode, which streams
 //! every weight once per token, is bound by those bytes.
 //!
@@ -19,10 +20,20 @@ pub const BLOCK: usize = 32;
 /// Output rows per panel.
 pub const ROWS: usize = 4;
 
+/// How a block's integer dot product is computed; every way gives the same integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dot {
+    /// `maddubs` and `madd` (AVX2).
+    Avx2,
+    /// `dpbusd` (AVX-VNNI), one instruction for what takes the others three.
+    AvxVnni,
+}
+
 /// A `[n, k]` weight quantized to 8 bits; the dense tensor it came from is not kept.
 pub struct Int8Weight {
-    /// `[panels][blocks][ROWS][BLOCK]`, rows past `n` and inputs past `k` zero.
-    quants: Vec<i8>,
+    /// `[panels][blocks][ROWS][BLOCK]` in offset binary (the integer plus 128, which `dpbusd`
+    /// takes as unsigned), rows past `n` and inputs past `k` zero (128).
+    quants: Vec<u8>,
     /// `[panels][blocks][ROWS]`.
     scales: Vec<f32>,
     n: usize,
@@ -63,16 +74,20 @@ impl Int8Weight {
         let (row_quants, row_scales) = quantize_rows(super::elements::<f32>(&dense), n, k);
         let blocks = k.div_ceil(BLOCK);
         let panels = n.div_ceil(ROWS);
-        let mut quants = vec![0i8; panels * blocks * ROWS * BLOCK];
+        let mut quants = vec![0x80u8; panels * blocks * ROWS * BLOCK];
         let mut scales = vec![0f32; panels * blocks * ROWS];
         for row in 0..n {
             let (p, j) = (row / ROWS, row % ROWS);
             for b in 0..blocks {
                 let at = (p * blocks + b) * ROWS + j;
                 scales[at] = row_scales[row * blocks + b];
-                quants[at * BLOCK..(at + 1) * BLOCK].copy_from_slice(
-                    &row_quants[(row * blocks + b) * BLOCK..(row * blocks + b + 1) * BLOCK],
-                );
+                let from = (row * blocks + b) * BLOCK;
+                for (q, &v) in quants[at * BLOCK..(at + 1) * BLOCK]
+                    .iter_mut()
+                    .zip(&row_quants[from..from + BLOCK])
+                {
+                    *q = (v as u8) ^ 0x80;
+                }
             }
         }
         Ok(Int8Weight {
@@ -102,6 +117,12 @@ impl Int8Weight {
     /// `x W^T` for `x` of shape `[m, k]` (any `m`, on the CPU, of [`Int8Weight::kind`]), with `x`
     /// quantized per row and block, accumulated in f32 and rounded once to the activations' dtype.
     pub fn linear(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_with(x, imp::best_dot())
+    }
+
+    /// [`Int8Weight::linear`] with the block dots computed as `dot` says (which this CPU must
+    /// run).
+    pub(crate) fn linear_with(&self, x: &Tensor, dot: Dot) -> Result<Tensor> {
         let size = x.size();
         if size.len() != 2 || size[1] != self.k as i64 || x.kind() != self.kind {
             return Err(Error::InvalidBatch(format!(
@@ -117,15 +138,45 @@ impl Int8Weight {
             .f_to_device(Device::Cpu)?
             .f_to_kind(Kind::Float)?
             .f_contiguous()?;
-        let (xq, xs) = quantize_rows(super::elements::<f32>(&x), m, self.k);
+        let (quants, scales) = quantize_rows(super::elements::<f32>(&x), m, self.k);
+        let corrections = match dot {
+            Dot::Avx2 => Vec::new(),
+            Dot::AvxVnni => corrections(&quants),
+        };
+        let x = Activations {
+            quants,
+            scales,
+            corrections,
+            dot,
+        };
         let mut y = Tensor::f_empty([m as i64, self.n as i64], (self.kind, Device::Cpu))?;
         match self.kind {
-            Kind::Float => imp::product::<f32>(self, &xq, &xs, m, &mut y),
-            Kind::BFloat16 => imp::product::<half::bf16>(self, &xq, &xs, m, &mut y),
-            _ => imp::product::<half::f16>(self, &xq, &xs, m, &mut y),
+            Kind::Float => imp::product::<f32>(self, &x, m, &mut y),
+            Kind::BFloat16 => imp::product::<half::bf16>(self, &x, m, &mut y),
+            _ => imp::product::<half::f16>(self, &x, m, &mut y),
         }
         Ok(y)
     }
+}
+
+/// A product's activations, quantized.
+pub(crate) struct Activations {
+    /// `[m][blocks][BLOCK]`.
+    pub quants: Vec<i8>,
+    /// `[m][blocks]`.
+    pub scales: Vec<f32>,
+    /// With [`Dot::AvxVnni`], `[m][blocks][8]`: −128 × the sum of each lane's four integers, which
+    /// takes the weights' offset of 128 back out of `dpbusd`'s sums. Empty otherwise.
+    pub corrections: Vec<i32>,
+    pub dot: Dot,
+}
+
+/// −128 × the sum of every four consecutive integers of `quants`.
+fn corrections(quants: &[i8]) -> Vec<i32> {
+    quants
+        .chunks_exact(4)
+        .map(|four| -128 * four.iter().map(|&q| q as i32).sum::<i32>())
+        .collect()
 }
 
 /// Rows of `values` (`[rows, k]`) in blocks of [`BLOCK`] (the last padded with zeros): each block's
@@ -155,12 +206,24 @@ pub fn quantize_rows(values: &[f32], rows: usize, k: usize) -> (Vec<i8>, Vec<f32
 mod imp {
     use tch::Tensor;
 
-    use super::{Int8Weight, BLOCK, ROWS};
+    use super::{Activations, Dot, Int8Weight, BLOCK, ROWS};
     use crate::cpu::{elements_mut, team, x86::Out, x86_int8, Scalar};
+
+    /// The fastest way this CPU computes a block's dot product (detected once).
+    pub fn best_dot() -> Dot {
+        static BEST: std::sync::OnceLock<Dot> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            if is_x86_feature_detected!("avxvnni") {
+                Dot::AvxVnni
+            } else {
+                Dot::Avx2
+            }
+        })
+    }
 
     /// The panels in runs, about four per thread, claimed by whichever thread of the team is
     /// free; a run's thread writes its columns of every row of `y`.
-    pub fn product<O: Scalar>(w: &Int8Weight, xq: &[i8], xs: &[f32], m: usize, y: &mut Tensor) {
+    pub fn product<O: Scalar>(w: &Int8Weight, x: &Activations, m: usize, y: &mut Tensor) {
         if m == 0 {
             return;
         }
@@ -185,7 +248,7 @@ mod imp {
             // SAFETY: `kernels_run_here()` was checked when quantizing; only this run writes
             // columns first * ROWS .. first * ROWS + columns of rows 0..m, inside `y`
             // (`[m, n]`), and runs do not overlap.
-            unsafe { x86_int8::panels(quants, scales, blocks, xq, xs, m, &out, columns) }
+            unsafe { x86_int8::panels(quants, scales, blocks, x, m, &out, columns) }
         };
         match team() {
             Some(team) => team.share(panels, panels.div_ceil(4 * team.threads()), &run),
@@ -198,9 +261,13 @@ mod imp {
 mod imp {
     use tch::Tensor;
 
-    use super::Int8Weight;
+    use super::{Activations, Dot, Int8Weight};
 
-    pub fn product<O>(_: &Int8Weight, _: &[i8], _: &[f32], _: usize, _: &mut Tensor) {
+    pub fn best_dot() -> Dot {
+        Dot::Avx2
+    }
+
+    pub fn product<O>(_: &Int8Weight, _: &Activations, _: usize, _: &mut Tensor) {
         unreachable!("there are no int8 weights without x86-64")
     }
 }
@@ -210,7 +277,18 @@ mod tests {
     use super::*;
     use crate::cpu::tests::{kernels_run_here, random};
 
-    /// What the AVX2 loop computes, one lane at a time: lane `l` of a block sums the integer
+    /// Every way of computing block dots this CPU runs.
+    fn dots() -> Vec<Dot> {
+        let mut dots = vec![Dot::Avx2];
+        if imp::best_dot() == Dot::AvxVnni {
+            dots.push(Dot::AvxVnni);
+        } else {
+            eprintln!("AVX-VNNI not tested: this CPU has none");
+        }
+        dots
+    }
+
+    /// What the loop computes, one lane at a time: lane `l` of a block sums the integer
     /// products of inputs `4l..4l + 4` exactly, is scaled by `weight scale × input scale` and
     /// added to the lane's running sum with one rounding (a fused multiply-add); the eight lanes
     /// are then added as the loop adds them.
@@ -270,11 +348,14 @@ mod tests {
                 let w = random(&[n, k], Kind::Float);
                 let x32 = random(&[m, k], Kind::Float);
                 let want = x32.linear::<Tensor>(&w, None);
-                for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+                for (kind, dot) in [Kind::Float, Kind::BFloat16, Kind::Half]
+                    .into_iter()
+                    .flat_map(|kind| dots().into_iter().map(move |dot| (kind, dot)))
+                {
                     let x = x32.to_kind(kind);
                     let q = Int8Weight::quantize(&w, kind).unwrap();
                     assert_eq!(q.size(), [n, k]);
-                    let ours = q.linear(&x).unwrap();
+                    let ours = q.linear_with(&x, dot).unwrap();
                     assert_eq!(ours.size(), [m, n]);
                     assert_eq!(ours.kind(), kind);
                     let exact = Tensor::from_slice(&reference(&w, &x))
@@ -282,7 +363,8 @@ mod tests {
                         .to_kind(kind);
                     assert!(
                         ours.equal(&exact),
-                        "{kind:?} m={m} n={n} k={k} threads={threads}: differs from the reference"
+                        "{kind:?} {dot:?} m={m} n={n} k={k} threads={threads}: differs from the \
+                         reference"
                     );
                     // Each product's error: two roundings of at most half a step in 127 each.
                     let diff = (ours.to_kind(Kind::Float) - &want)

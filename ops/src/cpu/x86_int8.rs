@@ -1,13 +1,18 @@
-//! The AVX2 loop behind [`super::int8`]: up to two activation rows times one panel of four
-//! weight rows, a block of 32 inputs at a time. A block's dot product is exact in integers:
-//! `maddubs` multiplies |w| (unsigned) by x carrying w's sign and adds pairs into 16 bits (at most
-//! 2 × 127 × 127, no saturation), `madd` adds pairs of those into eight 32-bit lanes; the lanes
-//! are scaled by the two blocks' scales and added to eight f32 sums with one rounding each.
+//! The loop behind [`super::int8`]: up to two activation rows times one panel of four weight
+//! rows, a block of 32 inputs at a time. A block's dot product is exact in integers, summed in
+//! eight 32-bit lanes of four products each, two ways that give the same lanes:
+//! - AVX-VNNI: `dpbusd` multiplies the weights in offset binary (w + 128, unsigned) by x and adds
+//!   each four into a lane that starts at −128 × the four x's sum, leaving Σ w x;
+//! - AVX2: `maddubs` multiplies |w| by x carrying w's sign and adds pairs into 16 bits (at most
+//!   2 × 127 × 127, no saturation), `madd` adds pairs of those.
+//!
+//! The lanes are scaled by the two blocks' scales and added to eight f32 sums with one rounding
+//! each, so the results do not depend on which way ran.
 
 use std::arch::x86_64::*;
 
 use super::{
-    int8::{BLOCK, ROWS},
+    int8::{Activations, Dot, BLOCK, ROWS},
     x86::Out,
     Scalar,
 };
@@ -17,24 +22,21 @@ use super::{
 const SWEEP: usize = 48;
 
 /// `y[i][c] = Σ_b scale_w[c][b] scale_x[i][b] (w[c][b] · x[i][b])` for every row `i` of the
-/// quantized activations (`xq`: `[m][blocks][BLOCK]`, `xs`: `[m][blocks]`) and every output `c`
-/// of the panels in `quants` / `scales` (`[panels][blocks][ROWS][BLOCK]` / `[..][ROWS]`), of
-/// which the first `columns` are written to `y`.
+/// quantized activations and every output `c` of the panels in `quants` / `scales`
+/// (`[panels][blocks][ROWS][BLOCK]` / `[..][ROWS]`), of which the first `columns` are written to
+/// `y`, the block dots computed as `x.dot` says.
 ///
 /// Every output is one chain over its blocks in order, whatever `m` and whichever rows share its
 /// tile: a row's result does not depend on what it is batched with.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; `y` must be valid for writes of rows `0..m`, columns
-/// `0..columns`, and no one else may access them meanwhile.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must have AVX2 and FMA, and AVX-VNNI for [`Dot::AvxVnni`]; `y` must be valid for
+/// writes of rows `0..m`, columns `0..columns`, and no one else may access them meanwhile.
 pub unsafe fn panels<O: Scalar>(
-    quants: &[i8],
+    quants: &[u8],
     scales: &[f32],
     blocks: usize,
-    xq: &[i8],
-    xs: &[f32],
+    x: &Activations,
     m: usize,
     y: &Out<O>,
     columns: usize,
@@ -43,10 +45,63 @@ pub unsafe fn panels<O: Scalar>(
     assert!(
         scales.len().is_multiple_of(panel)
             && quants.len() == scales.len() * BLOCK
-            && xq.len() == m * blocks * BLOCK
-            && xs.len() == m * blocks
+            && x.quants.len() == m * blocks * BLOCK
+            && x.scales.len() == m * blocks
+            && (x.dot == Dot::Avx2 || x.corrections.len() == m * blocks * 8)
             && columns <= scales.len() / blocks
     );
+    // SAFETY: the caller vouches for the CPU and for `y`.
+    unsafe {
+        match x.dot {
+            Dot::Avx2 => with_avx2(quants, scales, blocks, x, m, y, columns),
+            Dot::AvxVnni => with_vnni(quants, scales, blocks, x, m, y, columns),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn with_avx2<O: Scalar>(
+    quants: &[u8],
+    scales: &[f32],
+    blocks: usize,
+    x: &Activations,
+    m: usize,
+    y: &Out<O>,
+    columns: usize,
+) {
+    // SAFETY: the caller's.
+    unsafe { sweep::<O, false>(quants, scales, blocks, x, m, y, columns) }
+}
+
+#[target_feature(enable = "avx2,fma,avxvnni")]
+unsafe fn with_vnni<O: Scalar>(
+    quants: &[u8],
+    scales: &[f32],
+    blocks: usize,
+    x: &Activations,
+    m: usize,
+    y: &Out<O>,
+    columns: usize,
+) {
+    // SAFETY: the caller's.
+    unsafe { sweep::<O, true>(quants, scales, blocks, x, m, y, columns) }
+}
+
+/// The rows in sweeps of [`SWEEP`], each sweep over every panel, two rows at a time.
+///
+/// # Safety
+/// As for [`panels`], whose checks have passed.
+#[inline(always)]
+unsafe fn sweep<O: Scalar, const VNNI: bool>(
+    quants: &[u8],
+    scales: &[f32],
+    blocks: usize,
+    x: &Activations,
+    m: usize,
+    y: &Out<O>,
+    columns: usize,
+) {
+    let panel = blocks * ROWS;
     for first in (0..m).step_by(SWEEP) {
         let rows = (m - first).min(SWEEP);
         for p in 0..scales.len() / panel {
@@ -54,7 +109,7 @@ pub unsafe fn panels<O: Scalar>(
             if width == 0 {
                 break;
             }
-            let (wq, ws) = (
+            let w = (
                 quants[p * panel * BLOCK..].as_ptr(),
                 scales[p * panel..].as_ptr(),
             );
@@ -64,15 +119,16 @@ pub unsafe fn panels<O: Scalar>(
                 // SAFETY: rows i..i + r of the activations and panel p are in bounds; the caller
                 // vouches for `y`.
                 unsafe {
-                    let x = (
-                        xq.as_ptr().add(i * blocks * BLOCK),
-                        xs.as_ptr().add(i * blocks),
-                    );
+                    let rows = Rows {
+                        quants: x.quants.as_ptr().add(i * blocks * BLOCK),
+                        scales: x.scales.as_ptr().add(i * blocks),
+                        corrections: x.corrections.as_ptr().wrapping_add(i * blocks * 8),
+                    };
                     let out = y.ptr.add(i * y.stride + p * ROWS);
                     if r == 2 {
-                        tile::<O, 2>(wq, ws, blocks, x, out, y.stride, width);
+                        tile::<O, 2, VNNI>(w, blocks, rows, out, y.stride, width);
                     } else {
-                        tile::<O, 1>(wq, ws, blocks, x, out, y.stride, width);
+                        tile::<O, 1, VNNI>(w, blocks, rows, out, y.stride, width);
                     }
                 }
                 i += r;
@@ -81,20 +137,28 @@ pub unsafe fn panels<O: Scalar>(
     }
 }
 
+/// Where a tile's rows of activations start.
+#[derive(Clone, Copy)]
+struct Rows {
+    quants: *const i8,
+    scales: *const f32,
+    /// Read with VNNI only.
+    corrections: *const i32,
+}
+
 /// The four outputs of one panel for `R` consecutive rows, written to `out`.
 ///
 /// # Safety
 /// The panel (`blocks * ROWS * BLOCK` integers and `blocks * ROWS` scales) and `R` rows of
-/// activations must be readable; `out[i * stride + c]` writable for `i < R`, `c < width`; AVX2
-/// and FMA.
+/// activations (with their corrections when `VNNI`) must be readable; `out[i * stride + c]`
+/// writable for `i < R`, `c < width`; AVX2 and FMA, and AVX-VNNI when `VNNI`.
 // `j` and `i` address the panel's weight rows and the activation rows as well as the sums.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn tile<O: Scalar, const R: usize>(
-    wq: *const i8,
-    ws: *const f32,
+unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool>(
+    (wq, ws): (*const u8, *const f32),
     blocks: usize,
-    (xq, xs): (*const i8, *const f32),
+    x: Rows,
     out: *mut O,
     stride: usize,
     width: usize,
@@ -103,20 +167,35 @@ unsafe fn tile<O: Scalar, const R: usize>(
     // SAFETY: every offset below is inside the panel or the rows, as the caller vouches.
     unsafe {
         let ones = _mm256_set1_epi16(1);
+        let offset = _mm256_set1_epi8(-128);
         for b in 0..blocks {
-            let mut x = [_mm256_setzero_si256(); R];
-            for (i, x) in x.iter_mut().enumerate() {
-                *x = _mm256_loadu_si256(xq.add((i * blocks + b) * BLOCK).cast());
+            let mut xq = [_mm256_setzero_si256(); R];
+            let mut start = [_mm256_setzero_si256(); R];
+            for i in 0..R {
+                xq[i] = _mm256_loadu_si256(x.quants.add((i * blocks + b) * BLOCK).cast());
+                if VNNI {
+                    start[i] = _mm256_loadu_si256(x.corrections.add((i * blocks + b) * 8).cast());
+                }
             }
             for j in 0..ROWS {
                 let w = _mm256_loadu_si256(wq.add((b * ROWS + j) * BLOCK).cast());
-                let magnitude = _mm256_sign_epi8(w, w);
                 let scale = *ws.add(b * ROWS + j);
+                let (signed, magnitude) = if VNNI {
+                    (w, w)
+                } else {
+                    let signed = _mm256_xor_si256(w, offset);
+                    (signed, _mm256_sign_epi8(signed, signed))
+                };
                 for i in 0..R {
-                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x[i], w));
-                    let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                    let d = _mm256_set1_ps(scale * *xs.add(i * blocks + b));
-                    acc[i][j] = _mm256_fmadd_ps(lanes, d, acc[i][j]);
+                    let lanes = if VNNI {
+                        _mm256_dpbusd_avx_epi32(start[i], w, xq[i])
+                    } else {
+                        let pairs =
+                            _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xq[i], signed));
+                        _mm256_madd_epi16(pairs, ones)
+                    };
+                    let d = _mm256_set1_ps(scale * *x.scales.add(i * blocks + b));
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), d, acc[i][j]);
                 }
             }
         }
