@@ -289,9 +289,9 @@ mod tests {
     }
 
     /// What the loop computes, one lane at a time: lane `l` of a block sums the integer
-    /// products of inputs `4l..4l + 4` exactly, is scaled by `weight scale × input scale` and
-    /// added to the lane's running sum with one rounding (a fused multiply-add); the eight lanes
-    /// are then added as the loop adds them.
+    /// products of inputs `4l..4l + 4` exactly, is multiplied by the weight block's scale, then
+    /// by the input block's and added to the lane's running sum with one rounding (a fused
+    /// multiply-add); the eight lanes are then added as the loop adds them.
     fn reference(w: &Tensor, x: &Tensor) -> Vec<f32> {
         let (n, k) = (w.size()[0] as usize, w.size()[1] as usize);
         let m = x.size()[0] as usize;
@@ -305,7 +305,7 @@ mod tests {
             for c in 0..n {
                 let mut lanes = [0f32; 8];
                 for b in 0..blocks {
-                    let d = ws[c * blocks + b] * xs[i * blocks + b];
+                    let (sw, sx) = (ws[c * blocks + b], xs[i * blocks + b]);
                     for (l, lane) in lanes.iter_mut().enumerate() {
                         let dot: i32 = (4 * l..4 * l + 4)
                             .map(|t| {
@@ -313,7 +313,7 @@ mod tests {
                                     * xq[(i * blocks + b) * BLOCK + t] as i32
                             })
                             .sum();
-                        *lane = (dot as f32).mul_add(d, *lane);
+                        *lane = ((dot as f32) * sw).mul_add(sx, *lane);
                     }
                 }
                 let t: Vec<f32> = (0..4).map(|j| lanes[j] + lanes[j + 4]).collect();

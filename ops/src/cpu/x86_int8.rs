@@ -6,8 +6,9 @@
 //! - AVX2: `maddubs` multiplies |w| by x carrying w's sign and adds pairs into 16 bits (at most
 //!   2 × 127 × 127, no saturation), `madd` adds pairs of those.
 //!
-//! The lanes are scaled by the two blocks' scales and added to eight f32 sums with one rounding
-//! each, so the results do not depend on which way ran.
+//! The lanes are scaled by the weight block's scale, then multiplied by the activation block's
+//! and added to eight f32 sums (one fused multiply-add), so the results do not depend on which
+//! way ran. Both scales are broadcast once per block, not once per output and row.
 
 use std::arch::x86_64::*;
 
@@ -171,15 +172,17 @@ unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool>(
         for b in 0..blocks {
             let mut xq = [_mm256_setzero_si256(); R];
             let mut start = [_mm256_setzero_si256(); R];
+            let mut xs = [_mm256_setzero_ps(); R];
             for i in 0..R {
                 xq[i] = _mm256_loadu_si256(x.quants.add((i * blocks + b) * BLOCK).cast());
+                xs[i] = _mm256_broadcast_ss(&*x.scales.add(i * blocks + b));
                 if VNNI {
                     start[i] = _mm256_loadu_si256(x.corrections.add((i * blocks + b) * 8).cast());
                 }
             }
             for j in 0..ROWS {
                 let w = _mm256_loadu_si256(wq.add((b * ROWS + j) * BLOCK).cast());
-                let scale = *ws.add(b * ROWS + j);
+                let scale = _mm256_broadcast_ss(&*ws.add(b * ROWS + j));
                 let (signed, magnitude) = if VNNI {
                     (w, w)
                 } else {
@@ -194,8 +197,8 @@ unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool>(
                             _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xq[i], signed));
                         _mm256_madd_epi16(pairs, ones)
                     };
-                    let d = _mm256_set1_ps(scale * *x.scales.add(i * blocks + b));
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), d, acc[i][j]);
+                    let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(lanes), scale);
+                    acc[i][j] = _mm256_fmadd_ps(scaled, xs[i], acc[i][j]);
                 }
             }
         }
