@@ -396,7 +396,11 @@ impl WorkerGroup {
                 id: WARM_UP_SEQUENCE,
                 tokens: vec![1],
                 start_position: 0,
-                admitted: Some(pb::SamplingParams::default()),
+                admitted: Some(pb::SamplingParams {
+                    top_p: 1.0,
+                    repetition_penalty: 1.0,
+                    ..Default::default()
+                }),
                 prompt_len: 1,
                 new_blocks: vec![0],
                 sample: true,

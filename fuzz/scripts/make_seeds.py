@@ -1,6 +1,7 @@
 """Writes the fuzz targets' seed inputs (fuzz/seeds/<target>/): small valid inputs the fuzzer
 mutates from. Run from the repository root: python3 fuzz/scripts/make_seeds.py"""
 import json
+import struct
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "seeds"
@@ -19,6 +20,8 @@ def varint(n):
 
 def field(number, wire, payload):
     key = varint(number << 3 | wire)
+    if wire == 5:  # fixed32: a float
+        return key + struct.pack("<f", payload)
     return key + (varint(payload) if wire == 0 else varint(len(payload)) + payload)
 
 
@@ -26,11 +29,16 @@ def packed(values):
     return b"".join(varint(v) for v in values)
 
 
+# Greedy sampling, complete (top_p = 1, repetition_penalty = 1): ranks apply what is sent and
+# refuse values outside their ranges.
+GREEDY = field(2, 5, 1.0) + field(10, 5, 1.0)
+
+
 def sequence(seq_id, tokens, start, blocks, sample=True):
-    """A sequence admitted in this step (field 5, default sampling), so a rank that has not seen
+    """A sequence admitted in this step (field 5, greedy sampling), so a rank that has not seen
     it before takes `blocks` as its whole table."""
     return (field(1, 0, seq_id) + field(2, 2, packed(tokens)) + field(3, 0, start)
-            + field(4, 2, packed(blocks)) + field(5, 2, b"") + field(6, 0, int(sample)))
+            + field(4, 2, packed(blocks)) + field(5, 2, GREEDY) + field(6, 0, int(sample)))
 
 
 def step(step_id, sequences):

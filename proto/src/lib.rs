@@ -7,7 +7,8 @@
 /// The gRPC package stays `caravan.v1`; the version says which revision of it (v1.1: stateful
 /// steps, no `Release`, enums for dtype and vocabulary placement; v1.2: prompt log-probabilities;
 /// v1.3: NCCL groups on the served path, `NewNcclId`; v1.4: `LoadShard`'s quantization, which a
-/// worker that ignored it would silently not apply).
+/// worker that ignored it would silently not apply, and sampling parameters applied as sent:
+/// `top_p` and `repetition_penalty` 0 are refused, no longer read as 1).
 pub const PROTOCOL_VERSION: &str = "caravan.v1.4";
 
 /// The exit status of a `caravan-worker` that refuses to start because of how it was asked to

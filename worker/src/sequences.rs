@@ -63,12 +63,15 @@ impl Sequences {
                     s.sequence_id
                 ));
             }
+            if let Some(sampling) = &s.admitted {
+                to_params(sampling).map_err(|e| format!("sequence {}: {e}", s.sequence_id))?;
+            }
         }
         let mut batch = Vec::with_capacity(req.sequences.len());
         for s in &req.sequences {
             let state = match &s.admitted {
                 Some(sampling) => {
-                    let params = to_params(sampling);
+                    let params = to_params(sampling)?;
                     let state = self
                         .by_id
                         .entry(s.sequence_id)
@@ -99,25 +102,43 @@ impl Sequences {
     }
 }
 
-fn to_params(p: &pb::SamplingParams) -> SamplingParams {
-    SamplingParams {
+/// The parameters as the coordinator sent them, complete: this rank adds no defaults of its own,
+/// and refuses values no sampler can apply (the coordinator validated the request already).
+fn to_params(p: &pb::SamplingParams) -> Result<SamplingParams, String> {
+    if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
+        return Err(format!(
+            "temperature {} is not a finite value >= 0",
+            p.temperature
+        ));
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        return Err(format!("top_p {} is outside (0, 1]", p.top_p));
+    }
+    if !(p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite()) {
+        return Err(format!(
+            "repetition_penalty {} is not a finite value > 0",
+            p.repetition_penalty
+        ));
+    }
+    let finite = |name: &str, v: f32| {
+        v.is_finite()
+            .then_some(v)
+            .ok_or_else(|| format!("{name} {v} is not finite"))
+    };
+    Ok(SamplingParams {
         temperature: p.temperature,
-        top_p: if p.top_p <= 0.0 { 1.0 } else { p.top_p },
+        top_p: p.top_p,
         top_k: p.top_k as usize,
         seed: p.seed,
-        presence_penalty: p.presence_penalty,
-        frequency_penalty: p.frequency_penalty,
+        presence_penalty: finite("presence_penalty", p.presence_penalty)?,
+        frequency_penalty: finite("frequency_penalty", p.frequency_penalty)?,
         top_logprobs: p.top_logprobs as usize,
         prompt_logprobs: p.prompt_logprobs.map(|n| n as usize),
         logit_bias: p.logit_bias.iter().map(|b| (b.token_id, b.bias)).collect(),
-        repetition_penalty: if p.repetition_penalty <= 0.0 {
-            1.0
-        } else {
-            p.repetition_penalty
-        },
+        repetition_penalty: p.repetition_penalty,
         min_tokens: p.min_tokens as usize,
         min_tokens_banned: p.min_tokens_banned.clone(),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -139,6 +160,8 @@ mod tests {
             new_blocks: blocks,
             admitted: admit.then(|| pb::SamplingParams {
                 seed: 7,
+                top_p: 1.0,
+                repetition_penalty: 1.0,
                 ..Default::default()
             }),
             sample: true,
@@ -214,6 +237,60 @@ mod tests {
             ))
             .unwrap_err();
         assert!(err.contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn parameters_no_sampler_can_apply_are_refused_without_changing_anything() {
+        let mut s = Sequences::default();
+        s.prepare(&step(vec![seq(1, vec![5], 0, vec![3], true)], vec![]))
+            .unwrap();
+        for (field, bad) in [
+            (
+                "top_p",
+                pb::SamplingParams {
+                    top_p: 0.0,
+                    repetition_penalty: 1.0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "repetition_penalty",
+                pb::SamplingParams {
+                    top_p: 1.0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "temperature",
+                pb::SamplingParams {
+                    temperature: f32::NAN,
+                    top_p: 1.0,
+                    repetition_penalty: 1.0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "frequency_penalty",
+                pb::SamplingParams {
+                    top_p: 1.0,
+                    repetition_penalty: 1.0,
+                    frequency_penalty: f32::INFINITY,
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let mut admit = seq(2, vec![1], 0, vec![4], true);
+            admit.admitted = Some(bad);
+            let err = s
+                .prepare(&step(
+                    vec![seq(1, vec![6], 1, vec![9], false), admit],
+                    vec![],
+                ))
+                .unwrap_err();
+            assert!(err.contains("sequence 2") && err.contains(field), "{err}");
+            assert_eq!(s.get_mut(1).unwrap().blocks, vec![3], "nothing applied");
+            assert!(s.get_mut(2).is_none());
+        }
     }
 
     #[test]
