@@ -3,6 +3,7 @@
 reply as it streams in, then the token counts.
 
 Usage: python/stream_chat.py --url http://127.0.0.1:8000 [--message TEXT] [--max-tokens N]
+                             [--temperature T]
 """
 import argparse
 import sys
@@ -16,6 +17,8 @@ def main():
     ap.add_argument("--message", default="Write a haiku about caravans crossing the desert.")
     ap.add_argument("--system", default="You are a helpful assistant.")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="0 for the greedy (reproducible) answer; default: the server's (1)")
     args = ap.parse_args()
 
     client = openai.OpenAI(base_url=args.url.rstrip("/") + "/v1", api_key="unused", max_retries=0)
@@ -25,6 +28,7 @@ def main():
         model=model,
         messages=[{"role": "system", "content": args.system}, {"role": "user", "content": args.message}],
         max_tokens=args.max_tokens,
+        temperature=args.temperature,
         stream=True,
         stream_options={"include_usage": True},
     )

@@ -52,4 +52,4 @@ stop
 serve models/smollm2-135m-instruct 3 "$@"
 echo "[demo] SmolLM2-135M-Instruct (trained weights) answers:" >&2
 .venv/bin/python python/stream_chat.py --url "$url" --system "You are a helpful assistant." \
-  --message "What is the capital of France? Answer in one sentence." --max-tokens 48
+  --message "What is the capital of France? Answer in one sentence." --max-tokens 48 --temperature 0
