@@ -184,10 +184,13 @@ async fn run(args: Args, device: Device) -> Result<()> {
         Device::Cpu => format!("cpu, kernels: {}", cpu_kernel_path()),
         other => format!("{other:?}"),
     };
-    eprintln!(
+    // One write of the whole line: workers started together share their parent's stderr, and
+    // `eprintln!` writes a line in pieces that theirs would interleave with.
+    let line = format!(
         "caravan-worker: gRPC {grpc_addr}, ring {ring_addr}, advertised as {advertised_grpc} and \
-         ring {advertised_ring}; computing on {compute}"
+         ring {advertised_ring}; computing on {compute}\n"
     );
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
 
     let status = SharedStatus::default();
     let fault = caravan_worker::faults::Fault::from_env().map_err(anyhow::Error::msg)?;
