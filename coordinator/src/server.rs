@@ -605,10 +605,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                 (kv_tokens as u64 * group.cache_bytes_per_token()) as f64 / (1u64 << 20) as f64
             );
             let probe = group.health_probe();
-            let members: Vec<String> = group.workers().iter().map(|w| w.id.clone()).collect();
+            let group_members = group.members();
+            let members: Vec<String> = group_members.iter().map(|m| m.worker.id.clone()).collect();
             avoid.clear();
-            let most_weights = group
-                .members()
+            let most_weights = group_members
                 .iter()
                 .map(|m| m.weight_bytes)
                 .max()
@@ -620,7 +620,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                     .map(|q| format!(" ({})", q.as_str()))
                     .unwrap_or_default()
             );
-            *state.workers.write().unwrap_or_else(|e| e.into_inner()) = group.members();
+            *state.workers.write().unwrap_or_else(|e| e.into_inner()) = group_members;
             *state.probe.write().unwrap_or_else(|e| e.into_inner()) = Some(probe.clone());
             let blocks = BlockManager::new(kv_blocks, block_size, !args.no_prefix_caching);
             let engine = match engine.take() {

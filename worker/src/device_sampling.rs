@@ -44,11 +44,7 @@ pub fn sample(
         return Ok(Vec::new());
     }
     let device = logits.device();
-    let rows = ids(draws.iter().map(|d| d.row), device)?;
-    let scores = logits.f_index_select(0, &rows)?.f_to_kind(Kind::Float)?;
-    let lse = log_sum_exp
-        .f_index_select(0, &rows)?
-        .f_to_kind(Kind::Float)?;
+    let (scores, lse) = select_rows(logits, log_sum_exp, draws.iter().map(|d| d.row))?;
     // argmax answers the first of equal maxima, as the host's does.
     let mut tokens = scores.f_argmax(-1, false)?;
     let drawn: Vec<usize> = (0..draws.len())
@@ -67,11 +63,7 @@ pub fn sample(
         .f_squeeze_dim(1)?
         .f_sub(&lse)?;
     let n = draws.iter().map(|d| d.top_logprobs).max().unwrap_or(0);
-    let top = if n > 0 {
-        Some(top_n(&scores, &lse, n)?)
-    } else {
-        None
-    };
+    let top = (n > 0).then(|| top_n(&scores, &lse, n)).transpose()?;
     let tokens = to_host::<i64>(&tokens)?;
     let logprobs = to_host::<f32>(&logprobs)?;
     let mut out = Vec::with_capacity(draws.len());
@@ -102,11 +94,7 @@ pub fn score(
         return Ok(Vec::new());
     }
     let device = logits.device();
-    let index = ids(rows.iter().copied(), device)?;
-    let scores = logits.f_index_select(0, &index)?.f_to_kind(Kind::Float)?;
-    let lse = log_sum_exp
-        .f_index_select(0, &index)?
-        .f_to_kind(Kind::Float)?;
+    let (scores, lse) = select_rows(logits, log_sum_exp, rows.iter().copied())?;
     let vocab = scores.size2()?.1;
     // A token outside the vocabulary has no score: log-probability -inf, ranked last.
     let valid: Vec<bool> = targets.iter().map(|&t| (0..vocab).contains(&t)).collect();
@@ -116,11 +104,7 @@ pub fn score(
         .f_ge_tensor(&own)?
         .f_sum_dim_intlist(-1, false, Kind::Int64)?;
     let logprobs = own.f_squeeze_dim(1)?.f_sub(&lse)?;
-    let top = if n > 0 {
-        Some(top_n(&scores, &lse, n)?)
-    } else {
-        None
-    };
+    let top = (n > 0).then(|| top_n(&scores, &lse, n)).transpose()?;
     let ranks = to_host::<i64>(&ranks)?;
     let logprobs = to_host::<f32>(&logprobs)?;
     Ok((0..rows.len())
@@ -240,13 +224,28 @@ fn top_n(scores: &Tensor, log_sum_exp: &Tensor, n: usize) -> Result<TopN, TchErr
     })
 }
 
+/// Rows `rows` of `logits` and of `log_sum_exp`, in f32, where they lie.
+pub(crate) fn select_rows(
+    logits: &Tensor,
+    log_sum_exp: &Tensor,
+    rows: impl Iterator<Item = i64>,
+) -> Result<(Tensor, Tensor), TchError> {
+    let index = ids(rows, logits.device())?;
+    Ok((
+        logits.f_index_select(0, &index)?.f_to_kind(Kind::Float)?,
+        log_sum_exp
+            .f_index_select(0, &index)?
+            .f_to_kind(Kind::Float)?,
+    ))
+}
+
 /// A 1-D int64 tensor of `values` on `device`.
 fn ids(values: impl Iterator<Item = i64>, device: Device) -> Result<Tensor, TchError> {
     Tensor::from_slice(&values.collect::<Vec<_>>()).f_to_device(device)
 }
 
 /// A tensor's elements on the host, in row-major order.
-fn to_host<T: tch::kind::Element + Copy>(t: &Tensor) -> Result<Vec<T>, TchError> {
+pub(crate) fn to_host<T: tch::kind::Element + Copy>(t: &Tensor) -> Result<Vec<T>, TchError> {
     Vec::<T>::try_from(
         t.f_to_device(Device::Cpu)?
             .f_to_kind(T::KIND)?

@@ -280,26 +280,13 @@ impl HostRows {
         let (logits, log_sum_exp) = if all {
             (logits.shallow_clone(), log_sum_exp.shallow_clone())
         } else {
-            let index = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())
-                .f_to_device(logits.device())?;
-            (
-                logits.f_index_select(0, &index)?,
-                log_sum_exp.f_index_select(0, &index)?,
-            )
-        };
-        let host = |t: Tensor| -> Result<Vec<f32>, TchError> {
-            Vec::<f32>::try_from(
-                t.f_to_device(Device::Cpu)?
-                    .f_to_kind(Kind::Float)?
-                    .f_contiguous()?
-                    .f_flatten(0, -1)?,
-            )
+            device_sampling::select_rows(logits, log_sum_exp, rows.iter().map(|&r| r as i64))?
         };
         Ok(HostRows {
             vocab,
             at,
-            logits: host(logits)?,
-            log_sum_exp: host(log_sum_exp)?,
+            logits: device_sampling::to_host(&logits)?,
+            log_sum_exp: device_sampling::to_host(&log_sum_exp)?,
         })
     }
 
