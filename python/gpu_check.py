@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -249,10 +250,21 @@ def served_group(args, model_dir, tp, collective, label, prompt_ids, want, safe)
         streamed = "".join(c.choices[0].text for c in client.completions.create(
             model=model_dir.name, prompt=prompt_ids, max_tokens=DECODE_STEPS, temperature=0, stream=True,
             extra_body={"ignore_eos": True}) if c.choices)
+        with urllib.request.urlopen(coordinator.url + "/admin/status", timeout=30) as answer:
+            members = json.load(answer)["workers"]
     finally:
         coordinator.stop()
     equal = got[:safe] == want[:safe]
-    return [("served", f"{label}: openai completion's tokens equal transformers' ({safe} before a near-tie)",
+    # Each rank's KV cache and its device's memory once loaded (on a GPU the cache is sized by
+    # the rank from --gpu-memory-utilization of the GPU; on CPUs from the host's memory).
+    gib = 1 << 30
+    sized = all(m["kv_cache_bytes"] > 0 and m["device_total_bytes"] > 0 for m in members)
+    memory = ", ".join(f"rank {m['rank']} {m['kv_cache_bytes'] / gib:.1f} GiB KV, "
+                       f"{(m['device_total_bytes'] - m['device_free_bytes']) / gib:.1f}"
+                       f"/{m['device_total_bytes'] / gib:.1f} GiB in use" for m in members)
+    return [("served", f"{label}: KV cache and device memory per rank (caravanctl status)", memory,
+             "> 0", sized),
+            ("served", f"{label}: openai completion's tokens equal transformers' ({safe} before a near-tie)",
              str(equal), "True", equal and safe > 0),
             ("served", f"{label}: streamed text equals the whole completion", str(streamed == text), "True",
              streamed == text)]

@@ -229,6 +229,10 @@ check "mutual TLS, external etcd over TLS" --set etcd.enabled=false \
   --set tls.secretName=caravan-tls
 check "mutual TLS, direct registration" --set registration.mode=direct --set coordinator.replicaCount=1 \
   --set tls.secretName=caravan-tls
+check "GPU workers with a memory utilization" --set workers.device=cuda:0 --set workers.gpu.count=1 \
+  --set-json engine.gpuMemoryUtilization=0.85
+grep -qF -- '- "--gpu-memory-utilization=0.85"' "$tmp/$((validated - 1)).rendered.yaml" \
+  || die "GPU workers: the coordinator is not passed --gpu-memory-utilization=0.85"
 check "int8 weights" --set engine.quantization=int8
 grep -qF -- '- "--quantization=int8"' "$tmp/$((validated - 1)).rendered.yaml" \
   || die "int8 weights: the coordinator is not passed --quantization=int8"
@@ -237,6 +241,7 @@ log "broken values must be refused"
 refuse "tp 0" --set tp=0
 refuse "unknown key" --set workers.gpus=1
 refuse "Kubernetes quantity as kvCacheMemory" --set engine.kvCacheMemory=40Gi
+refuse "gpuMemoryUtilization above 1" --set-json engine.gpuMemoryUtilization=1.5
 refuse "unknown dtype" --set engine.dtype=fp8
 refuse "unknown quantization" --set engine.quantization=q3
 refuse "int8 weights on GPU workers" --set engine.quantization=int8 --set workers.device=cuda:0 \

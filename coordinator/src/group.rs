@@ -33,6 +33,7 @@ pub struct ShardPlan {
     pub collective_timeout: Duration,
     pub collective: Collective,
     pub threads_per_worker: u32,
+    pub step_limits: StepLimits,
     /// Mutual TLS towards the workers, when the cluster uses it.
     pub tls: Option<caravan_common::tls::ClusterTls>,
 }
@@ -107,6 +108,15 @@ impl ComputeDtype {
     }
 }
 
+/// The scheduler's limits on a step, which bound the scratch tensors a GPU rank keeps room for
+/// when it sizes its own cache.
+#[derive(Debug, Clone, Copy)]
+pub struct StepLimits {
+    pub max_num_batched_tokens: u32,
+    pub max_num_seqs: u32,
+    pub max_model_len: u32,
+}
+
 /// How big each rank's KV cache is.
 #[derive(Debug, Clone)]
 pub enum KvCacheSize {
@@ -114,32 +124,67 @@ pub enum KvCacheSize {
     Blocks(u32),
     /// As many blocks as fit in a memory budget, at most `max_blocks`.
     Memory {
-        /// Bytes per rank; `None`: `fraction` of the memory the worker's host had available at
-        /// registration, shared among the group's workers on that host.
+        /// Bytes per rank; `None`: on a CPU rank, `fraction` of the memory the worker's host had
+        /// available at registration, shared among the group's workers on that host; on a CUDA
+        /// rank, what `gpu_memory_utilization` of its GPU leaves once its weights are loaded,
+        /// which the rank works out itself.
         per_rank_bytes: Option<u64>,
         fraction: f64,
+        gpu_memory_utilization: f32,
         max_blocks: u32,
     },
 }
 
+/// The KV-cache size one rank's `LoadShard` asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RankCache {
+    pub blocks: u32,
+    pub memory_bytes: u64,
+    pub memory_utilization: f32,
+    /// The group's ranks on the same device as this one (with a utilization).
+    pub device_sharers: u32,
+}
+
 impl KvCacheSize {
-    /// (kv_cache_blocks, kv_cache_memory_bytes) for one rank's LoadShard.
-    fn for_worker(&self, worker: &RegisteredWorker, all: &[RegisteredWorker]) -> (u32, u64) {
+    /// What `worker`'s `LoadShard` asks for, given the group's workers `all`.
+    pub fn for_worker(&self, worker: &RegisteredWorker, all: &[RegisteredWorker]) -> RankCache {
+        let exact = |blocks, memory_bytes| RankCache {
+            blocks,
+            memory_bytes,
+            memory_utilization: 0.0,
+            device_sharers: 0,
+        };
         match *self {
-            KvCacheSize::Blocks(n) => (n, 0),
+            KvCacheSize::Blocks(n) => exact(n, 0),
             KvCacheSize::Memory {
                 per_rank_bytes: Some(bytes),
                 max_blocks,
                 ..
-            } => (max_blocks, bytes.max(1)),
+            } => exact(max_blocks, bytes.max(1)),
+            KvCacheSize::Memory {
+                per_rank_bytes: None,
+                gpu_memory_utilization,
+                max_blocks,
+                ..
+            } if worker.device.starts_with("cuda") => RankCache {
+                blocks: max_blocks,
+                memory_bytes: 0,
+                memory_utilization: gpu_memory_utilization,
+                device_sharers: all
+                    .iter()
+                    .filter(|w| w.host == worker.host && w.device == worker.device)
+                    .count()
+                    .max(1) as u32,
+            },
             KvCacheSize::Memory {
                 per_rank_bytes: None,
                 fraction,
                 max_blocks,
+                ..
             } => {
                 let same_host = all.iter().filter(|w| w.host == worker.host).count().max(1);
                 let bytes = (worker.memory_bytes as f64 * fraction / same_host as f64) as u64;
-                (max_blocks, bytes.max(1))
+                exact(max_blocks, bytes.max(1))
             }
         }
     }
@@ -230,8 +275,29 @@ impl GroupHealth {
 #[derive(Debug, Clone)]
 pub struct GroupMember {
     pub worker: RegisteredWorker,
-    /// Bytes of weights its shard holds (quantized ones at their width).
+    pub memory: ShardMemory,
+}
+
+/// What one rank's shard and cache take, and its device's memory once they were in place.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShardMemory {
+    /// Bytes of weights (quantized ones at their width).
     pub weight_bytes: u64,
+    /// Bytes of the KV cache the rank allocated.
+    pub kv_cache_bytes: u64,
+    pub device_total_bytes: u64,
+    pub device_free_bytes: u64,
+}
+
+impl From<&pb::LoadShardResponse> for ShardMemory {
+    fn from(r: &pb::LoadShardResponse) -> Self {
+        ShardMemory {
+            weight_bytes: r.weight_bytes,
+            kv_cache_bytes: r.kv_cache_bytes,
+            device_total_bytes: r.memory_total_bytes,
+            device_free_bytes: r.memory_free_bytes,
+        }
+    }
 }
 
 /// The ranks of one group, rank order.
@@ -239,7 +305,7 @@ pub struct WorkerGroup {
     ranks: Vec<WorkerClient<Channel>>,
     workers: Vec<RegisteredWorker>,
     /// Per rank.
-    weight_bytes: Vec<u64>,
+    memory: Vec<ShardMemory>,
     kv_cache_blocks: usize,
     cache_bytes_per_token: u64,
     step_timeout: Duration,
@@ -333,8 +399,7 @@ impl WorkerGroup {
         let ring_secret = rand::random::<[u8; 32]>().to_vec();
         let loads = ranks.iter().enumerate().map(|(rank, client)| {
             let mut client = client.clone();
-            let (kv_cache_blocks, kv_cache_memory_bytes) =
-                plan.kv_cache.for_worker(&workers[rank], &workers);
+            let cache = plan.kv_cache.for_worker(&workers[rank], &workers);
             let request = pb::LoadShardRequest {
                 model_path: plan.model_path.clone(),
                 rank: rank as u32,
@@ -344,8 +409,13 @@ impl WorkerGroup {
                 dtype: dtype.into(),
                 quantization: quantization_to_pb(plan.quantization).into(),
                 vocab_sharding: plan.vocab_sharding.into(),
-                kv_cache_blocks,
-                kv_cache_memory_bytes,
+                kv_cache_blocks: cache.blocks,
+                kv_cache_memory_bytes: cache.memory_bytes,
+                memory_utilization: cache.memory_utilization,
+                device_sharers: cache.device_sharers,
+                max_num_batched_tokens: plan.step_limits.max_num_batched_tokens,
+                max_num_seqs: plan.step_limits.max_num_seqs,
+                max_model_len: plan.step_limits.max_model_len,
                 group_epoch: epoch,
                 ring_secret: ring_secret.clone(),
                 block_size: plan.block_size,
@@ -356,7 +426,7 @@ impl WorkerGroup {
         });
         let mut kv_cache_blocks = usize::MAX;
         let mut cache_bytes_per_token = 0;
-        let mut weight_bytes = Vec::with_capacity(world);
+        let mut memory = Vec::with_capacity(world);
         for (rank, result) in join_all(loads).await.into_iter().enumerate() {
             let response = result.map_err(|s| anyhow::anyhow!("rank {rank}: {}", s.message()))?;
             let r = response.get_ref();
@@ -365,18 +435,20 @@ impl WorkerGroup {
                 load_ms = r.load_ms,
                 weight_bytes = r.weight_bytes,
                 kv_cache_blocks = r.kv_cache_blocks,
+                kv_cache_bytes = r.kv_cache_bytes,
                 bytes_per_token = r.cache_bytes_per_token,
+                device_free_bytes = r.memory_free_bytes,
                 "shard loaded"
             );
             // Every rank holds a shard of every block: the group has the smallest pool.
             kv_cache_blocks = kv_cache_blocks.min(r.kv_cache_blocks as usize);
             cache_bytes_per_token = cache_bytes_per_token.max(r.cache_bytes_per_token);
-            weight_bytes.push(r.weight_bytes);
+            memory.push(ShardMemory::from(r));
         }
         let mut group = WorkerGroup {
             ranks,
             workers,
-            weight_bytes,
+            memory,
             kv_cache_blocks,
             cache_bytes_per_token,
             step_timeout: plan.collective_timeout + Duration::from_secs(30),
@@ -437,10 +509,10 @@ impl WorkerGroup {
     pub fn members(&self) -> Vec<GroupMember> {
         self.workers
             .iter()
-            .zip(&self.weight_bytes)
-            .map(|(worker, &weight_bytes)| GroupMember {
+            .zip(&self.memory)
+            .map(|(worker, &memory)| GroupMember {
                 worker: worker.clone(),
-                weight_bytes,
+                memory,
             })
             .collect()
     }
@@ -811,6 +883,63 @@ mod tests {
         assert!(Nccl.uses_nccl(true, 1).unwrap());
         let refused = Nccl.uses_nccl(false, 2).unwrap_err().to_string();
         assert!(refused.contains("CUDA"), "{refused}");
+    }
+
+    fn registered(host: &str, device: &str, memory_bytes: u64) -> RegisteredWorker {
+        RegisteredWorker {
+            id: format!("{host}/{device}"),
+            worker_addr: String::new(),
+            ring_addr: String::new(),
+            host: host.into(),
+            device: device.into(),
+            memory_bytes,
+            last_seen: std::time::Instant::now(),
+        }
+    }
+
+    #[test]
+    fn gpu_ranks_size_their_own_cache_and_cpu_ranks_get_a_budget() {
+        const GIB: u64 = 1 << 30;
+        let size = KvCacheSize::Memory {
+            per_rank_bytes: None,
+            fraction: 0.25,
+            gpu_memory_utilization: 0.9,
+            max_blocks: 500,
+        };
+        let gpus = [
+            registered("a", "cuda:0", 80 * GIB),
+            registered("a", "cuda:0", 80 * GIB),
+            registered("a", "cuda:1", 80 * GIB),
+            registered("b", "cuda:0", 80 * GIB),
+        ];
+        // Two ranks share a:cuda:0; the others have a GPU each.
+        let sharers: Vec<u32> = gpus
+            .iter()
+            .map(|w| size.for_worker(w, &gpus).device_sharers)
+            .collect();
+        assert_eq!(sharers, [2, 2, 1, 1]);
+        let gpu = size.for_worker(&gpus[2], &gpus);
+        assert_eq!((gpu.blocks, gpu.memory_bytes), (500, 0));
+        assert_eq!(gpu.memory_utilization, 0.9);
+        // CPU ranks: a quarter of what each host had available, shared by its ranks.
+        let cpus = [
+            registered("a", "cpu", 16 * GIB),
+            registered("a", "cpu", 16 * GIB),
+            registered("b", "cpu", 16 * GIB),
+        ];
+        let budgets: Vec<RankCache> = cpus.iter().map(|w| size.for_worker(w, &cpus)).collect();
+        assert_eq!(budgets[0].memory_bytes, 2 * GIB);
+        assert_eq!(budgets[2].memory_bytes, 4 * GIB);
+        assert!(budgets.iter().all(|b| b.memory_utilization == 0.0));
+        // An explicit per-rank budget holds on GPUs too.
+        let fixed = KvCacheSize::Memory {
+            per_rank_bytes: Some(3 * GIB),
+            fraction: 0.25,
+            gpu_memory_utilization: 0.9,
+            max_blocks: 500,
+        };
+        let gpu = fixed.for_worker(&gpus[0], &gpus);
+        assert_eq!((gpu.memory_bytes, gpu.memory_utilization), (3 * GIB, 0.0));
     }
 
     fn info(device: &str, protocol: &str) -> pb::InfoResponse {

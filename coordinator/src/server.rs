@@ -24,7 +24,7 @@ use crate::{
     etcd::{Etcd, Leadership},
     group::{
         Collective, ComputeDtype, GroupHealth, HealthProbe, KvCacheSize, Quantization, ShardPlan,
-        WorkerGroup,
+        StepLimits, WorkerGroup,
     },
     local_workers::LocalWorkers,
     model_info::ModelInfo,
@@ -109,6 +109,12 @@ pub struct ServeArgs {
     /// given to the KV caches of the group's workers on that host.
     #[arg(long, env = "CARAVAN_KV_CACHE_MEMORY_FRACTION", default_value_t = 0.2)]
     pub kv_cache_memory_fraction: f64,
+    /// Without --kv-cache-memory, on CUDA ranks: the share of each GPU's memory a rank may fill
+    /// with its weights, one step's scratch tensors and its KV cache (shared evenly by the
+    /// group's ranks on one GPU); each rank sizes its cache from what is left once its weights
+    /// are loaded (as vLLM's --gpu-memory-utilization).
+    #[arg(long, env = "CARAVAN_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
     /// Exact KV-cache size in tokens, overriding the memory-based size (e.g. a deliberately
     /// small cache).
     #[arg(long, env = "CARAVAN_KV_CACHE_TOKENS")]
@@ -317,12 +323,16 @@ impl ServedModel {
         if !(args.kv_cache_memory_fraction > 0.0 && args.kv_cache_memory_fraction <= 1.0) {
             bail!("--kv-cache-memory-fraction must be in (0, 1]");
         }
+        if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
+            bail!("--gpu-memory-utilization must be in (0, 1]");
+        }
         let block_size = args.block_size;
         let kv_cache = match args.kv_cache_tokens {
             Some(tokens) => KvCacheSize::Blocks(tokens.div_ceil(block_size) as u32),
             None => KvCacheSize::Memory {
                 per_rank_bytes: args.kv_cache_memory,
                 fraction: args.kv_cache_memory_fraction,
+                gpu_memory_utilization: args.gpu_memory_utilization,
                 // More than every batch slot at full context is never used.
                 max_blocks: (args.max_batch_size * model.max_context).div_ceil(block_size) as u32,
             },
@@ -472,6 +482,11 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         collective_timeout: args.collective_timeout,
         collective: args.collective,
         threads_per_worker: threads,
+        step_limits: StepLimits {
+            max_num_batched_tokens: args.max_num_batched_tokens as u32,
+            max_num_seqs: args.max_batch_size as u32,
+            max_model_len: model.max_context as u32,
+        },
         tls: tls.clone(),
     };
 
@@ -596,7 +611,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             if kv_tokens < model.max_context {
                 bail!(
                     "the KV cache holds {kv_tokens} tokens, less than one full-context sequence ({}): \
-                     give it more memory (--kv-cache-memory) or lower --max-model-len",
+                     give it more memory (--kv-cache-memory, or on GPUs --gpu-memory-utilization) \
+                     or lower --max-model-len",
                     model.max_context
                 );
             }
@@ -610,7 +626,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             avoid.clear();
             let most_weights = group_members
                 .iter()
-                .map(|m| m.weight_bytes)
+                .map(|m| m.memory.weight_bytes)
                 .max()
                 .unwrap_or(0);
             eprintln!(

@@ -492,17 +492,28 @@ fn print_status(s: &admin::Status) {
         s.kv_cache_blocks_used,
         s.kv_cache_blocks_total,
     );
-    println!("\nRANK  SHARD   WORKER           HOST             DEVICE   MEMORY     WEIGHTS    RING                   HEALTH");
+    // MEMORY: the device's (the GPU's, or the host's on CPU) in use and total, once the shard
+    // and its KV cache were in place.
+    println!("\nRANK  SHARD   WORKER           HOST             DEVICE   MEMORY          WEIGHTS    KV CACHE   RING                   HEALTH");
     for w in &s.workers {
+        let memory = match w.device_total_bytes {
+            0 => "-".to_string(),
+            total => format!(
+                "{:.1}/{}",
+                total.saturating_sub(w.device_free_bytes) as f64 / (1u64 << 30) as f64,
+                gib(total)
+            ),
+        };
         println!(
-            "{:<5} {:<7} {:<16} {:<16} {:<8} {:<10} {:<10} {:<22} {}",
+            "{:<5} {:<7} {:<16} {:<16} {:<8} {:<15} {:<10} {:<10} {:<22} {}",
             w.rank,
             w.shard,
             w.id,
             w.host,
             w.device,
-            gib(w.memory_bytes),
+            memory,
             gib(w.weight_bytes),
+            gib(w.kv_cache_bytes),
             w.ring_address,
             w.health,
         );

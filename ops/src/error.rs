@@ -39,6 +39,8 @@ pub enum Error {
         peer: usize,
         timeout_ms: u128,
     },
+    #[error("cannot read the memory of {device}: {reason}")]
+    DeviceMemory { device: String, reason: String },
     #[error("cannot start {threads} compute threads: {reason}")]
     Threads { threads: usize, reason: String },
     #[error("torch: {0}")]

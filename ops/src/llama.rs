@@ -276,6 +276,29 @@ impl Llama {
             * self.kind.elt_size_in_bytes()
     }
 
+    /// An upper estimate of one step's transient tensors on this rank, for steps of at most
+    /// `tokens` tokens over at most `sequences` sequences of at most `max_len` tokens: what the
+    /// device must keep free beside the weights and the KV cache.
+    ///
+    /// Per layer: the residual stream, its norm, the attention's output and the MLP's, the
+    /// queries, keys and values, and the MLP's gate, up and their product (one layer's at a
+    /// time); the larger of the decode attention's padded gather of every sequence's keys and
+    /// values and a prefill's gather of one context with its KV heads repeated; and f32 logits
+    /// over the whole vocabulary for every token (prompt log-probabilities ask for them all),
+    /// with the sampler's copy beside them.
+    pub fn step_scratch_bytes(&self, tokens: usize, sequences: usize, max_len: usize) -> usize {
+        let c = &self.config;
+        let q = self.layout.local_q_heads() * c.head_dim;
+        let kv = self.layout.local_kv_heads() * c.head_dim;
+        let mlp = self.layout.mlp_columns.len();
+        let per_token = 4 * c.hidden_size + q + 2 * kv + 3 * mlp;
+        let decode_gather = sequences * max_len * kv * 2;
+        let prefill_gather = max_len * q * 2;
+        let logits = tokens * c.vocab_size * std::mem::size_of::<f32>() * 2;
+        (tokens * per_token + decode_gather.max(prefill_gather)) * self.kind.elt_size_in_bytes()
+            + logits
+    }
+
     /// Runs one step: appends every sequence's new tokens to the cache and returns f32 logits
     /// `[rows, vocab]` for the rows `selection` picks, identical on every rank.
     pub fn forward(

@@ -209,14 +209,17 @@ impl<'a> WeightLoader<'a> {
         self.quantization
     }
 
-    /// Loads `slice` of `spec`, converted to the compute dtype and moved to the device.
+    /// Loads `slice` of `spec`, converted to the compute dtype and moved to the device: one
+    /// tensor at a time, converted on the host, so a GPU never holds a stored-dtype copy (an f32
+    /// checkpoint served in bf16 would leave twice each tensor's bytes in libtorch's cache, which
+    /// a rank sizing its KV cache from free memory would count as taken).
     pub fn load(&self, spec: &WeightSpec, slice: Slice) -> Result<Tensor> {
         self.progress.set_message(spec.name.clone());
         let tensor = self
             .checkpoint
             .read(spec, &slice)?
-            .f_to_device(self.device)?
-            .f_to_kind(self.kind)?;
+            .f_to_kind(self.kind)?
+            .f_to_device(self.device)?;
         self.progress.inc(1);
         Ok(tensor)
     }

@@ -44,6 +44,15 @@ pub struct GroupMember {
     /// coordinators).
     #[serde(default)]
     pub weight_bytes: u64,
+    /// Bytes of the KV cache it allocated.
+    #[serde(default)]
+    pub kv_cache_bytes: u64,
+    /// Its device's memory (the GPU's on CUDA, the host's or its cgroup's on CPU) once the shard
+    /// and the cache were in place: total and free (0 from older coordinators or when unknown).
+    #[serde(default)]
+    pub device_total_bytes: u64,
+    #[serde(default)]
+    pub device_free_bytes: u64,
     /// "ready", "not ready: ...", "unreachable: ..." or "unknown".
     pub health: String,
 }

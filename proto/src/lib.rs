@@ -8,8 +8,10 @@
 /// steps, no `Release`, enums for dtype and vocabulary placement; v1.2: prompt log-probabilities;
 /// v1.3: NCCL groups on the served path, `NewNcclId`; v1.4: `LoadShard`'s quantization, which a
 /// worker that ignored it would silently not apply, and sampling parameters applied as sent:
-/// `top_p` and `repetition_penalty` 0 are refused, no longer read as 1).
-pub const PROTOCOL_VERSION: &str = "caravan.v1.4";
+/// `top_p` and `repetition_penalty` 0 are refused, no longer read as 1; v1.5: `LoadShard`'s
+/// `memory_utilization`, the KV cache sized by the rank from its device's memory after the weights
+/// load, and the memory figures of its answer).
+pub const PROTOCOL_VERSION: &str = "caravan.v1.5";
 
 /// The exit status of a `caravan-worker` that refuses to start because of how it was asked to
 /// run (a device it cannot use; clap's usage errors exit with the same status). Restarting it

@@ -129,6 +129,18 @@ def test_a_worker_in_a_memory_limited_cgroup_sizes_from_the_limit_not_the_host(c
         with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
             [registered] = http.get("/admin/workers").json()["workers"]
         assert 0 < registered["memory_bytes"] <= limit, registered
+        # Status says what the rank's memory is once loaded: the cgroup's limit, not the host's
+        # total, and a KV cache of whole blocks within the 20% of the memory it was given.
+        status = ctl_status(url)
+        [member] = status["workers"]
+        assert member["device_total_bytes"] == limit, member
+        assert 0 < member["device_free_bytes"] <= limit, member
+        blocks = status["kv_cache_blocks_total"]
+        assert blocks > 0 and member["kv_cache_bytes"] % blocks == 0, (member, blocks)
+        assert member["kv_cache_bytes"] <= 0.2 * registered["memory_bytes"], (member, registered)
+        table = subprocess.run([str(bin_path("caravanctl")), "--url", url, "status"], capture_output=True,
+                               text=True, timeout=30, check=True).stdout
+        assert "KV CACHE" in table and "/1.0 GiB" in table, table
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
         ref = reference["completions"][0]
         assert greedy_text(client, checkpoint.name, ref) == ref["text"]

@@ -1,8 +1,9 @@
-//! The device a rank computes on: `--device` parsed, and checked against what this binary and
-//! this machine can use, so that a rank that cannot use it refuses at start-up with one line
+//! The device a rank computes on: `--device` parsed, its memory, and checked against what this
+//! binary and this machine can use, so that a rank that cannot use it refuses at start-up with one line
 //! (exit status [`caravan_proto::WORKER_EXIT_REFUSED`]) instead of failing inside libtorch at
 //! the first tensor.
 
+use caravan_ops::MemoryInfo;
 use tch::Device;
 
 /// Parses `cpu`, `cuda` (`None`: a GPU the caller picks, e.g. rank % count) or `cuda:N`.
@@ -44,6 +45,24 @@ pub fn check_usable(device: Device) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// How registration and status name `device`: `cpu` or `cuda:N`.
+pub fn name(device: Device) -> String {
+    match device {
+        Device::Cuda(index) => format!("cuda:{index}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// The memory of `device` now: the GPU's own on CUDA, the host's (cgroup-capped) on CPU.
+pub fn memory(device: Device) -> Result<MemoryInfo, String> {
+    match device {
+        Device::Cuda(index) => {
+            caravan_ops::device_memory::cuda_memory(index).map_err(|e| e.to_string())
+        }
+        _ => Ok(crate::host::memory()),
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! What the machine offers this worker: its host name, and the memory it may still use, which
-//! sizes the KV cache when the coordinator is not told how much to use.
+//! What the machine offers this worker: its host name, and the memory it has and may still use,
+//! which sizes the KV cache of a CPU rank when the coordinator is not told how much to use.
 //!
 //! In a container the host's `MemAvailable` is not the answer: Kubernetes' `limits.memory` is a
 //! cgroup limit, and a worker that sized its cache from the host's figure would be OOM-killed.
@@ -11,6 +11,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use caravan_ops::MemoryInfo;
+
 /// The kernel's host name.
 pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
@@ -20,26 +22,54 @@ pub fn hostname() -> String {
 
 /// Bytes this process may still allocate (0 when unknown).
 pub fn available_memory() -> u64 {
-    available_memory_under(Path::new("/proc"), Path::new("/sys/fs/cgroup"))
+    memory().free
+}
+
+/// The host's memory as this process sees it: `total` is `MemTotal` capped by the tightest
+/// cgroup limit, `free` the available memory capped by the tightest cgroup headroom (0 when
+/// unknown).
+pub fn memory() -> MemoryInfo {
+    memory_under(Path::new("/proc"), Path::new("/sys/fs/cgroup"))
 }
 
 /// [`available_memory`] with `/proc` and `/sys/fs/cgroup` elsewhere (for tests).
 pub fn available_memory_under(proc_root: &Path, cgroup_root: &Path) -> u64 {
-    let host = fs::read_to_string(proc_root.join("meminfo"))
-        .ok()
-        .and_then(|m| meminfo_available(&m));
+    memory_under(proc_root, cgroup_root).free
+}
+
+/// [`memory`] with `/proc` and `/sys/fs/cgroup` elsewhere (for tests).
+pub fn memory_under(proc_root: &Path, cgroup_root: &Path) -> MemoryInfo {
+    let meminfo = fs::read_to_string(proc_root.join("meminfo")).unwrap_or_default();
     let membership = fs::read_to_string(proc_root.join("self/cgroup")).unwrap_or_default();
-    match (host, cgroup_headroom(&membership, cgroup_root)) {
+    let cgroup = cgroup_limits(&membership, cgroup_root);
+    let capped = |host: Option<u64>, cgroup: Option<u64>| match (host, cgroup) {
         (Some(h), Some(c)) => h.min(c),
         (h, c) => h.or(c).unwrap_or(0),
+    };
+    MemoryInfo {
+        free: capped(
+            meminfo_field(&meminfo, "MemAvailable:"),
+            cgroup.map(|c| c.headroom),
+        ),
+        total: capped(
+            meminfo_field(&meminfo, "MemTotal:"),
+            cgroup.map(|c| c.limit),
+        ),
     }
 }
 
-/// `MemAvailable` from `/proc/meminfo`, in bytes.
-fn meminfo_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+/// A field of `/proc/meminfo`, in bytes.
+fn meminfo_field(meminfo: &str, name: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with(name))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// The tightest memory limit of the cgroups a process is in, and the tightest headroom.
+#[derive(Debug, Clone, Copy)]
+struct CgroupLimits {
+    limit: u64,
+    headroom: u64,
 }
 
 /// The files of one cgroup version's memory controller.
@@ -62,10 +92,10 @@ const V1: MemoryFiles = MemoryFiles {
     inactive_file: "total_inactive_file",
 };
 
-/// The smallest headroom of any memory-limited cgroup from the process's own up to the root,
-/// given `/proc/self/cgroup` (`membership`); `None` when nothing is limited.
-fn cgroup_headroom(membership: &str, root: &Path) -> Option<u64> {
-    let mut tightest: Option<u64> = None;
+/// The smallest limit and the smallest headroom of any memory-limited cgroup from the process's
+/// own up to the root, given `/proc/self/cgroup` (`membership`); `None` when nothing is limited.
+fn cgroup_limits(membership: &str, root: &Path) -> Option<CgroupLimits> {
+    let mut tightest: Option<CgroupLimits> = None;
     for line in membership.lines() {
         let mut fields = line.splitn(3, ':');
         let (Some(_), Some(controllers), Some(path)) =
@@ -84,8 +114,14 @@ fn cgroup_headroom(membership: &str, root: &Path) -> Option<u64> {
         for mount in mounts {
             let mut dir = mount.join(relative);
             loop {
-                if let Some(h) = headroom(&dir, files) {
-                    tightest = Some(tightest.map_or(h, |t| t.min(h)));
+                if let Some(c) = limits(&dir, files) {
+                    tightest = Some(match tightest {
+                        None => c,
+                        Some(t) => CgroupLimits {
+                            limit: t.limit.min(c.limit),
+                            headroom: t.headroom.min(c.headroom),
+                        },
+                    });
                 }
                 if dir == mount || !dir.pop() {
                     break;
@@ -96,8 +132,9 @@ fn cgroup_headroom(membership: &str, root: &Path) -> Option<u64> {
     tightest
 }
 
-/// Limit less working set in the cgroup at `dir`, if it has a memory limit.
-fn headroom(dir: &Path, files: &MemoryFiles) -> Option<u64> {
+/// The limit of the cgroup at `dir`, and its headroom (limit less working set), if it has a
+/// memory limit.
+fn limits(dir: &Path, files: &MemoryFiles) -> Option<CgroupLimits> {
     let limit = fs::read_to_string(dir.join(files.limit)).ok()?;
     let limit: u64 = limit.trim().parse().ok()?; // v2 writes "max" for no limit
     if limit >= 1 << 60 {
@@ -117,7 +154,10 @@ fn headroom(dir: &Path, files: &MemoryFiles) -> Option<u64> {
             })
         })
         .unwrap_or(0);
-    Some(limit.saturating_sub(usage.saturating_sub(inactive)))
+    Some(CgroupLimits {
+        limit,
+        headroom: limit.saturating_sub(usage.saturating_sub(inactive)),
+    })
 }
 
 #[cfg(test)]
@@ -151,6 +191,7 @@ mod tests {
         write(&cg.join("user.slice/memory.max"), "max\n");
         write(&cg.join("user.slice/memory.current"), &format!("{}\n", GIB));
         assert_eq!(available_memory_under(&proc, &cg), 20 * GIB);
+        assert_eq!(memory_under(&proc, &cg).total, 64 * GIB);
     }
 
     #[test]
@@ -166,6 +207,8 @@ mod tests {
             &format!("anon 1\ninactive_file {}\n", GIB),
         );
         assert_eq!(available_memory_under(&proc, &cg), 6 * GIB);
+        // And the total the process can have is the limit, not the host's 64 GiB.
+        assert_eq!(memory_under(&proc, &cg).total, 8 * GIB);
     }
 
     #[test]

@@ -3,11 +3,13 @@
 //!
 //! The served path: [`service`] (gRPC, `caravan.v1.Worker`) runs each step on the thread that
 //! received it, through [`runner`] (the model, the cache and each sequence's [`sequences`] state:
-//! block table and [`sampling`] stream, behind one lock); [`step_sampling`] chooses a step's
-//! tokens on the host or, through [`device_sampling`], where the logits lie. [`faults`] injects step failures for recovery tests. The offline path:
+//! block table and [`sampling`] stream, behind one lock), its cache sized by [`cache_sizing`];
+//! [`step_sampling`] chooses a step's tokens on the host or, through [`device_sampling`], where
+//! the logits lie. [`faults`] injects step failures for recovery tests. The offline path:
 //! [`generate`] runs a rank of a fixed generation job and [`local_group`] starts a group as local
 //! processes. Both check `--device` with [`device`].
 
+pub mod cache_sizing;
 pub mod device;
 pub mod device_sampling;
 pub mod faults;

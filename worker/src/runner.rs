@@ -24,6 +24,7 @@ use tch::Device;
 use tonic::Status;
 
 use crate::{
+    cache_sizing::{cache_blocks, CacheRequest, LoadedShard},
     faults::{Fault, FaultKind},
     sequences::Sequences,
     step_sampling::{self, SamplingPlace},
@@ -128,10 +129,8 @@ impl ModelRunner {
             pb::VocabSharding::Parallel => VocabSharding::Parallel,
         };
         let (rank, world) = (req.rank as usize, req.world_size as usize);
-        if req.block_size == 0 || (req.kv_cache_blocks == 0 && req.kv_cache_memory_bytes == 0) {
-            return Err(invalid(
-                "block_size and kv_cache_blocks (or kv_cache_memory_bytes) must be positive".into(),
-            ));
+        if req.block_size == 0 {
+            return Err(invalid("block_size must be positive".into()));
         }
         let path = std::path::Path::new(&req.model_path);
         let config = LlamaConfig::from_path(path).map_err(|e| invalid(e.to_string()))?;
@@ -192,30 +191,38 @@ impl ModelRunner {
             },
         )?;
         let bytes_per_block = model.cache_bytes_per_token() as u64 * req.block_size as u64;
-        let blocks = if req.kv_cache_memory_bytes == 0 {
-            req.kv_cache_blocks as u64
-        } else {
-            let fit = req.kv_cache_memory_bytes / bytes_per_block.max(1);
-            match req.kv_cache_blocks {
-                0 => fit,
-                cap => fit.min(cap as u64),
-            }
+        let shard = LoadedShard {
+            weight_bytes: model.weight_bytes() as u64,
+            scratch_bytes: model.step_scratch_bytes(
+                req.max_num_batched_tokens as usize,
+                req.max_num_seqs as usize,
+                req.max_model_len as usize,
+            ) as u64,
+            bytes_per_block,
         };
-        if blocks == 0 {
-            return Err(Status::resource_exhausted(format!(
-                "a KV-cache budget of {} bytes holds no block of {bytes_per_block} bytes",
-                req.kv_cache_memory_bytes
-            )));
-        }
+        let request = CacheRequest {
+            blocks: req.kv_cache_blocks as u64,
+            budget_bytes: req.kv_cache_memory_bytes,
+            memory_utilization: req.memory_utilization,
+            device_sharers: req.device_sharers,
+        };
+        let device = self.device;
+        let blocks = cache_blocks(&request, &shard, || crate::device::memory(device))?;
         let blocks = u32::try_from(blocks).unwrap_or(u32::MAX);
         let cache = model
             .new_cache(blocks as usize, req.block_size as usize)
             .map_err(|e| Status::resource_exhausted(format!("allocating KV cache: {e}")))?;
+        // Measured with the shard and the cache in place; a device that cannot say gives 0s.
+        let memory =
+            crate::device::memory(device).unwrap_or(caravan_ops::MemoryInfo { free: 0, total: 0 });
         let response = pb::LoadShardResponse {
             kv_cache_blocks: blocks,
             cache_bytes_per_token: model.cache_bytes_per_token() as u64,
             load_ms: started.elapsed().as_millis() as u64,
             weight_bytes: model.weight_bytes() as u64,
+            kv_cache_bytes: blocks as u64 * bytes_per_block,
+            memory_total_bytes: memory.total,
+            memory_free_bytes: memory.free,
         };
         self.loaded = Some(Loaded {
             model,
@@ -237,6 +244,9 @@ impl ModelRunner {
             world,
             load_ms = response.load_ms,
             weight_bytes = response.weight_bytes,
+            kv_cache_blocks = response.kv_cache_blocks,
+            kv_cache_bytes = response.kv_cache_bytes,
+            memory_free_bytes = response.memory_free_bytes,
             "shard loaded"
         );
         Ok(response)

@@ -179,7 +179,10 @@ async fn admin_status(State(state): State<SharedState>) -> Json<admin::Status> {
             host: m.worker.host.clone(),
             device: m.worker.device.clone(),
             memory_bytes: m.worker.memory_bytes,
-            weight_bytes: m.weight_bytes,
+            weight_bytes: m.memory.weight_bytes,
+            kv_cache_bytes: m.memory.kv_cache_bytes,
+            device_total_bytes: m.memory.device_total_bytes,
+            device_free_bytes: m.memory.device_free_bytes,
             health: health
                 .get(rank)
                 .cloned()

@@ -200,8 +200,10 @@ async fn run(args: Args, device: Device) -> Result<()> {
     let runner = SharedRunner::new(ModelRunner::new(device, ring, status.clone(), fault).into());
     let identity = WorkerIdentity {
         host: caravan_worker::host::hostname(),
-        device: args.device.clone(),
-        memory_bytes: caravan_worker::host::available_memory(),
+        device: device::name(device),
+        // What a CPU rank's cache is sized from (the coordinator's --kv-cache-memory-fraction),
+        // and for operators; a GPU rank sizes its own after loading.
+        memory_bytes: device::memory(device).map_or(0, |m| m.free),
         ring_addr: advertised_ring.clone(),
     };
     let service = WorkerService::new(runner, status, identity.clone());
