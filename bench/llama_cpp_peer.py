@@ -58,7 +58,7 @@ CMAKE_FLAGS = [
     "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",
 ]
-BUILD_TARGETS = ["llama-bench"]
+BUILD_TARGETS = ["llama-bench", "llama-quantize"]
 BUILD_JOBS = 2  # the machine has 2 cores, shared
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # Python modules convert_hf_to_gguf.py (and gguf-py) import for a Llama checkpoint.
@@ -298,6 +298,29 @@ def convert(checkpoint_dir, outtype, tools_dir=DEFAULT_TOOLS_DIR):
     finally:
         tmp.unlink(missing_ok=True)
     log(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) in {time.monotonic() - t0:.0f} s")
+    return out
+
+
+QUANTIZE_TYPES = {"q4_0": "Q4_0"}  # what llama-quantize makes from the f16 GGUF
+
+
+def quantize(checkpoint_dir, qtype, tools_dir=DEFAULT_TOOLS_DIR):
+    """tools_dir/gguf/<name>-<qtype>.gguf made by llama-quantize from the f16 GGUF (as llama.cpp's
+    users make Q4_0: its default keeps the output matrix wider, Q6_K). Idempotent like convert."""
+    if qtype not in QUANTIZE_TYPES:
+        raise ValueError(f"qtype must be one of {', '.join(QUANTIZE_TYPES)}, not {qtype!r}")
+    f16 = convert(checkpoint_dir, "f16", tools_dir)
+    out = f16.with_name(f16.name.replace("-f16.gguf", f"-{qtype}.gguf"))
+    if out.exists() and out.stat().st_mtime >= f16.stat().st_mtime:
+        return out
+    tool = ensure_built(tools_dir) / "llama-quantize"
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    log(f"quantizing {f16.name} to {QUANTIZE_TYPES[qtype]}")
+    try:
+        _run([tool, f16, tmp, QUANTIZE_TYPES[qtype]], stdout=sys.stderr, stderr=sys.stderr)
+        tmp.rename(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

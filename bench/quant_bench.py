@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
-"""Caravan's 8-bit weights (`--quantization int8`) against its bf16 and llama.cpp's Q8_0 and F16,
-measured in one run on the same machine and thread count (issue 24's goals).
+"""Caravan's 8-bit and 4-bit weights (`--quantization int8|q4`) against its bf16 and llama.cpp's
+Q8_0, Q4_0 and F16, measured in one run on the same machine and thread count (issue 24's goals).
 
 Checkpoint: bench-150m (as bench/perf_bench.py, whose measurements this reuses), release binaries.
 
 Measured:
-  interleaved      single-stream engine decode (`caravan-generate`, no server) of Caravan bf16 and
-                   int8 and llama.cpp f16 and q8_0 (llama-bench tg), in rounds of one run per
-                   system; medians. The decode goal compares these.
+  interleaved      single-stream engine decode (`caravan-generate`, no server) of Caravan bf16,
+                   int8 and q4 and llama.cpp f16, q8_0 and q4_0 (llama-bench tg), in rounds of one
+                   run per system; medians. The decode goals compare these.
   engine prefill   a 512-token prompt through `caravan-generate`, medians of three runs; llama.cpp:
                    llama-bench pp512.
   served           through the HTTP API (TP 1): single-stream decode, prefill 512 and the aggregate
                    of 32 concurrent streams, bf16 and int8.
-Activations are bf16 in both of Caravan's rows (`--dtype bf16`); int8 quantizes them per row for
-each product.
+Activations are bf16 in Caravan's rows (`--dtype bf16`); int8 and q4 quantize them per row to 8
+bits for each product. llama.cpp's Q4_0 is made by llama-quantize from its F16 GGUF (its output
+matrix in Q6_K, as llama.cpp does by default; Caravan's q4 keeps its LM head in int8).
 
 Usage: bench/quant_bench.py [--threads 2] [--write-docs]
 With --write-docs the table replaces the section between the quant_bench markers in
@@ -32,7 +33,7 @@ from perf_bench import (PREFILL_TOKENS, caravan, caravan_engine, fmt, interleave
                         llama_cpp_peers, log, prepare, ratio, write_docs_section)
 
 BEGIN, END = "<!-- quant_bench:begin -->", "<!-- quant_bench:end -->"
-SYSTEMS = {"bf16": None, "int8": "int8"}  # row name: --quantization
+SYSTEMS = {"bf16": None, "int8": "int8", "q4": "q4"}  # row name: --quantization
 
 
 def main():
@@ -44,8 +45,9 @@ def main():
     ok, why = llama_cpp_peer.available()
     if not ok:
         sys.exit(f"llama.cpp cannot run here ({why}): this benchmark compares against it")
-    llama, ggufs = llama_cpp_peers({t: (lambda t=t: llama_cpp_peer.convert(model_dir, t)) for t in ("f16", "q8_0")},
-                                   args.threads)
+    makers = {t: (lambda t=t: llama_cpp_peer.convert(model_dir, t)) for t in ("f16", "q8_0")}
+    makers["q4_0"] = lambda: llama_cpp_peer.quantize(model_dir, "q4_0")
+    llama, ggufs = llama_cpp_peers(makers, args.threads)
     engine, served = {}, {}
     for name, quantization in SYSTEMS.items():
         log(f"caravan {name}: engine")
@@ -78,12 +80,18 @@ def main():
         ("32 streams: int8 >= 1.5x bf16 (served)", ratio(served["int8"]["streams_32"], served["bf16"]["streams_32"])),
         ("int8 decode against Caravan bf16 (engine, interleaved)",
          ratio(med["caravan TP 1 int8"], med["caravan TP 1 bf16"])),
+        ("single-stream decode: q4 >= 1.1x llama.cpp Q4_0 (engine, interleaved)",
+         ratio(med["caravan TP 1 q4"], med["llama.cpp q4_0"])),
+        ("q4 decode against Caravan bf16 (engine, interleaved)",
+         ratio(med["caravan TP 1 q4"], med["caravan TP 1 bf16"])),
+        ("prefill 512: q4 against llama.cpp Q4_0's pp512 (engine)",
+         ratio(engine["q4"]["prefill"], llama["q4_0"]["prefill"])),
     ]
     lines += ["", "| goal (issue 24) | measured |", "|---|---|"] + [f"| {g} | {m} |" for g, m in goals]
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
-        write_docs_section(table, BEGIN, END, "8-bit weights against llama.cpp Q8_0 (issue 24)")
+        write_docs_section(table, BEGIN, END, "8-bit and 4-bit weights against llama.cpp Q8_0 and Q4_0 (issue 24)")
 
 
 if __name__ == "__main__":

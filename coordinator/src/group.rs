@@ -43,12 +43,16 @@ pub struct ShardPlan {
 pub enum Quantization {
     /// 8-bit integers, one f32 scale per block of 32 inputs.
     Int8,
+    /// 4-bit integers, one f32 scale per block of 32 inputs (llama.cpp's Q4_0); the LM head in
+    /// 8 bits.
+    Q4,
 }
 
 impl Quantization {
     pub fn as_str(self) -> &'static str {
         match self {
             Quantization::Int8 => "int8",
+            Quantization::Q4 => "q4",
         }
     }
 }
@@ -58,6 +62,7 @@ fn quantization_to_pb(q: Option<Quantization>) -> pb::Quantization {
     match q {
         None => pb::Quantization::None,
         Some(Quantization::Int8) => pb::Quantization::Int8,
+        Some(Quantization::Q4) => pb::Quantization::Q4,
     }
 }
 

@@ -91,8 +91,9 @@ pub struct ServeArgs {
     #[arg(long, env = "CARAVAN_DTYPE", value_enum, default_value_t = Dtype::Auto)]
     pub dtype: Dtype,
     /// Store the products' weights quantized, each rank its own slice at load: int8 (8-bit
-    /// integers with one scale per block of 32 inputs, like llama.cpp's Q8_0). Runs on
-    /// Caravan's CPU kernels (x86-64 with AVX2), not yet on GPUs.
+    /// integers with one scale per block of 32 inputs, like llama.cpp's Q8_0) or q4 (4-bit, like
+    /// its Q4_0; the LM head in 8 bits). Runs on Caravan's CPU kernels (x86-64 with AVX2), not
+    /// yet on GPUs.
     #[arg(long, env = "CARAVAN_QUANTIZATION", value_enum)]
     pub quantization: Option<Quantization>,
     /// Embedding and LM head placement (auto: vocabulary-parallel when it divides evenly).

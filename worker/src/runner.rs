@@ -176,6 +176,7 @@ impl ModelRunner {
         let quantization = match req.quantization() {
             pb::Quantization::None => None,
             pb::Quantization::Int8 => Some(Quantization::Int8),
+            pb::Quantization::Q4 => Some(Quantization::Q4),
         };
         let options = LoadOptions {
             dtype,

@@ -5,20 +5,20 @@
 //! one-token products run on one core however many intra-op threads it has (measured in
 //! docs/BENCHMARKS.md, "Decode profile"). [`packed`] instead splits the *weight's* rows across
 //! our own thread team, as llama.cpp does, reads each weight once per 48 tokens of a step, and reuses
-//! every weight load for up to six of them. [`int8`] does the same with weights quantized to 8
-//! bits (`--quantization int8`). [`attention`] attends decoding tokens over the paged KV cache
+//! every weight load for up to six of them. [`quantized`] does the same with weights quantized to
+//! 8 or 4 bits (`--quantization int8|q4`). [`attention`] attends decoding tokens over the paged KV cache
 //! where it lies.
 
 pub mod attention;
-pub mod int8;
 mod kernels;
 pub mod packed;
+pub mod quantized;
 pub mod rows;
 mod team;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
-mod x86_int8;
+mod x86_quantized;
 
 use std::sync::{Arc, Mutex};
 

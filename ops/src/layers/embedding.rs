@@ -13,7 +13,7 @@ use crate::{
     comm::Communicator,
     layers::linear::Weight,
     weights::{Slice, WeightLoader, WeightSpec},
-    Result,
+    Quantization, Result,
 };
 
 fn load_table(
@@ -91,7 +91,10 @@ impl LmHead {
         comm: Arc<Communicator>,
     ) -> Result<Self> {
         Ok(LmHead {
-            weight: Weight::new(load_table(loader, spec, &rows)?, loader.quantization())?,
+            weight: Weight::new(
+                load_table(loader, spec, &rows)?,
+                loader.quantization().map(Quantization::lm_head),
+            )?,
             parallel: rows.is_some(),
             comm,
         })

@@ -10,7 +10,10 @@ use tch::Tensor;
 
 use crate::{
     comm::Communicator,
-    cpu::{int8::Int8Weight, packed::PackedWeight},
+    cpu::{
+        packed::PackedWeight,
+        quantized::{Format, QuantizedWeight},
+    },
     weights::{Slice, WeightLoader, WeightSpec},
     Quantization, Result,
 };
@@ -24,7 +27,10 @@ impl ColumnParallelLinear {
     /// Loads rows `rows` of the `[out, in]` weight `spec`.
     pub fn load(loader: &WeightLoader, spec: &WeightSpec, rows: Range<usize>) -> Result<Self> {
         Ok(ColumnParallelLinear {
-            weight: Weight::new(loader.load(spec, Slice::Rows(rows))?, loader.quantization())?,
+            weight: Weight::new(
+                loader.load(spec, Slice::Rows(rows))?,
+                loader.quantization().map(Quantization::layers),
+            )?,
         })
     }
 
@@ -55,7 +61,7 @@ impl RowParallelLinear {
         Ok(RowParallelLinear {
             weight: Weight::new(
                 loader.load(spec, Slice::Columns(columns))?,
-                loader.quantization(),
+                loader.quantization().map(Quantization::layers),
             )?,
             comm,
         })
@@ -78,16 +84,19 @@ impl RowParallelLinear {
 /// only, for now), else packed for Caravan's CPU kernel where that runs (f32, bf16 or f16 on a
 /// CPU with AVX2), else dense for libtorch (GPUs, other CPUs).
 pub(crate) enum Weight {
-    Int8(Int8Weight),
+    Quantized(QuantizedWeight),
     Packed(PackedWeight),
     Dense(Tensor),
 }
 
 impl Weight {
-    /// `dense` (in the compute dtype) stored as `quantization` says.
-    pub(crate) fn new(dense: Tensor, quantization: Option<Quantization>) -> Result<Weight> {
-        if let Some(Quantization::Int8) = quantization {
-            return Ok(Weight::Int8(Int8Weight::quantize(&dense, dense.kind())?));
+    /// `dense` (in the compute dtype) stored in `format`, or as the compute dtype.
+    pub(crate) fn new(dense: Tensor, format: Option<Format>) -> Result<Weight> {
+        if let Some(format) = format {
+            let kind = dense.kind();
+            return Ok(Weight::Quantized(QuantizedWeight::quantize(
+                &dense, format, kind,
+            )?));
         }
         Ok(match PackedWeight::pack(&dense)? {
             Some(packed) => Weight::Packed(packed),
@@ -98,7 +107,7 @@ impl Weight {
     /// `x W^T`.
     pub(crate) fn project(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Weight::Int8(w) => w.linear(x),
+            Weight::Quantized(w) => w.linear(x),
             Weight::Packed(w) => w.linear(x),
             Weight::Dense(w) => Ok(x.f_linear::<Tensor>(w, None)?),
         }
@@ -107,7 +116,7 @@ impl Weight {
     /// Bytes the weight holds.
     pub(crate) fn bytes(&self) -> usize {
         match self {
-            Weight::Int8(w) => w.bytes(),
+            Weight::Quantized(w) => w.bytes(),
             Weight::Packed(w) => w.bytes(),
             Weight::Dense(w) => w.numel() * w.kind().elt_size_in_bytes(),
         }

@@ -46,7 +46,7 @@ struct Args {
     #[arg(long, default_value = "auto")]
     vocab_sharding: VocabSharding,
     /// Store the products' weights quantized: int8 (8-bit integers, one scale per block of 32
-    /// inputs; Caravan's CPU kernels only).
+    /// inputs) or q4 (4-bit; the LM head in 8 bits); Caravan's CPU kernels only.
     #[arg(long)]
     quantization: Option<Quantization>,
     /// On a CPU: `on` runs Caravan's AVX2 kernels where the CPU has them; `off` runs every

@@ -1,19 +1,22 @@
-//! The loop behind [`super::int8`]: up to two activation rows times one panel of four weight
+//! The loop behind [`super::quantized`]: up to two activation rows times one panel of four weight
 //! rows, a block of 32 inputs at a time. A block's dot product is exact in integers, summed in
 //! eight 32-bit lanes of four products each, two ways that give the same lanes:
-//! - AVX-VNNI: `dpbusd` multiplies the weights in offset binary (w + 128, unsigned) by x and adds
-//!   each four into a lane that starts at −128 × the four x's sum, leaving Σ w x;
-//! - AVX2: `maddubs` multiplies |w| by x carrying w's sign and adds pairs into 16 bits (at most
-//!   2 × 127 × 127, no saturation), `madd` adds pairs of those.
+//! - AVX-VNNI: `dpbusd` multiplies the weights in offset binary (unsigned) by x and adds each four
+//!   into a lane that starts at −offset × the four x's sum, leaving Σ w x;
+//! - AVX2: `maddubs` multiplies pairs into 16 bits, `madd` adds pairs of those. For int8 it takes
+//!   |w| and x carrying w's sign (at most 2 × 127 × 127, no saturation); for q4 the unsigned
+//!   nibbles (at most 2 × 15 × 127) and x, the lanes then starting where `dpbusd`'s start.
 //!
-//! The lanes are scaled by the weight block's scale, then multiplied by the activation block's
-//! and added to eight f32 sums (one fused multiply-add), so the results do not depend on which
-//! way ran. Both scales are broadcast once per block, not once per output and row.
+//! A q4 block's 16 bytes are unpacked to 32 integers (low nibbles, then high) once per block and
+//! weight row, for every activation row of the tile. The lanes are scaled by the weight block's
+//! scale, then multiplied by the activation block's and added to eight f32 sums (one fused
+//! multiply-add), so the results do not depend on which way ran. Both scales are broadcast once
+//! per block, not once per output and row.
 
 use std::arch::x86_64::*;
 
 use super::{
-    int8::{Activations, Dot, BLOCK, ROWS},
+    quantized::{Activations, Dot, Format, BLOCK, ROWS},
     x86::Out,
     Scalar,
 };
@@ -24,8 +27,8 @@ const SWEEP: usize = 48;
 
 /// `y[i][c] = Σ_b scale_w[c][b] scale_x[i][b] (w[c][b] · x[i][b])` for every row `i` of the
 /// quantized activations and every output `c` of the panels in `quants` / `scales`
-/// (`[panels][blocks][ROWS][BLOCK]` / `[..][ROWS]`), of which the first `columns` are written to
-/// `y`, the block dots computed as `x.dot` says.
+/// (`[panels][blocks][ROWS][block bytes]` / `[..][ROWS]`, in `format`), of which the first
+/// `columns` are written to `y`, the block dots computed as `x.dot` says.
 ///
 /// Every output is one chain over its blocks in order, whatever `m` and whichever rows share its
 /// tile: a row's result does not depend on what it is batched with.
@@ -33,7 +36,9 @@ const SWEEP: usize = 48;
 /// # Safety
 /// The CPU must have AVX2 and FMA, and AVX-VNNI for [`Dot::AvxVnni`]; `y` must be valid for
 /// writes of rows `0..m`, columns `0..columns`, and no one else may access them meanwhile.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn panels<O: Scalar>(
+    format: Format,
     quants: &[u8],
     scales: &[f32],
     blocks: usize,
@@ -43,49 +48,61 @@ pub unsafe fn panels<O: Scalar>(
     columns: usize,
 ) {
     let panel = blocks * ROWS;
+    let corrected = x.dot == Dot::AvxVnni || format == Format::Q4;
     assert!(
         scales.len().is_multiple_of(panel)
-            && quants.len() == scales.len() * BLOCK
+            && quants.len() == scales.len() * format.block_bytes()
             && x.quants.len() == m * blocks * BLOCK
             && x.scales.len() == m * blocks
-            && (x.dot == Dot::Avx2 || x.corrections.len() == m * blocks * 8)
+            && (!corrected || x.corrections.len() == m * blocks * 8)
             && columns <= scales.len() / blocks
     );
+    let w = Panels {
+        quants,
+        scales,
+        blocks,
+    };
     // SAFETY: the caller vouches for the CPU and for `y`.
     unsafe {
-        match x.dot {
-            Dot::Avx2 => with_avx2(quants, scales, blocks, x, m, y, columns),
-            Dot::AvxVnni => with_vnni(quants, scales, blocks, x, m, y, columns),
+        match (format, x.dot) {
+            (Format::Int8, Dot::Avx2) => with_avx2::<O, false>(w, x, m, y, columns),
+            (Format::Q4, Dot::Avx2) => with_avx2::<O, true>(w, x, m, y, columns),
+            (Format::Int8, Dot::AvxVnni) => with_vnni::<O, false>(w, x, m, y, columns),
+            (Format::Q4, Dot::AvxVnni) => with_vnni::<O, true>(w, x, m, y, columns),
         }
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
-unsafe fn with_avx2<O: Scalar>(
-    quants: &[u8],
-    scales: &[f32],
+/// A run of panels.
+#[derive(Clone, Copy)]
+struct Panels<'a> {
+    quants: &'a [u8],
+    scales: &'a [f32],
     blocks: usize,
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn with_avx2<O: Scalar, const Q4: bool>(
+    w: Panels,
     x: &Activations,
     m: usize,
     y: &Out<O>,
     columns: usize,
 ) {
     // SAFETY: the caller's.
-    unsafe { sweep::<O, false>(quants, scales, blocks, x, m, y, columns) }
+    unsafe { sweep::<O, false, Q4>(w, x, m, y, columns) }
 }
 
 #[target_feature(enable = "avx2,fma,avxvnni")]
-unsafe fn with_vnni<O: Scalar>(
-    quants: &[u8],
-    scales: &[f32],
-    blocks: usize,
+unsafe fn with_vnni<O: Scalar, const Q4: bool>(
+    w: Panels,
     x: &Activations,
     m: usize,
     y: &Out<O>,
     columns: usize,
 ) {
     // SAFETY: the caller's.
-    unsafe { sweep::<O, true>(quants, scales, blocks, x, m, y, columns) }
+    unsafe { sweep::<O, true, Q4>(w, x, m, y, columns) }
 }
 
 /// The rows in sweeps of [`SWEEP`], each sweep over every panel, two rows at a time.
@@ -93,26 +110,26 @@ unsafe fn with_vnni<O: Scalar>(
 /// # Safety
 /// As for [`panels`], whose checks have passed.
 #[inline(always)]
-unsafe fn sweep<O: Scalar, const VNNI: bool>(
-    quants: &[u8],
-    scales: &[f32],
-    blocks: usize,
+unsafe fn sweep<O: Scalar, const VNNI: bool, const Q4: bool>(
+    w: Panels,
     x: &Activations,
     m: usize,
     y: &Out<O>,
     columns: usize,
 ) {
+    let blocks = w.blocks;
     let panel = blocks * ROWS;
+    let panel_bytes = panel * if Q4 { BLOCK / 2 } else { BLOCK };
     for first in (0..m).step_by(SWEEP) {
         let rows = (m - first).min(SWEEP);
-        for p in 0..scales.len() / panel {
+        for p in 0..w.scales.len() / panel {
             let width = columns.saturating_sub(p * ROWS).min(ROWS);
             if width == 0 {
                 break;
             }
-            let w = (
-                quants[p * panel * BLOCK..].as_ptr(),
-                scales[p * panel..].as_ptr(),
+            let weights = (
+                w.quants[p * panel_bytes..].as_ptr(),
+                w.scales[p * panel..].as_ptr(),
             );
             let mut i = first;
             while i < first + rows {
@@ -127,9 +144,9 @@ unsafe fn sweep<O: Scalar, const VNNI: bool>(
                     };
                     let out = y.ptr.add(i * y.stride + p * ROWS);
                     if r == 2 {
-                        tile::<O, 2, VNNI>(w, blocks, rows, out, y.stride, width);
+                        tile::<O, 2, VNNI, Q4>(weights, blocks, rows, out, y.stride, width);
                     } else {
-                        tile::<O, 1, VNNI>(w, blocks, rows, out, y.stride, width);
+                        tile::<O, 1, VNNI, Q4>(weights, blocks, rows, out, y.stride, width);
                     }
                 }
                 i += r;
@@ -143,20 +160,21 @@ unsafe fn sweep<O: Scalar, const VNNI: bool>(
 struct Rows {
     quants: *const i8,
     scales: *const f32,
-    /// Read with VNNI only.
+    /// Read with VNNI or q4 only.
     corrections: *const i32,
 }
 
 /// The four outputs of one panel for `R` consecutive rows, written to `out`.
 ///
 /// # Safety
-/// The panel (`blocks * ROWS * BLOCK` integers and `blocks * ROWS` scales) and `R` rows of
-/// activations (with their corrections when `VNNI`) must be readable; `out[i * stride + c]`
-/// writable for `i < R`, `c < width`; AVX2 and FMA, and AVX-VNNI when `VNNI`.
+/// The panel (`blocks * ROWS` blocks of integers, 32 bytes each or 16 when `Q4`, and
+/// `blocks * ROWS` scales) and `R` rows of activations (with their corrections when `VNNI` or
+/// `Q4`) must be readable; `out[i * stride + c]` writable for `i < R`, `c < width`; AVX2 and FMA,
+/// and AVX-VNNI when `VNNI`.
 // `j` and `i` address the panel's weight rows and the activation rows as well as the sums.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool>(
+unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool, const Q4: bool>(
     (wq, ws): (*const u8, *const f32),
     blocks: usize,
     x: Rows,
@@ -169,6 +187,7 @@ unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool>(
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let offset = _mm256_set1_epi8(-128);
+        let nibble = _mm_set1_epi8(0x0F);
         for b in 0..blocks {
             let mut xq = [_mm256_setzero_si256(); R];
             let mut start = [_mm256_setzero_si256(); R];
@@ -176,14 +195,22 @@ unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool>(
             for i in 0..R {
                 xq[i] = _mm256_loadu_si256(x.quants.add((i * blocks + b) * BLOCK).cast());
                 xs[i] = _mm256_broadcast_ss(&*x.scales.add(i * blocks + b));
-                if VNNI {
+                if VNNI || Q4 {
                     start[i] = _mm256_loadu_si256(x.corrections.add((i * blocks + b) * 8).cast());
                 }
             }
             for j in 0..ROWS {
-                let w = _mm256_loadu_si256(wq.add((b * ROWS + j) * BLOCK).cast());
+                let w = if Q4 {
+                    let packed = _mm_loadu_si128(wq.add((b * ROWS + j) * (BLOCK / 2)).cast());
+                    let low = _mm_and_si128(packed, nibble);
+                    let high = _mm_and_si128(_mm_srli_epi16::<4>(packed), nibble);
+                    _mm256_set_m128i(high, low)
+                } else {
+                    _mm256_loadu_si256(wq.add((b * ROWS + j) * BLOCK).cast())
+                };
                 let scale = _mm256_broadcast_ss(&*ws.add(b * ROWS + j));
-                let (signed, magnitude) = if VNNI {
+                // int8 on AVX2 multiplies signed integers: w's sign moved onto x.
+                let (signed, magnitude) = if VNNI || Q4 {
                     (w, w)
                 } else {
                     let signed = _mm256_xor_si256(w, offset);
@@ -192,6 +219,9 @@ unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool>(
                 for i in 0..R {
                     let lanes = if VNNI {
                         _mm256_dpbusd_avx_epi32(start[i], w, xq[i])
+                    } else if Q4 {
+                        let pairs = _mm256_maddubs_epi16(w, xq[i]);
+                        _mm256_add_epi32(start[i], _mm256_madd_epi16(pairs, ones))
                     } else {
                         let pairs =
                             _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xq[i], signed));
