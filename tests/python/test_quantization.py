@@ -6,12 +6,12 @@ with one scale per block of 32 inputs, multiplied by Caravan's AVX2 kernels
 - The trained SmolLM2-135M-Instruct at TP 1 and TP 3 (real weights, where quantization's error
   shows as it would on Llama 2): the perplexity of a committed English text (over 1,000 tokens)
   within 1% of that of transformers running the same model with the same quantization written in
-  torch (weights and activations through their blocks); int8 within 1% of transformers' f32, q4
-  within the error 4 bits cost. (Greedy answers can change where f32's top two are close:
+  torch (weights and activations through their blocks); int8 within 1.5% of transformers' f32,
+  q4 within the error 4 bits cost. (Greedy answers can change where f32's top two are close:
   quantized in torch too, SmolLM2 answers the demo's question "L'Etoile, ...".)
-- Each rank's weights (`caravanctl status`) take what the format says: 1.125 bytes per weight of
-  the LM head and, at int8, of the products, 0.625 at q4; the embedding and norms in the compute
-  dtype.
+- Each rank's weights (`caravanctl status`) take what the format says: 1.0625 bytes per weight of
+  the LM head and, at int8, of the products, 0.5625 at q4 (f16 scales); the embedding and norms in
+  the compute dtype.
 - The random-weight fixture at TP 2: greedy completions alone equal the same completions
   batched together (the kernel's result for a row does not depend on the batch).
 - A rank that cannot run the kernel refuses the load and /health says why; `--quantization`
@@ -34,8 +34,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import REPO, Coordinator, bin_path, ctl_status, free_port
 
 TEXT = (REPO / "tests" / "data" / "perplexity.txt").read_text(encoding="utf-8")
-# llama.cpp's Q8_0 raises a 7B's perplexity by about 0.1%; a small model loses more.
+# Caravan against the same quantization in torch: the two differ only by where an f32 sum's last
+# bit crosses a rounding boundary.
 PERPLEXITY_RTOL = 0.01
+# int8 against f32: llama.cpp's Q8_0 raises a 7B's perplexity by about 0.1%; a small model loses
+# more: SmolLM2 23.12 in f32, 23.35 with int8 in torch and in Caravan (+1.0%).
+INT8_PERPLEXITY_RTOL = 0.015
 # What 4 bits cost SmolLM2 in torch (23.12 to 27.1, +17%; llama.cpp's Q4_0 costs a 7B about 3%,
 # and a 135M model far more): q4 is held to the torch model's perplexity, and to a bound that
 # catches a broken format.
@@ -49,17 +53,24 @@ def quantized(model, tp, quantization="int8", env=None, extra=()):
                         "--quantization", quantization, *extra], env=env)
 
 
-def q8(x):
+def stored(scale, f16_scales):
+    """A block's scale as it multiplies back: weights keep theirs in f16 (as Q8_0 and Q4_0 do),
+    activations in f32."""
+    return scale.half().float() if f16_scales else scale
+
+
+def q8(x, f16_scales=False):
     """Rows of `x` quantized in blocks of 32 to integers of at most 127 in magnitude (ties to
     even) and back: the format's values, computed independently of Caravan."""
     n, k = x.shape
     blocks = x.reshape(n, k // 32, 32)
     scale = blocks.abs().amax(-1, keepdim=True) / 127
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (torch.where(scale > 0, (blocks / safe).round(), torch.zeros_like(blocks)) * scale).reshape(n, k)
+    q = torch.where(scale > 0, (blocks / safe).round(), torch.zeros_like(blocks))
+    return (q * stored(scale, f16_scales)).reshape(n, k)
 
 
-def q4(x):
+def q4(x, f16_scales=True):
     """Rows of `x` quantized as llama.cpp's Q4_0 (quantize_row_q4_0_ref) and back: per block of 32
     the value of largest magnitude (the first on a tie) sets the scale, value / -8, and each value
     becomes floor(value / scale + 8.5) clamped to 0..15, less 8. Computed independently of
@@ -70,20 +81,22 @@ def q4(x):
     scale = extreme / -8
     safe = torch.where(scale != 0, scale, torch.ones_like(scale))
     q = ((blocks / safe) + 8.5).floor().clamp(0, 15) - 8
-    return (torch.where(scale != 0, q, torch.zeros_like(q)) * scale).reshape(n, k)
+    return (torch.where(scale != 0, q, torch.zeros_like(q)) * stored(scale, f16_scales)).reshape(n, k)
 
 
 def quantized_in_torch(model, quantization):
     """`model` (transformers, f32) with every product as Caravan's kernels compute it: weights
     through `q8` (int8) or `q4` (q4), the LM head through `q8` either way, on its own (the
-    embedding stays), and each row of activations through `q8`."""
+    embedding stays), all with f16 scales, and each row of activations through `q8` with f32
+    scales."""
     weights = {"int8": q8, "q4": q4}[quantization]
     head = model.get_output_embeddings()
     model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=False)
     model.lm_head.weight = torch.nn.Parameter(head.weight.detach().clone())
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            module.weight.data = (q8 if module is model.lm_head else weights)(module.weight.data)
+            quantize = q8 if module is model.lm_head else weights
+            module.weight.data = quantize(module.weight.data, f16_scales=True)
             module.forward = lambda x, m=module: torch.nn.functional.linear(
                 q8(x.reshape(-1, x.shape[-1])).reshape(x.shape), m.weight)
     return model
@@ -107,16 +120,16 @@ def smollm2_references(smollm2):
 
 
 def expected_weight_bytes(checkpoint, kind_bytes, quantization):
-    """Bytes a TP 1 rank holds: every product's weight at 1.125 bytes per value (int8) or 0.625
-    (q4), the LM head (the embedding when tied) at 1.125, padded to whole panels of 4 rows and
+    """Bytes a TP 1 rank holds: every product's weight at 1.0625 bytes per value (int8) or 0.5625
+    (q4), the LM head (the embedding when tied) at 1.0625, padded to whole panels of 4 rows and
     blocks of 32 inputs; the embedding and norms in the compute dtype."""
     config = json.loads((checkpoint / "config.json").read_text())
     shapes = {}
     for path in checkpoint.glob("*.safetensors"):
         with safe_open(path, "pt") as f:
             shapes.update({name: f.get_slice(name).get_shape() for name in f.keys()})
-    block_bytes = {"int8": 32 + 4, "q4": 16 + 4}[quantization]
-    int8_bytes = lambda n, k: math.ceil(n / 4) * 4 * math.ceil(k / 32) * (32 + 4)  # noqa: E731
+    block_bytes = {"int8": 32 + 2, "q4": 16 + 2}[quantization]
+    int8_bytes = lambda n, k: math.ceil(n / 4) * 4 * math.ceil(k / 32) * (32 + 2)  # noqa: E731
     total = 0
     for name, shape in shapes.items():
         if name.endswith("proj.weight"):
@@ -156,7 +169,7 @@ def test_smollm2_quantized_equals_the_same_in_torch_and_keeps_the_perplexity(smo
     assert abs(perplexity - torch_perplexity) <= PERPLEXITY_RTOL * torch_perplexity, \
         f"{quantization} perplexity {perplexity}, the same in torch {torch_perplexity}"
     if quantization == "int8":
-        assert abs(perplexity - f32_perplexity) <= PERPLEXITY_RTOL * f32_perplexity, \
+        assert abs(perplexity - f32_perplexity) <= INT8_PERPLEXITY_RTOL * f32_perplexity, \
             f"int8 perplexity {perplexity}, f32 {f32_perplexity}"
     else:
         assert f32_perplexity < perplexity < Q4_PERPLEXITY_OVER_F32 * f32_perplexity, \

@@ -1,19 +1,21 @@
 //! Quantized weights (`--quantization int8|q4`): symmetric integers in blocks of 32 inputs with
-//! one f32 scale per block, in 8 bits as llama.cpp's Q8_0 or in 4 bits as its Q4_0 (whose scales
-//! are f16). A product quantizes its activations to 8 bits the same way, row by row, so each
+//! one f16 scale per block, in 8 bits as llama.cpp's Q8_0 or in 4 bits as its Q4_0. A product
+//! quantizes its activations to 8 bits the same way (with f32 scales), row by row, so each
 //! block's dot product is exact in integers (AVX-VNNI `dpbusd` where the CPU has it, else AVX2
 //! `maddubs`/`madd`: the same integers either way, [`super::x86_quantized`]) and only its scaling
 //! and the sum over blocks are in f32, as llama.cpp's Q8_0 × Q8_0 and Q4_0 × Q8_0 products.
-//! A weight takes 1.125 bytes (int8) or 0.625 bytes (q4) against bf16's 2, and single-stream
+//! A weight takes 1.0625 bytes (int8) or 0.5625 bytes (q4) against bf16's 2, and single-stream
 //! decode, which streams every weight once per token, is bound by those bytes.
 //!
 //! Weights are quantized at load, each rank its own slice, and stored in panels of [`ROWS`]
-//! output rows, block-major (`[n / ROWS][k / BLOCK][ROWS][block bytes]`), so a thread reads its
-//! panels as one stream. A q4 block packs its 32 values in 16 bytes: value `j` in the low nibble
-//! of byte `j`, value `j + 16` in the high one (Q4_0's order). Every output is one chain over its
-//! blocks in order, whatever the batch: a row's result does not depend on what it is batched with
-//! (tests below).
+//! output rows, block-major (`[n / ROWS][k / BLOCK][ROWS × block bytes]`), so a thread reads its
+//! panels as one stream. A q4 panel block holds its four rows' 32 values in two 32-byte halves,
+//! rows 0 and 1 then rows 2 and 3: byte `t` of a half has the first row's value `t` in its low
+//! nibble and the second row's in its high one, so one load and two masks give two rows. Every
+//! output is one chain over its blocks in order, whatever the batch: a row's result does not
+//! depend on what it is batched with (tests below).
 
+use half::f16;
 use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
@@ -57,13 +59,15 @@ impl Format {
         }
     }
 
-    /// Rows of `values` (`[rows, k]`) in this format's blocks: the integers
-    /// (`[rows][blocks][BLOCK]`, signed) and each block's scale (`[rows][blocks]`).
-    pub fn quantize_rows(self, values: &[f32], rows: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
-        match self {
+    /// Rows of weights `values` (`[rows, k]`) in this format's blocks: the integers
+    /// (`[rows][blocks][BLOCK]`, signed) and each block's scale (`[rows][blocks]`) as it is stored,
+    /// in f16 (the integers are found with the f32 scale, as llama.cpp's reference does).
+    pub fn quantize_rows(self, values: &[f32], rows: usize, k: usize) -> (Vec<i8>, Vec<f16>) {
+        let (quants, scales) = match self {
             Format::Int8 => quantize_rows(values, rows, k),
             Format::Q4 => quantize_rows_q4(values, rows, k),
-        }
+        };
+        (quants, scales.into_iter().map(f16::from_f32).collect())
     }
 }
 
@@ -82,7 +86,7 @@ pub struct QuantizedWeight {
     /// [`Format::offset`]), rows past `n` and inputs past `k` zero.
     quants: Vec<u8>,
     /// `[panels][blocks][ROWS]`.
-    scales: Vec<f32>,
+    scales: Vec<f16>,
     n: usize,
     k: usize,
     format: Format,
@@ -132,7 +136,7 @@ impl QuantizedWeight {
             Format::Q4 => (offset | offset << 4) as u8,
         };
         let mut quants = vec![zero; panels * blocks * ROWS * block_bytes];
-        let mut scales = vec![0f32; panels * blocks * ROWS];
+        let mut scales = vec![f16::ZERO; panels * blocks * ROWS];
         for row in 0..n {
             let (p, j) = (row / ROWS, row % ROWS);
             for b in 0..blocks {
@@ -140,18 +144,21 @@ impl QuantizedWeight {
                 scales[at] = row_scales[row * blocks + b];
                 let from = (row * blocks + b) * BLOCK;
                 let values = &row_quants[from..from + BLOCK];
-                let stored = &mut quants[at * block_bytes..(at + 1) * block_bytes];
                 let unsigned = |v: i8| (v as i32 + offset) as u8;
                 match format {
                     Format::Int8 => {
+                        let stored = &mut quants[at * BLOCK..(at + 1) * BLOCK];
                         for (q, &v) in stored.iter_mut().zip(values) {
                             *q = unsigned(v);
                         }
                     }
                     Format::Q4 => {
-                        let (low, high) = values.split_at(BLOCK / 2);
-                        for (q, (&l, &h)) in stored.iter_mut().zip(low.iter().zip(high)) {
-                            *q = unsigned(l) | unsigned(h) << 4;
+                        // Rows 2h and 2h + 1 share half h of the panel block, low and high.
+                        let half = ((p * blocks + b) * 2 + j / 2) * BLOCK;
+                        let shift = 4 * (j % 2);
+                        let mask = 0x0Fu8 << shift;
+                        for (q, &v) in quants[half..half + BLOCK].iter_mut().zip(values) {
+                            *q = (*q & !mask) | unsigned(v) << shift;
                         }
                     }
                 }
@@ -174,7 +181,7 @@ impl QuantizedWeight {
 
     /// Bytes held (quantized values and scales).
     pub fn bytes(&self) -> usize {
-        self.quants.len() + 4 * self.scales.len()
+        self.quants.len() + 2 * self.scales.len()
     }
 
     pub fn format(&self) -> Format {
@@ -212,19 +219,13 @@ impl QuantizedWeight {
             .f_to_device(Device::Cpu)?
             .f_to_kind(Kind::Float)?
             .f_contiguous()?;
-        let (quants, scales) = quantize_rows(super::elements::<f32>(&x), m, self.k);
         // The weights' offset comes back out of the unsigned products through the lanes' start,
         // except for int8 on AVX2, which multiplies signed integers directly.
-        let corrections = match (self.format, dot) {
-            (Format::Int8, Dot::Avx2) => Vec::new(),
-            (format, _) => corrections(&quants, format.offset()),
+        let offset = match (self.format, dot) {
+            (Format::Int8, Dot::Avx2) => None,
+            (format, _) => Some(format.offset()),
         };
-        let x = Activations {
-            quants,
-            scales,
-            corrections,
-            dot,
-        };
+        let x = imp::quantize_activations(super::elements::<f32>(&x), m, self.k, offset, dot);
         let mut y = Tensor::f_empty([m as i64, self.n as i64], (self.kind, Device::Cpu))?;
         match self.kind {
             Kind::Float => imp::product::<f32>(self, &x, m, &mut y),
@@ -311,6 +312,41 @@ mod imp {
     use super::{Activations, Dot, QuantizedWeight, BLOCK, ROWS};
     use crate::cpu::{elements_mut, team, x86::Out, x86_quantized, Scalar};
 
+    /// `values` (`[m, k]`) quantized per row as [`super::quantize_rows`] does (vectorised when
+    /// `k` is a whole number of blocks), with the corrections `offset` asks for.
+    pub fn quantize_activations(
+        values: &[f32],
+        m: usize,
+        k: usize,
+        offset: Option<i32>,
+        dot: Dot,
+    ) -> Activations {
+        if !k.is_multiple_of(BLOCK) || !crate::cpu::kernels_run_here() {
+            let (quants, scales) = super::quantize_rows(values, m, k);
+            let corrections = offset.map_or(Vec::new(), |o| super::corrections(&quants, o));
+            return Activations {
+                quants,
+                scales,
+                corrections,
+                dot,
+            };
+        }
+        let blocks = m * k / BLOCK;
+        let mut quants = vec![0i8; m * k];
+        let mut scales = vec![0f32; blocks];
+        let mut corrections = vec![0i32; if offset.is_some() { blocks * 8 } else { 0 }];
+        // SAFETY: the kernels run here, so the CPU has AVX2 and FMA; the lengths are as asked.
+        unsafe {
+            x86_quantized::quantize_rows(values, &mut quants, &mut scales, &mut corrections, offset)
+        };
+        Activations {
+            quants,
+            scales,
+            corrections,
+            dot,
+        }
+    }
+
     /// The fastest way this CPU computes a block's dot product (detected once).
     pub fn best_dot() -> Dot {
         static BEST: std::sync::OnceLock<Dot> = std::sync::OnceLock::new();
@@ -366,6 +402,23 @@ mod imp {
 
     use super::{Activations, Dot, QuantizedWeight};
 
+    pub fn quantize_activations(
+        values: &[f32],
+        m: usize,
+        k: usize,
+        offset: Option<i32>,
+        dot: Dot,
+    ) -> Activations {
+        let (quants, scales) = super::quantize_rows(values, m, k);
+        let corrections = offset.map_or(Vec::new(), |o| super::corrections(&quants, o));
+        Activations {
+            quants,
+            scales,
+            corrections,
+            dot,
+        }
+    }
+
     pub fn best_dot() -> Dot {
         Dot::Avx2
     }
@@ -410,7 +463,7 @@ mod tests {
             for c in 0..n {
                 let mut lanes = [0f32; 8];
                 for b in 0..blocks {
-                    let (sw, sx) = (ws[c * blocks + b], xs[i * blocks + b]);
+                    let (sw, sx) = (ws[c * blocks + b].to_f32(), xs[i * blocks + b]);
                     for (l, lane) in lanes.iter_mut().enumerate() {
                         let dot: i32 = (4 * l..4 * l + 4)
                             .map(|t| {
@@ -497,24 +550,33 @@ mod tests {
 
     /// Each format written independently in libtorch and multiplied back: int8 blocks scaled to
     /// ±127 and rounded half to even; q4 blocks scaled so the value of largest magnitude is −8,
-    /// then floor(v / scale + 8.5) clamped to 0..=15, less 8 (llama.cpp's Q4_0 reference).
-    fn dequantized(t: &Tensor, format: Format) -> Tensor {
+    /// then floor(v / scale + 8.5) clamped to 0..=15, less 8 (llama.cpp's Q4_0 reference). The
+    /// integers come from the f32 scale; weights multiply back by it in f16, as stored
+    /// (`f16_scales`), activations in f32.
+    fn dequantized(t: &Tensor, format: Format, f16_scales: bool) -> Tensor {
         let (n, k) = (t.size()[0], t.size()[1]);
-        let blocks = t.to_kind(Kind::Double).view([n, k / 32, 32]);
-        match format {
+        let blocks = t.to_kind(Kind::Float).view([n, k / 32, 32]);
+        let (q, scale) = match format {
             Format::Int8 => {
                 let scale = blocks.abs().amax([-1i64].as_slice(), true) / 127.0;
                 let safe = scale.where_self(&scale.gt(0.0), &scale.ones_like());
-                ((&blocks / &safe).round() * &scale).view([n, k])
+                ((&blocks / &safe).round(), scale)
             }
             Format::Q4 => {
                 let at = blocks.abs().argmax(-1, true);
                 let scale = blocks.gather(-1, &at, false) / -8.0;
                 let safe = scale.where_self(&scale.ne(0.0), &scale.ones_like());
-                let q = ((&blocks / &safe) + 8.5).floor().clamp(0.0, 15.0) - 8.0;
-                (q * &scale).view([n, k])
+                (
+                    ((&blocks / &safe) + 8.5).floor().clamp(0.0, 15.0) - 8.0,
+                    scale,
+                )
             }
-        }
+        };
+        let scale = match f16_scales {
+            true => scale.to_kind(Kind::Half),
+            false => scale,
+        };
+        (q.to_kind(Kind::Double) * scale.to_kind(Kind::Double)).view([n, k])
     }
 
     #[test]
@@ -526,7 +588,8 @@ mod tests {
         let (m, n, k) = (5, 24, 256);
         let (x, w) = (random(&[m, k], Kind::Float), random(&[n, k], Kind::Float));
         for format in FORMATS {
-            let want = dequantized(&x, Format::Int8).matmul(&dequantized(&w, format).tr());
+            let want =
+                dequantized(&x, Format::Int8, false).matmul(&dequantized(&w, format, true).tr());
             let ours = QuantizedWeight::quantize(&w, format, Kind::Float)
                 .unwrap()
                 .linear(&x)
@@ -572,6 +635,34 @@ mod tests {
         crate::cpu::set_threads(1).unwrap();
     }
 
+    /// The vectorised quantization of activations gives the scalar one's integers, scales and
+    /// corrections, bit for bit: blocks of zeros, of exact halves (ties), of one spike.
+    #[test]
+    fn activations_quantize_alike_both_ways() {
+        if !kernels_run_here() {
+            return;
+        }
+        tch::manual_seed(4);
+        let (m, k) = (3, 4 * BLOCK);
+        let mut values: Vec<f32> =
+            Vec::try_from(random(&[m as i64, k as i64], Kind::Float).flatten(0, -1)).unwrap();
+        values[..BLOCK].fill(0.0);
+        // Scale 1 (the block's extreme is 127), every other value halfway between two integers.
+        for (i, v) in values[BLOCK..2 * BLOCK].iter_mut().enumerate() {
+            *v = i as f32 - 16.0 + 0.5;
+        }
+        values[BLOCK] = 127.0;
+        values[2 * BLOCK + 7] = 1e6;
+        let (quants, scales) = quantize_rows(&values, m, k);
+        for offset in [None, Some(8), Some(128)] {
+            let x = imp::quantize_activations(&values, m, k, offset, Dot::AvxVnni);
+            assert_eq!(x.quants, quants, "{offset:?}");
+            assert_eq!(x.scales, scales, "{offset:?}");
+            let want = offset.map_or(Vec::new(), |o| corrections(&quants, o));
+            assert_eq!(x.corrections, want, "{offset:?}");
+        }
+    }
+
     #[test]
     fn a_block_maps_its_largest_magnitude_to_127() {
         let (q, s) = quantize_rows(&[0.5, -2.0, 1.0, 0.0, 0.0, 0.0], 2, 3);
@@ -599,22 +690,23 @@ mod tests {
     }
 
     #[test]
-    fn q4_packs_two_values_a_byte_in_q4_0s_order() {
+    fn q4_packs_two_rows_a_byte() {
         if !kernels_run_here() {
             return;
         }
-        // One row, one block: values j and j + 16 share byte j.
+        // One row, one block, scale 1 (its extreme is −8, at input 16).
         let values: Vec<f32> = (0..32)
             .map(|j| if j == 16 { -8.0 } else { (j % 8) as f32 })
             .collect();
         let w = Tensor::from_slice(&values).view([1, 32]);
         let q = QuantizedWeight::quantize(&w, Format::Q4, Kind::Float).unwrap();
-        assert_eq!(q.bytes(), ROWS * 16 + ROWS * 4);
-        // Scale 1; byte 0 holds value 0 (0 + 8) low and value 16 (−8 + 8) high.
-        assert_eq!(q.quants[0], 8);
-        assert_eq!(q.quants[1], 9 | (1 + 8) << 4);
-        // Rows past n are zeros: both nibbles 8.
-        assert_eq!(q.quants[16], 0x88);
+        assert_eq!(q.bytes(), ROWS * 16 + ROWS * 2);
+        assert_eq!(q.scales[0], f16::ONE);
+        // Row 0's values (plus 8) in the low nibbles of the first half; row 1, past n, is zeros
+        // (8) in the high ones; rows 2 and 3 fill the second half.
+        assert_eq!(q.quants[1], (1 + 8) | 8 << 4);
+        assert_eq!(q.quants[16], 8 << 4);
+        assert!(q.quants[32..64].iter().all(|&b| b == 0x88));
     }
 
     #[test]

@@ -7,13 +7,16 @@
 //!   |w| and x carrying w's sign (at most 2 × 127 × 127, no saturation); for q4 the unsigned
 //!   nibbles (at most 2 × 15 × 127) and x, the lanes then starting where `dpbusd`'s start.
 //!
-//! A q4 block's 16 bytes are unpacked to 32 integers (low nibbles, then high) once per block and
-//! weight row, for every activation row of the tile. The lanes are scaled by the weight block's
-//! scale, then multiplied by the activation block's and added to eight f32 sums (one fused
-//! multiply-add), so the results do not depend on which way ran. Both scales are broadcast once
-//! per block, not once per output and row.
+//! A q4 panel block's two 32-byte halves are unpacked with one load and two masks each (two
+//! weight rows a half), once per block, for every activation row of the tile. The lanes are scaled
+//! by the weight block's scale (the panel block's four f16 scales widened together), then
+//! multiplied by the activation block's and added to eight f32 sums (one fused multiply-add), so
+//! the results do not depend on which way ran. Both scales are broadcast once per block, not once
+//! per output and row.
 
 use std::arch::x86_64::*;
+
+use half::f16;
 
 use super::{
     quantized::{Activations, Dot, Format, BLOCK, ROWS},
@@ -27,7 +30,7 @@ const SWEEP: usize = 48;
 
 /// `y[i][c] = Σ_b scale_w[c][b] scale_x[i][b] (w[c][b] · x[i][b])` for every row `i` of the
 /// quantized activations and every output `c` of the panels in `quants` / `scales`
-/// (`[panels][blocks][ROWS][block bytes]` / `[..][ROWS]`, in `format`), of which the first
+/// (`[panels][blocks][ROWS × block bytes]` / `[..][ROWS]`, in `format`), of which the first
 /// `columns` are written to `y`, the block dots computed as `x.dot` says.
 ///
 /// Every output is one chain over its blocks in order, whatever `m` and whichever rows share its
@@ -40,7 +43,7 @@ const SWEEP: usize = 48;
 pub unsafe fn panels<O: Scalar>(
     format: Format,
     quants: &[u8],
-    scales: &[f32],
+    scales: &[f16],
     blocks: usize,
     x: &Activations,
     m: usize,
@@ -77,11 +80,11 @@ pub unsafe fn panels<O: Scalar>(
 #[derive(Clone, Copy)]
 struct Panels<'a> {
     quants: &'a [u8],
-    scales: &'a [f32],
+    scales: &'a [f16],
     blocks: usize,
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn with_avx2<O: Scalar, const Q4: bool>(
     w: Panels,
     x: &Activations,
@@ -93,7 +96,7 @@ unsafe fn with_avx2<O: Scalar, const Q4: bool>(
     unsafe { sweep::<O, false, Q4>(w, x, m, y, columns) }
 }
 
-#[target_feature(enable = "avx2,fma,avxvnni")]
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 unsafe fn with_vnni<O: Scalar, const Q4: bool>(
     w: Panels,
     x: &Activations,
@@ -169,13 +172,13 @@ struct Rows {
 /// # Safety
 /// The panel (`blocks * ROWS` blocks of integers, 32 bytes each or 16 when `Q4`, and
 /// `blocks * ROWS` scales) and `R` rows of activations (with their corrections when `VNNI` or
-/// `Q4`) must be readable; `out[i * stride + c]` writable for `i < R`, `c < width`; AVX2 and FMA,
-/// and AVX-VNNI when `VNNI`.
+/// `Q4`) must be readable; `out[i * stride + c]` writable for `i < R`, `c < width`; AVX2, FMA and
+/// F16C, and AVX-VNNI when `VNNI`.
 // `j` and `i` address the panel's weight rows and the activation rows as well as the sums.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool, const Q4: bool>(
-    (wq, ws): (*const u8, *const f32),
+    (wq, ws): (*const u8, *const f16),
     blocks: usize,
     x: Rows,
     out: *mut O,
@@ -187,7 +190,13 @@ unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool, const Q4: bool>(
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let offset = _mm256_set1_epi8(-128);
-        let nibble = _mm_set1_epi8(0x0F);
+        let nibble = _mm256_set1_epi8(0x0F);
+        let lane = [
+            _mm256_set1_epi32(0),
+            _mm256_set1_epi32(1),
+            _mm256_set1_epi32(2),
+            _mm256_set1_epi32(3),
+        ];
         for b in 0..blocks {
             let mut xq = [_mm256_setzero_si256(); R];
             let mut start = [_mm256_setzero_si256(); R];
@@ -199,16 +208,24 @@ unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool, const Q4: bool>(
                     start[i] = _mm256_loadu_si256(x.corrections.add((i * blocks + b) * 8).cast());
                 }
             }
+            // The panel block's four weight scales, widened from f16 together.
+            let scales =
+                _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(ws.add(b * ROWS).cast())));
+            let mut weights = [_mm256_setzero_si256(); ROWS];
+            if Q4 {
+                for half in 0..ROWS / 2 {
+                    let both = _mm256_loadu_si256(wq.add((b * 2 + half) * BLOCK).cast());
+                    weights[2 * half] = _mm256_and_si256(both, nibble);
+                    weights[2 * half + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(both), nibble);
+                }
+            } else {
+                for j in 0..ROWS {
+                    weights[j] = _mm256_loadu_si256(wq.add((b * ROWS + j) * BLOCK).cast());
+                }
+            }
             for j in 0..ROWS {
-                let w = if Q4 {
-                    let packed = _mm_loadu_si128(wq.add((b * ROWS + j) * (BLOCK / 2)).cast());
-                    let low = _mm_and_si128(packed, nibble);
-                    let high = _mm_and_si128(_mm_srli_epi16::<4>(packed), nibble);
-                    _mm256_set_m128i(high, low)
-                } else {
-                    _mm256_loadu_si256(wq.add((b * ROWS + j) * BLOCK).cast())
-                };
-                let scale = _mm256_broadcast_ss(&*ws.add(b * ROWS + j));
+                let w = weights[j];
+                let scale = _mm256_permutevar8x32_ps(scales, lane[j]);
                 // int8 on AVX2 multiplies signed integers: w's sign moved onto x.
                 let (signed, magnitude) = if VNNI || Q4 {
                     (w, w)
@@ -235,6 +252,65 @@ unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool, const Q4: bool>(
         for (i, acc) in acc.iter().enumerate() {
             for (j, &acc) in acc[..width].iter().enumerate() {
                 *out.add(i * stride + j) = O::from_f32(sum(acc));
+            }
+        }
+    }
+}
+
+/// Rows of activations quantized as [`super::quantized::quantize_rows`] quantizes them, with the
+/// same integers and scales, eight values at a time: `values` is `[rows, k]` with `k` a multiple
+/// of [`BLOCK`], `quants` and `scales` its `[rows][blocks][BLOCK]` and `[rows][blocks]`. With
+/// `offset`, `corrections` (`[rows][blocks][8]`) gets −offset × the sum of every four integers.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_rows(
+    values: &[f32],
+    quants: &mut [i8],
+    scales: &mut [f32],
+    corrections: &mut [i32],
+    offset: Option<i32>,
+) {
+    assert!(
+        values.len() == quants.len()
+            && values.len() == scales.len() * BLOCK
+            && (offset.is_none() || corrections.len() == scales.len() * 8)
+    );
+    let sign = _mm256_set1_ps(-0.0);
+    let (low, high) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let (ones8, ones16) = (_mm256_set1_epi8(1), _mm256_set1_epi16(1));
+    for (b, block) in values.chunks_exact(BLOCK).enumerate() {
+        // SAFETY: `block` holds 32 values; `quants` and `corrections` hold this block's 32 and 8
+        // (checked above).
+        unsafe {
+            let v = [0, 8, 16, 24].map(|at| _mm256_loadu_ps(block.as_ptr().add(at)));
+            let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+            let max = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+            let quad = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps::<1>(max));
+            let pair = _mm_max_ps(quad, _mm_movehl_ps(quad, quad));
+            let max = _mm_cvtss_f32(_mm_max_ss(pair, _mm_shuffle_ps::<1>(pair, pair)));
+            let scale = max / 127.0;
+            let inverse = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            scales[b] = scale;
+            let ints = v.map(|v| {
+                let rounded = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    _mm256_mul_ps(v, inverse),
+                );
+                _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(rounded, low), high))
+            });
+            // Packing works within 128-bit lanes; the permutation puts the dwords back in order.
+            let packed = _mm256_packs_epi16(
+                _mm256_packs_epi32(ints[0], ints[1]),
+                _mm256_packs_epi32(ints[2], ints[3]),
+            );
+            let q = _mm256_permutevar8x32_epi32(packed, order);
+            _mm256_storeu_si256(quants.as_mut_ptr().add(b * BLOCK).cast(), q);
+            if let Some(offset) = offset {
+                let fours = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, q), ones16);
+                let c = _mm256_mullo_epi32(fours, _mm256_set1_epi32(-offset));
+                _mm256_storeu_si256(corrections.as_mut_ptr().add(b * 8).cast(), c);
             }
         }
     }
