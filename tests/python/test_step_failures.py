@@ -6,10 +6,11 @@ step of the first request. Every rank alive, the group must serve again afterwar
 - rejected (every rank refuses the step as invalid): only the step's requests end, with an
   explicit error; the group is not formed again and /health never leaves 200;
 - diverged (rank 1 answers a different token, or rank 1 alone refuses the step that rank 0
-  runs) and timeout (rank 1 answers 2 s late, past --collective-timeout): the group is formed
-  again from the same worker processes and the request goes on on it, ending with the
-  transformers reference text; with `--recovery-timeout 0` it ends with an explicit error
-  instead.
+  runs), timeout (rank 1 answers 2 s late, past --collective-timeout) and panicked (rank 1's
+  step code panics after the collectives; the worker answers with the panic's message and drops
+  its shard, and the process stays up): the group is formed again from the same worker
+  processes and the request goes on on it, ending with the transformers reference text; with
+  `--recovery-timeout 0` it ends with an explicit error instead.
 A step that is only long (every rank pauses 6 s) is not a failure: the ranks still answer health
 checks meanwhile, and the group is not formed again.
 
@@ -32,6 +33,7 @@ CASES = {
     "refused-by-one": ("diverged", "reject@3/rank1", ["--collective-timeout", 1],
                        "refused the step the others ran", True),
     "timeout": ("timeout", "stall@3/rank1/2000ms", ["--collective-timeout", 1], "timed out", True),
+    "panicked": ("unreachable", "panic@3/rank1", [], "step 3 panicked (injected fault", True),
 }
 # With --recovery-timeout 0 the requests of a failed group end at once, with an explicit error.
 CASES.update({f"{name}-no-recovery": (kind, fault, [*flags, "--recovery-timeout", "0s"], words, True)

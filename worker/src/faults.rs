@@ -5,7 +5,9 @@
 //! `CARAVAN_INJECT_FAULT=KIND@STEP[/rankR][/MSms]`, with KIND one of:
 //! - `reject`: refuse step STEP as an invalid batch, before touching any state;
 //! - `diverge`: answer step STEP with a different token than the model sampled;
-//! - `stall`: answer step STEP only after MS milliseconds (after its collectives).
+//! - `stall`: answer step STEP only after MS milliseconds (after its collectives);
+//! - `panic`: panic in the middle of step STEP (after its collectives, before sampling), as a bug
+//!   in the model code would; the process stays up.
 //!
 //! With `/rankR` only rank R fires (local workers inherit the coordinator's environment, so
 //! without it every rank does). STEP counts a group's steps from 0 (the warm-up).
@@ -18,6 +20,7 @@ pub enum FaultKind {
     Reject,
     Diverge,
     Stall(Duration),
+    Panic,
 }
 
 /// A fault armed for one step.
@@ -59,6 +62,7 @@ impl Fault {
         let kind = match (kind, ms) {
             ("reject", None) => FaultKind::Reject,
             ("diverge", None) => FaultKind::Diverge,
+            ("panic", None) => FaultKind::Panic,
             ("stall", Some(ms)) => FaultKind::Stall(Duration::from_millis(ms)),
             _ => return Err(bad()),
         };
@@ -92,6 +96,7 @@ mod tests {
         assert!(f.fires(3, 1));
         assert!(!f.fires(3, 1), "once");
         assert_eq!(Fault::parse("reject@2").unwrap().kind, FaultKind::Reject);
+        assert_eq!(Fault::parse("panic@4").unwrap().kind, FaultKind::Panic);
         for bad in [
             "reject",
             "reject@x",

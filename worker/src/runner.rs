@@ -90,7 +90,25 @@ impl ModelRunner {
         req: pb::StepRequest,
         span: &tracing::Span,
     ) -> Result<pb::StepResponse, Status> {
-        let result = span.in_scope(|| self.step(req));
+        let step = req.step_id;
+        let result = span
+            .in_scope(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step(req))));
+        // A panic (a bug) may have left the cache, the sequences or the collective half-way:
+        // the shard is dropped, so this rank answers nothing but "not ready" until the group is
+        // formed again, and the step's answer says why instead of a dropped stream.
+        let result = result.unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            self.loaded = None;
+            tracing::error!(step, %why, "a step panicked; the shard is dropped");
+            Err(Status::internal(format!(
+                "step {step} panicked ({why}); the rank dropped its shard until the group is \
+                 formed again"
+            )))
+        });
         if let Err(e) = &result {
             if !matches!(
                 e.code(),
@@ -299,6 +317,12 @@ impl ModelRunner {
             caravan_ops::Error::InvalidBatch(m) => Status::invalid_argument(m),
             other => Status::internal(other.to_string()),
         })?;
+        if fault == Some(FaultKind::Panic) {
+            panic!(
+                "injected fault: a panic in the middle of step {}",
+                req.step_id
+            );
+        }
         let choices = tracing::info_span!("sample").in_scope(|| {
             step_sampling::choose(
                 &logits,

@@ -18,6 +18,10 @@ pub struct WorkerIdentity {
     pub ring_addr: String,
 }
 
+/// Why a rank whose step panicked half-way serves nothing until it is loaded again.
+const POISONED: &str =
+    "an earlier step on this rank panicked mid-way: the group must be formed again";
+
 pub struct WorkerService {
     runner: SharedRunner,
     status: SharedStatus,
@@ -91,20 +95,17 @@ impl Worker for WorkerService {
         let req = request.into_inner();
         // On this thread, blocking it for the step (see `runner`). Never wait for the lock: it
         // is held only by a load, which a step must not queue behind.
-        let mut runner =
-            match self.runner.try_lock() {
-                Ok(runner) => runner,
-                // A step panicked half-way: the rank's state is unknown until the group is formed
-                // again (a load clears the poison).
-                Err(TryLockError::Poisoned(_)) => return Err(Status::internal(
-                    "an earlier step on this rank failed mid-way: the group must be formed again",
-                )),
-                Err(TryLockError::WouldBlock) => {
-                    return Err(Status::failed_precondition(
-                        "a shard is loading: no step until it is loaded",
-                    ))
-                }
-            };
+        let mut runner = match self.runner.try_lock() {
+            Ok(runner) => runner,
+            // A step panicked half-way: the rank's state is unknown until the group is formed
+            // again (a load clears the poison).
+            Err(TryLockError::Poisoned(_)) => return Err(Status::internal(POISONED)),
+            Err(TryLockError::WouldBlock) => {
+                return Err(Status::failed_precondition(
+                    "a shard is loading: no step until it is loaded",
+                ))
+            }
+        };
         // `block_in_place` hands this thread's queue (its LIFO slot included, which no other
         // thread may steal) to a fresh thread first: without it, a task parked behind a long
         // step, such as the connection that carries `Health`, waits for the step to end, and a
@@ -123,6 +124,14 @@ impl Worker for WorkerService {
         &self,
         _: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
+        // A step that panicked left the runner's lock poisoned and the rank's state unknown,
+        // whatever the status said before it: not ready until a load clears it.
+        if self.runner.is_poisoned() {
+            return Ok(Response::new(pb::HealthResponse {
+                ready: false,
+                detail: POISONED.into(),
+            }));
+        }
         let s = self
             .status
             .lock()
@@ -132,5 +141,77 @@ impl Worker for WorkerService {
             ready: s.ready,
             detail: s.detail,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use caravan_ops::comm::RingListener;
+    use caravan_proto::v1::worker_server::Worker;
+    use tch::Device;
+
+    use super::*;
+    use crate::runner::ModelRunner;
+
+    fn service() -> (WorkerService, SharedRunner) {
+        let status = SharedStatus::default();
+        let listener = RingListener::bind("127.0.0.1:0").unwrap();
+        let runner: SharedRunner = Arc::new(Mutex::new(ModelRunner::new(
+            Device::Cpu,
+            listener,
+            status.clone(),
+            None,
+        )));
+        let identity = WorkerIdentity {
+            host: "h".into(),
+            device: "cpu".into(),
+            memory_bytes: 0,
+            ring_addr: String::new(),
+        };
+        (WorkerService::new(runner.clone(), status, identity), runner)
+    }
+
+    /// A step that panics holding the runner leaves the rank's state unknown: Health says so
+    /// (whatever the status said before) and steps are refused, until a load.
+    #[tokio::test]
+    async fn a_panicked_step_makes_the_rank_unready_until_it_loads() {
+        let (service, runner) = service();
+        {
+            let mut s = service.status.lock().unwrap();
+            s.ready = true;
+            s.rank = Some(0);
+        }
+        let ready = service
+            .health(Request::new(pb::HealthRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(ready.ready);
+        let holder = runner.clone();
+        std::thread::spawn(move || {
+            let _guard = holder.lock().unwrap();
+            panic!("a step's bug");
+        })
+        .join()
+        .unwrap_err();
+        let after = service
+            .health(Request::new(pb::HealthRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!after.ready);
+        assert!(after.detail.contains("panicked"), "{}", after.detail);
+        runner.clear_poison();
+        let loaded = service
+            .health(Request::new(pb::HealthRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            loaded.ready,
+            "ready again once the poison is cleared, as a load does"
+        );
     }
 }
