@@ -84,7 +84,7 @@ pub fn choose(
     let mut samples = Vec::new();
     let mut first_row = 0;
     for (seq, step) in req.sequences.iter().zip(batch) {
-        let rows = if step.all_logits {
+        let own_rows = if step.all_logits {
             step.tokens.len()
         } else {
             1
@@ -113,13 +113,13 @@ pub fn choose(
         if seq.sample {
             samples.push(SampleRow {
                 sequence_id: seq.sequence_id,
-                row: first_row + rows - 1,
+                row: first_row + own_rows - 1,
                 on_host: place == SamplingPlace::Host
                     || state.params.reshapes_logits()
                     || !seq.allowed_tokens.is_empty(),
             });
         }
-        first_row += rows;
+        first_row += own_rows;
     }
     if first_row as i64 != rows {
         return Err(Status::internal(format!(

@@ -305,6 +305,25 @@ pub fn quantize_rows_q4(values: &[f32], rows: usize, k: usize) -> (Vec<i8>, Vec<
     (quants, scales)
 }
 
+/// `values` (`[m, k]`) quantized per row by [`quantize_rows`], with the corrections `offset`
+/// asks for: what the vectorised path must equal, and the path where it cannot run.
+fn quantize_activations_scalar(
+    values: &[f32],
+    m: usize,
+    k: usize,
+    offset: Option<i32>,
+    dot: Dot,
+) -> Activations {
+    let (quants, scales) = quantize_rows(values, m, k);
+    let corrections = offset.map_or(Vec::new(), |o| corrections(&quants, o));
+    Activations {
+        quants,
+        scales,
+        corrections,
+        dot,
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use tch::Tensor;
@@ -322,14 +341,7 @@ mod imp {
         dot: Dot,
     ) -> Activations {
         if !k.is_multiple_of(BLOCK) || !crate::cpu::kernels_run_here() {
-            let (quants, scales) = super::quantize_rows(values, m, k);
-            let corrections = offset.map_or(Vec::new(), |o| super::corrections(&quants, o));
-            return Activations {
-                quants,
-                scales,
-                corrections,
-                dot,
-            };
+            return super::quantize_activations_scalar(values, m, k, offset, dot);
         }
         let blocks = m * k / BLOCK;
         let mut quants = vec![0i8; m * k];
@@ -402,22 +414,7 @@ mod imp {
 
     use super::{Activations, Dot, QuantizedWeight};
 
-    pub fn quantize_activations(
-        values: &[f32],
-        m: usize,
-        k: usize,
-        offset: Option<i32>,
-        dot: Dot,
-    ) -> Activations {
-        let (quants, scales) = super::quantize_rows(values, m, k);
-        let corrections = offset.map_or(Vec::new(), |o| super::corrections(&quants, o));
-        Activations {
-            quants,
-            scales,
-            corrections,
-            dot,
-        }
-    }
+    pub use super::quantize_activations_scalar as quantize_activations;
 
     pub fn best_dot() -> Dot {
         Dot::Avx2
@@ -653,13 +650,12 @@ mod tests {
         }
         values[BLOCK] = 127.0;
         values[2 * BLOCK + 7] = 1e6;
-        let (quants, scales) = quantize_rows(&values, m, k);
         for offset in [None, Some(8), Some(128)] {
             let x = imp::quantize_activations(&values, m, k, offset, Dot::AvxVnni);
-            assert_eq!(x.quants, quants, "{offset:?}");
-            assert_eq!(x.scales, scales, "{offset:?}");
-            let want = offset.map_or(Vec::new(), |o| corrections(&quants, o));
-            assert_eq!(x.corrections, want, "{offset:?}");
+            let want = quantize_activations_scalar(&values, m, k, offset, Dot::AvxVnni);
+            assert_eq!(x.quants, want.quants, "{offset:?}");
+            assert_eq!(x.scales, want.scales, "{offset:?}");
+            assert_eq!(x.corrections, want.corrections, "{offset:?}");
         }
     }
 
