@@ -238,7 +238,7 @@ impl ModelRunner {
             kv_cache_blocks: blocks,
             cache_bytes_per_token: model.cache_bytes_per_token() as u64,
             load_ms: started.elapsed().as_millis() as u64,
-            weight_bytes: model.weight_bytes() as u64,
+            weight_bytes: shard.weight_bytes,
             kv_cache_bytes: blocks as u64 * bytes_per_block,
             memory_total_bytes: memory.total,
             memory_free_bytes: memory.free,

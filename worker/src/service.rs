@@ -18,9 +18,11 @@ pub struct WorkerIdentity {
     pub ring_addr: String,
 }
 
-/// Why a rank whose step panicked half-way serves nothing until it is loaded again.
-const POISONED: &str =
-    "an earlier step on this rank panicked mid-way: the group must be formed again";
+/// Why a rank whose runner lock is poisoned serves nothing until it is loaded again. A step's
+/// panic is caught inside the lock (`ModelRunner::serve_step`), so this is a panic that escaped
+/// it: a load's, or one outside the step's own code.
+const POISONED: &str = "an earlier call on this rank panicked mid-way while holding its model: \
+                        the group must be formed again";
 
 pub struct WorkerService {
     runner: SharedRunner,
@@ -97,7 +99,7 @@ impl Worker for WorkerService {
         // is held only by a load, which a step must not queue behind.
         let mut runner = match self.runner.try_lock() {
             Ok(runner) => runner,
-            // A step panicked half-way: the rank's state is unknown until the group is formed
+            // A panic escaped half-way: the rank's state is unknown until the group is formed
             // again (a load clears the poison).
             Err(TryLockError::Poisoned(_)) => return Err(Status::internal(POISONED)),
             Err(TryLockError::WouldBlock) => {
@@ -124,8 +126,8 @@ impl Worker for WorkerService {
         &self,
         _: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        // A step that panicked left the runner's lock poisoned and the rank's state unknown,
-        // whatever the status said before it: not ready until a load clears it.
+        // A panic that escaped while the runner was held poisoned its lock and left the rank's
+        // state unknown, whatever the status said before it: not ready until a load clears it.
         if self.runner.is_poisoned() {
             return Ok(Response::new(pb::HealthResponse {
                 ready: false,
@@ -173,10 +175,11 @@ mod tests {
         (WorkerService::new(runner.clone(), status, identity), runner)
     }
 
-    /// A step that panics holding the runner leaves the rank's state unknown: Health says so
-    /// (whatever the status said before) and steps are refused, until a load.
+    /// A panic that escapes while the runner is held (a load's; a step's own are caught inside)
+    /// leaves the rank's state unknown: Health says so, whatever the status said before, until a
+    /// load clears the poison.
     #[tokio::test]
-    async fn a_panicked_step_makes_the_rank_unready_until_it_loads() {
+    async fn a_panic_holding_the_runner_makes_the_rank_unready_until_it_loads() {
         let (service, runner) = service();
         {
             let mut s = service.status.lock().unwrap();
@@ -192,7 +195,7 @@ mod tests {
         let holder = runner.clone();
         std::thread::spawn(move || {
             let _guard = holder.lock().unwrap();
-            panic!("a step's bug");
+            panic!("a load's bug");
         })
         .join()
         .unwrap_err();

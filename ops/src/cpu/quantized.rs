@@ -260,23 +260,13 @@ fn corrections(quants: &[i8], offset: i32) -> Vec<i32> {
 /// largest magnitude maps to ±127. Returns the integers (`[rows][blocks][BLOCK]`) and each block's
 /// scale (`[rows][blocks]`), value ≈ integer × scale.
 pub fn quantize_rows(values: &[f32], rows: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
-    let blocks = k.div_ceil(BLOCK);
-    let mut quants = vec![0i8; rows * blocks * BLOCK];
-    let mut scales = vec![0f32; rows * blocks];
-    for r in 0..rows {
-        let row = &values[r * k..(r + 1) * k];
-        for (b, block) in row.chunks(BLOCK).enumerate() {
-            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = max / 127.0;
-            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let at = r * blocks + b;
-            scales[at] = scale;
-            for (q, &v) in quants[at * BLOCK..].iter_mut().zip(block) {
-                *q = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
-            }
-        }
-    }
-    (quants, scales)
+    quantize_blocks(
+        values,
+        rows,
+        k,
+        |block| block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0,
+        |x| x.round_ties_even().clamp(-127.0, 127.0) as i8,
+    )
 }
 
 /// Rows of `values` (`[rows, k]`) in 4-bit blocks as llama.cpp's Q4_0: the block's value of
@@ -284,21 +274,46 @@ pub fn quantize_rows(values: &[f32], rows: usize, k: usize) -> (Vec<i8>, Vec<f32
 /// value to `floor(value / scale + 8.5)` clamped to 0..=15, less 8. Returns the integers
 /// (`[rows][blocks][BLOCK]`, −8..=7) and each block's scale (`[rows][blocks]`).
 pub fn quantize_rows_q4(values: &[f32], rows: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
+    quantize_blocks(
+        values,
+        rows,
+        k,
+        |block| {
+            let extreme = block
+                .iter()
+                .fold(0f32, |e, &v| if v.abs() > e.abs() { v } else { e });
+            extreme / -8.0
+        },
+        |x| ((x + 8.5).floor().clamp(0.0, 15.0) - 8.0) as i8,
+    )
+}
+
+/// Rows of `values` (`[rows, k]`) in blocks of [`BLOCK`] (the last padded with zeros), each
+/// block's scale chosen by `scale` and each value, divided by it (times its inverse; 0 for a zero
+/// scale), made an integer by `integer`. Returns the integers (`[rows][blocks][BLOCK]`) and the
+/// scales (`[rows][blocks]`).
+fn quantize_blocks(
+    values: &[f32],
+    rows: usize,
+    k: usize,
+    scale: impl Fn(&[f32]) -> f32,
+    integer: impl Fn(f32) -> i8,
+) -> (Vec<i8>, Vec<f32>) {
     let blocks = k.div_ceil(BLOCK);
     let mut quants = vec![0i8; rows * blocks * BLOCK];
     let mut scales = vec![0f32; rows * blocks];
     for r in 0..rows {
         let row = &values[r * k..(r + 1) * k];
         for (b, block) in row.chunks(BLOCK).enumerate() {
-            let extreme = block
-                .iter()
-                .fold(0f32, |e, &v| if v.abs() > e.abs() { v } else { e });
-            let scale = extreme / -8.0;
-            let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
             let at = r * blocks + b;
-            scales[at] = scale;
+            scales[at] = scale(block);
+            let inverse = if scales[at] != 0.0 {
+                1.0 / scales[at]
+            } else {
+                0.0
+            };
             for (q, &v) in quants[at * BLOCK..].iter_mut().zip(block) {
-                *q = ((v * inverse + 8.5).floor().clamp(0.0, 15.0) - 8.0) as i8;
+                *q = integer(v * inverse);
             }
         }
     }
