@@ -9,7 +9,8 @@
 //!
 //! Every f32 case runs twice: with Caravan's CPU kernels, and with `--cpu-kernels off`, where
 //! every product, norm and the paged-KV attention (gathered SDPA) run through libtorch, the
-//! device-generic path a GPU takes.
+//! device-generic path a GPU takes. The bf16 case also runs with `--cpu-kernels avx2`: on a CPU
+//! with AVX-512 BF16, `on` takes that loop for bf16 weights, and `avx2` the loop it replaces.
 
 use std::collections::HashMap;
 
@@ -78,13 +79,27 @@ impl Golden {
 /// Which implementation computes on the CPU (`--cpu-kernels`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kernels {
-    /// Caravan's kernels (where the CPU has AVX2/FMA/F16C).
+    /// Caravan's kernels (where the CPU has AVX2/FMA/F16C), each on the widest loop it has.
     Caravan,
+    /// Caravan's kernels on their AVX2/FMA loops only.
+    Avx2,
     /// libtorch alone: the device-generic path.
     Libtorch,
 }
 
 const BOTH_PATHS: [Kernels; 2] = [Kernels::Caravan, Kernels::Libtorch];
+
+/// Whether this CPU runs Caravan's kernels (AVX2, FMA, F16C).
+fn cpu_has_avx2() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx2") && has!("fma") && has!("f16c")
+}
+
+/// Whether this CPU has AVX-512F and AVX-512 BF16 (what `on` takes for bf16 weights).
+fn cpu_has_avx512_bf16() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    cpu_has_avx2() && has!("avx512f") && has!("avx512bf16")
+}
 
 /// Runs a teacher-forced batch of `prompts` and returns the dumped logits and tokens (their
 /// rows keyed by each prompt's index in the golden file).
@@ -101,6 +116,7 @@ fn run_prompts(
     let mut args = golden.teacher_forced_args(shape, tp, prompts, &dump);
     let switch = match kernels {
         Kernels::Caravan => "on",
+        Kernels::Avx2 => "avx2",
         Kernels::Libtorch => "off",
     };
     args.extend(["--cpu-kernels".to_string(), switch.to_string()]);
@@ -112,12 +128,17 @@ fn run_prompts(
         "caravan-generate failed for {shape} tp={tp}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    if kernels == Kernels::Libtorch {
-        assert!(
-            stdout.contains("cpu kernels: libtorch (--cpu-kernels off)"),
-            "the run does not say it took the libtorch path:\n{stdout}"
-        );
-    }
+    let path = match kernels {
+        Kernels::Libtorch => "cpu kernels: libtorch (--cpu-kernels off)",
+        Kernels::Avx2 => "cpu kernels: caravan AVX2/FMA (--cpu-kernels avx2)",
+        _ if !cpu_has_avx2() => "cpu kernels: libtorch (this CPU has no AVX2/FMA/F16C)",
+        Kernels::Caravan if cpu_has_avx512_bf16() => "cpu kernels: caravan AVX-512 BF16",
+        Kernels::Caravan => "cpu kernels: caravan AVX2/FMA",
+    };
+    assert!(
+        stdout.contains(path),
+        "the run does not say it took the path {path:?}:\n{stdout}"
+    );
     let dumped = read_safetensors(&dump).expect("dump");
     // The dump numbers prompts in the order they were given.
     dumped
@@ -252,7 +273,10 @@ fn one_sequence_on_the_libtorch_path() {
 #[test]
 fn bf16_within_twice_transformers_bf16_error() {
     let golden = Golden::load("gqa");
-    for kernels in BOTH_PATHS {
+    if !cpu_has_avx512_bf16() {
+        eprintln!("skipped: the AVX-512 BF16 loop (this CPU has no AVX-512 BF16)");
+    }
+    for kernels in [Kernels::Caravan, Kernels::Avx2, Kernels::Libtorch] {
         let ours = run("gqa", 2, kernels, &["--dtype", "bf16"]);
         check_bf16(&golden, &ours, kernels);
     }

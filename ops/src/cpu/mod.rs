@@ -5,7 +5,9 @@
 //! one-token products run on one core however many intra-op threads it has (measured in
 //! docs/BENCHMARKS.md, "Decode profile"). [`packed`] instead splits the *weight's* rows across
 //! our own thread team, as llama.cpp does, reads each weight once per 48 tokens of a step, and reuses
-//! every weight load for up to six of them. [`quantized`] does the same with weights quantized to
+//! every weight load for up to six of them. Where the CPU has AVX-512, bf16 weights run on
+//! AVX-512 BF16 (`x86_bf16`, four times the multiply-adds per instruction) and f32/f16 products of
+//! several rows on AVX-512F (`x86_avx512`, the same bits as AVX2). [`quantized`] does the same with weights quantized to
 //! 8 or 4 bits (`--quantization int8|q4`). [`attention`] attends decoding tokens over the paged KV cache
 //! where it lies.
 
@@ -17,6 +19,10 @@ pub mod rows;
 mod team;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx512;
+#[cfg(target_arch = "x86_64")]
+mod x86_bf16;
 #[cfg(target_arch = "x86_64")]
 mod x86_quantized;
 
@@ -43,6 +49,39 @@ fn cpu_has_kernel_features() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn cpu_has_kernel_features() -> bool {
+    false
+}
+
+/// Whether bf16 weights are packed for the AVX-512 BF16 loop: the kernels run, `--cpu-kernels`
+/// allows loops wider than AVX2, and this CPU has AVX-512F and AVX-512 BF16.
+fn avx512_bf16_runs_here() -> bool {
+    kernels_run_here() && kernels::wider_than_avx2() && cpu_has_avx512_bf16()
+}
+
+/// Whether f32 and f16 products of several rows take the AVX-512F loop: as above, for AVX-512F.
+fn avx512_runs_here() -> bool {
+    kernels_run_here() && kernels::wider_than_avx2() && cpu_has_avx512()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_avx512_bf16() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(x86_bf16::available)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_avx512() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(x86_avx512::available)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_avx512_bf16() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_avx512() -> bool {
     false
 }
 

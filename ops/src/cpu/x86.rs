@@ -202,8 +202,151 @@ unsafe fn rows_of<W: Element, O: Scalar, const R: usize>(
 
 /// How many of panel `p`'s sixteen columns are among the first `columns` (0 past the end).
 #[inline(always)]
-fn panel_width(columns: usize, p: usize) -> usize {
+pub(super) fn panel_width(columns: usize, p: usize) -> usize {
     columns.saturating_sub(p * PANEL).min(PANEL)
+}
+
+/// Most activation rows per block of the 512-bit loops (`x86_avx512`, `x86_bf16`): with two
+/// panels, 24 accumulators, two weight vectors and a broadcast in their 32 registers, and twelve
+/// independent chains per panel to hide the multiply-add latency.
+pub(super) const WIDE_GROUP: usize = 12;
+
+/// How the 512-bit loops walk a product of `m` rows by `count` panels (of which the first
+/// `columns` columns are written): sweeps of 48 rows, whose activations stay in L2 while each
+/// panel is read once from memory per sweep; in each, the panels `step` at a time and the rows
+/// in groups of at most [`WIDE_GROUP`], as even as they can be so that none runs short of
+/// chains. `visit(row, rows, panel, panels)` computes one block.
+#[inline(always)]
+pub(super) fn for_each_block(
+    m: usize,
+    count: usize,
+    columns: usize,
+    step: usize,
+    mut visit: impl FnMut(usize, usize, usize, usize),
+) {
+    debug_assert!((1..=4).contains(&step));
+    for first in (0..m).step_by(4 * WIDE_GROUP) {
+        let rows = (m - first).min(4 * WIDE_GROUP);
+        let groups = rows.div_ceil(WIDE_GROUP);
+        let mut p = 0;
+        while p < count && panel_width(columns, p) > 0 {
+            let wide = (count - p).min(step);
+            let mut i = first;
+            for g in 0..groups {
+                let group = rows / groups + usize::from(g < rows % groups);
+                visit(i, group, p, wide);
+                i += group;
+            }
+            p += wide;
+        }
+    }
+}
+
+/// Where one block of a 512-bit loop reads and writes: `P` panels by `R` rows.
+pub(super) struct Block<W, X, O> {
+    /// The block's first panel.
+    pub w: *const W,
+    /// Values from one panel to the next.
+    pub panel_len: usize,
+    /// Steps along `k` (each `k`, or each pair of them).
+    pub depth: usize,
+    /// The block's first activation row.
+    pub x: *const X,
+    /// Values from one activation row to the next.
+    pub x_stride: usize,
+    /// Row 0, column 0 of the block's outputs.
+    pub out: *mut O,
+    /// Values from one output row to the next.
+    pub stride: usize,
+    /// Columns of `out` that may be written (the rest are padding).
+    pub columns: usize,
+}
+
+/// A 512-bit loop's block: the outputs of `P` panels for `R` rows, stored by [`store_block`].
+pub(super) trait WideBlock<W, X, O> {
+    /// # Safety
+    /// `P` panels from `at.w` and `R` rows from `at.x` must be readable, `at.out` writable for
+    /// `R` rows of `at.columns.min(P * PANEL)` columns, and the CPU must have the loop's
+    /// features.
+    unsafe fn block<const R: usize, const P: usize>(at: &Block<W, X, O>);
+}
+
+/// `K`'s block for `rows` rows (1..=12 with one or two panels, 1 with three or four) and `wide`
+/// panels (1..=4).
+///
+/// # Safety
+/// As for [`WideBlock::block`].
+#[inline(always)]
+pub(super) unsafe fn dispatch<K: WideBlock<W, X, O>, W, X, O>(
+    at: &Block<W, X, O>,
+    rows: usize,
+    wide: usize,
+) {
+    macro_rules! by_rows {
+        ($p:literal) => {
+            match rows {
+                1 => K::block::<1, $p>(at),
+                2 => K::block::<2, $p>(at),
+                3 => K::block::<3, $p>(at),
+                4 => K::block::<4, $p>(at),
+                5 => K::block::<5, $p>(at),
+                6 => K::block::<6, $p>(at),
+                7 => K::block::<7, $p>(at),
+                8 => K::block::<8, $p>(at),
+                9 => K::block::<9, $p>(at),
+                10 => K::block::<10, $p>(at),
+                11 => K::block::<11, $p>(at),
+                _ => K::block::<12, $p>(at),
+            }
+        };
+    }
+    debug_assert!(rows <= WIDE_GROUP && (wide <= 2 || rows == 1));
+    // SAFETY: the caller's.
+    unsafe {
+        match wide {
+            1 => by_rows!(1),
+            2 => by_rows!(2),
+            3 => K::block::<1, 3>(at),
+            _ => K::block::<1, 4>(at),
+        }
+    }
+}
+
+/// Writes a 512-bit block's accumulators (`acc[i][p]`: row `i`, panel `p`) to its outputs.
+///
+/// # Safety
+/// As for [`WideBlock::block`]; AVX-512F.
+#[inline(always)]
+pub(super) unsafe fn store_block<W, X, O: Scalar, const R: usize, const P: usize>(
+    acc: &[[__m512; P]; R],
+    at: &Block<W, X, O>,
+) {
+    for (i, acc) in acc.iter().enumerate() {
+        for (p, acc) in acc.iter().enumerate() {
+            let width = panel_width(at.columns, p);
+            if width == 0 {
+                break;
+            }
+            let mut lanes = [0f32; PANEL];
+            // SAFETY: `lanes` holds sixteen f32; the caller vouches for the outputs.
+            unsafe {
+                _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
+                store_lanes(&lanes, at.out.add(i * at.stride + p * PANEL), width);
+            }
+        }
+    }
+}
+
+/// Writes the first `width` of `lanes` to `row`, rounded to `O`.
+///
+/// # Safety
+/// `row..row + width` must be writable.
+#[inline(always)]
+unsafe fn store_lanes<O: Scalar>(lanes: &[f32; PANEL], row: *mut O, width: usize) {
+    for (c, &v) in lanes[..width].iter().enumerate() {
+        // SAFETY: c < width; the caller's.
+        unsafe { *row.add(c) = O::from_f32(v) };
+    }
 }
 
 /// [`panels`] for one row of `x` (a single-stream decode): two panels at a time, so four
@@ -315,10 +458,7 @@ unsafe fn store<O: Scalar, const R: usize>(
         unsafe {
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
             _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
-            let row = out.add(i * stride);
-            for (c, &v) in lanes[..width].iter().enumerate() {
-                *row.add(c) = O::from_f32(v);
-            }
+            store_lanes(&lanes, out.add(i * stride), width);
         }
     }
 }

@@ -49,8 +49,9 @@ struct Args {
     /// inputs) or q4 (4-bit; the LM head in 8 bits); Caravan's CPU kernels only.
     #[arg(long)]
     quantization: Option<Quantization>,
-    /// On a CPU: `on` runs Caravan's AVX2 kernels where the CPU has them; `off` runs every
-    /// product, norm and attention through libtorch, the path a GPU takes.
+    /// On a CPU: `on` runs Caravan's kernels where the CPU has them (AVX2; AVX-512 BF16 for bf16
+    /// weights where present); `avx2` their AVX2 loops only; `off` runs every product, norm and
+    /// attention through libtorch, the path a GPU takes.
     #[arg(long, env = "CARAVAN_CPU_KERNELS", default_value_t = CpuKernels::On)]
     cpu_kernels: CpuKernels,
     /// libtorch threads per rank (default: available cores / tp).

@@ -64,8 +64,9 @@ struct Args {
     /// start, in one line (exit status 2).
     #[arg(long, env = "CARAVAN_DEVICE", default_value = "cpu")]
     device: String,
-    /// On a CPU: `on` runs Caravan's AVX2 kernels where the CPU has them; `off` runs every
-    /// product, norm and attention through libtorch, the path a GPU takes.
+    /// On a CPU: `on` runs Caravan's kernels where the CPU has them (AVX2; AVX-512 BF16 for bf16
+    /// weights where present); `avx2` their AVX2 loops only; `off` runs every product, norm and
+    /// attention through libtorch, the path a GPU takes.
     #[arg(long, env = "CARAVAN_CPU_KERNELS", default_value_t = CpuKernels::On)]
     cpu_kernels: CpuKernels,
     /// Log format on stderr.
