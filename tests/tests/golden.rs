@@ -128,16 +128,24 @@ fn run_prompts(
         "caravan-generate failed for {shape} tp={tp}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let path = match kernels {
-        Kernels::Libtorch => "cpu kernels: libtorch (--cpu-kernels off)",
-        Kernels::Avx2 => "cpu kernels: caravan AVX2/FMA (--cpu-kernels avx2)",
-        _ if !cpu_has_avx2() => "cpu kernels: libtorch (this CPU has no AVX2/FMA/F16C)",
-        Kernels::Caravan if cpu_has_avx512_bf16() => "cpu kernels: caravan AVX-512 BF16",
-        Kernels::Caravan => "cpu kernels: caravan AVX2/FMA",
+    let said = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("cpu kernels: "))
+        .unwrap_or_default();
+    let took = match kernels {
+        Kernels::Libtorch => said == "libtorch (--cpu-kernels off)",
+        _ if !cpu_has_avx2() => said == "libtorch (this CPU has no AVX2/FMA/F16C)",
+        Kernels::Avx2 => said == "caravan AVX2/FMA (--cpu-kernels avx2)",
+        // The widest loop for each dtype, then AVX2/FMA for the rest.
+        Kernels::Caravan => {
+            said.starts_with("caravan ")
+                && said.ends_with("AVX2/FMA")
+                && (said.contains("AVX-512 BF16") == cpu_has_avx512_bf16())
+        }
     };
     assert!(
-        stdout.contains(path),
-        "the run does not say it took the path {path:?}:\n{stdout}"
+        took,
+        "the run does not say it took the {kernels:?} path:\n{stdout}"
     );
     let dumped = read_safetensors(&dump).expect("dump");
     // The dump numbers prompts in the order they were given.

@@ -80,23 +80,34 @@ pub(crate) fn wider_than_avx2() -> bool {
     cpu_kernels() == CpuKernels::On
 }
 
-/// What computes a CPU rank's products in this process, in words for logs and reports.
-pub fn cpu_kernel_path() -> &'static str {
+/// What computes a CPU rank's products in this process, in words for logs and reports: the
+/// kernels' loops this CPU runs and the setting allows, widest first, or libtorch.
+pub fn cpu_kernel_path() -> String {
     if !enabled() {
-        "libtorch (--cpu-kernels off)"
-    } else if !super::kernels_run_here() {
-        "libtorch (this CPU has no AVX2/FMA/F16C)"
-    } else if cpu_kernels() == CpuKernels::Avx2 {
-        "caravan AVX2/FMA (--cpu-kernels avx2)"
-    } else {
-        match (super::avx512_bf16_runs_here(), super::avx512_runs_here()) {
-            (true, _) => {
-                "caravan AVX-512 BF16 (bf16 weights), AVX-512F (f32/f16 batches), AVX2/FMA"
-            }
-            (false, true) => "caravan AVX-512F (f32/f16 batches), AVX2/FMA",
-            (false, false) => "caravan AVX2/FMA",
-        }
+        return "libtorch (--cpu-kernels off)".into();
     }
+    if !super::kernels_run_here() {
+        return "libtorch (this CPU has no AVX2/FMA/F16C)".into();
+    }
+    if cpu_kernels() == CpuKernels::Avx2 {
+        return "caravan AVX2/FMA (--cpu-kernels avx2)".into();
+    }
+    let mut loops = Vec::new();
+    if super::avx512_bf16_runs_here() {
+        loops.push("AVX-512 BF16 (bf16)");
+    }
+    if super::avx512_runs_here() {
+        loops.push("AVX-512F (f32/f16 batches)");
+    }
+    loops.push(match super::quantized::best_dot() {
+        super::quantized::Dot::Avx512Vnni => "AVX-512 VNNI (int8/q4)",
+        super::quantized::Dot::AvxVnni => "AVX-VNNI (int8/q4)",
+        super::quantized::Dot::Avx2 => "AVX2/FMA",
+    });
+    if loops.last() != Some(&"AVX2/FMA") {
+        loops.push("AVX2/FMA");
+    }
+    format!("caravan {}", loops.join(", "))
 }
 
 #[cfg(test)]

@@ -78,7 +78,11 @@ pub enum Dot {
     Avx2,
     /// `dpbusd` (AVX-VNNI), one instruction for what takes the others three.
     AvxVnni,
+    /// `dpbusd` on 512-bit registers (AVX-512 VNNI): two weight rows' lanes an instruction.
+    Avx512Vnni,
 }
+
+pub(crate) use imp::best_dot;
 
 /// A `[n, k]` weight quantized to 8 or 4 bits; the dense tensor it came from is not kept.
 pub struct QuantizedWeight {
@@ -374,16 +378,37 @@ mod imp {
         }
     }
 
-    /// The fastest way this CPU computes a block's dot product (detected once).
+    /// The fastest way this CPU computes a block's dot product (detected once) that
+    /// `--cpu-kernels` allows (512-bit registers only with `on`).
     pub fn best_dot() -> Dot {
-        static BEST: std::sync::OnceLock<Dot> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| {
-            if is_x86_feature_detected!("avxvnni") {
-                Dot::AvxVnni
-            } else {
-                Dot::Avx2
+        static AVX512_VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        static AVX_VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let avx512_vnni = *AVX512_VNNI.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+        });
+        if avx512_vnni && crate::cpu::kernels::wider_than_avx2() {
+            Dot::Avx512Vnni
+        } else if *AVX_VNNI.get_or_init(|| is_x86_feature_detected!("avxvnni")) {
+            Dot::AvxVnni
+        } else {
+            Dot::Avx2
+        }
+    }
+
+    /// Whether this CPU has what `dot` needs.
+    #[cfg(test)]
+    pub fn runs(dot: Dot) -> bool {
+        match dot {
+            Dot::Avx2 => true,
+            Dot::AvxVnni => is_x86_feature_detected!("avxvnni"),
+            Dot::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
             }
-        })
+        }
     }
 
     /// The panels in runs, about four per thread, claimed by whichever thread of the team is
@@ -435,6 +460,11 @@ mod imp {
         Dot::Avx2
     }
 
+    #[cfg(test)]
+    pub fn runs(dot: Dot) -> bool {
+        dot == Dot::Avx2
+    }
+
     pub fn product<O>(_: &QuantizedWeight, _: &Activations, _: usize, _: &mut Tensor) {
         unreachable!("there are no quantized weights without x86-64")
     }
@@ -447,13 +477,15 @@ mod tests {
 
     const FORMATS: [Format; 2] = [Format::Int8, Format::Q4];
 
-    /// Every way of computing block dots this CPU runs.
+    /// Every way of computing block dots this CPU runs; says which it skipped.
     fn dots() -> Vec<Dot> {
         let mut dots = vec![Dot::Avx2];
-        if imp::best_dot() == Dot::AvxVnni {
-            dots.push(Dot::AvxVnni);
-        } else {
-            eprintln!("AVX-VNNI not tested: this CPU has none");
+        for dot in [Dot::AvxVnni, Dot::Avx512Vnni] {
+            if imp::runs(dot) {
+                dots.push(dot);
+            } else {
+                eprintln!("{dot:?} not tested: this CPU does not have it");
+            }
         }
         dots
     }

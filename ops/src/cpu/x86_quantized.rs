@@ -13,6 +13,11 @@
 //! multiplied by the activation block's and added to eight f32 sums (one fused multiply-add), so
 //! the results do not depend on which way ran. Both scales are broadcast once per block, not once
 //! per output and row.
+//!
+//! With AVX-512 VNNI the same lanes are computed two weight rows at a time: one 512-bit `dpbusd`
+//! holds a pair of rows' eight lanes each (the activations' block broadcast to both halves), and
+//! up to four activation rows share each load. Lane for lane it is the AVX-VNNI loop, so the
+//! results are the same bits.
 
 use std::arch::x86_64::*;
 
@@ -37,7 +42,8 @@ const SWEEP: usize = 48;
 /// tile: a row's result does not depend on what it is batched with.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA, and AVX-VNNI for [`Dot::AvxVnni`]; `y` must be valid for
+/// The CPU must have AVX2 and FMA, AVX-VNNI for [`Dot::AvxVnni`] and AVX-512F, AVX-512BW and
+/// AVX-512 VNNI for [`Dot::Avx512Vnni`]; `y` must be valid for
 /// writes of rows `0..m`, columns `0..columns`, and no one else may access them meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn panels<O: Scalar>(
@@ -51,7 +57,7 @@ pub unsafe fn panels<O: Scalar>(
     columns: usize,
 ) {
     let panel = blocks * ROWS;
-    let corrected = x.dot == Dot::AvxVnni || format == Format::Q4;
+    let corrected = x.dot != Dot::Avx2 || format == Format::Q4;
     assert!(
         scales.len().is_multiple_of(panel)
             && quants.len() == scales.len() * format.block_bytes()
@@ -72,6 +78,8 @@ pub unsafe fn panels<O: Scalar>(
             (Format::Q4, Dot::Avx2) => with_avx2::<O, true>(w, x, m, y, columns),
             (Format::Int8, Dot::AvxVnni) => with_vnni::<O, false>(w, x, m, y, columns),
             (Format::Q4, Dot::AvxVnni) => with_vnni::<O, true>(w, x, m, y, columns),
+            (Format::Int8, Dot::Avx512Vnni) => with_avx512_vnni::<O, false>(w, x, m, y, columns),
+            (Format::Q4, Dot::Avx512Vnni) => with_avx512_vnni::<O, true>(w, x, m, y, columns),
         }
     }
 }
@@ -93,7 +101,12 @@ unsafe fn with_avx2<O: Scalar, const Q4: bool>(
     columns: usize,
 ) {
     // SAFETY: the caller's.
-    unsafe { sweep::<O, false, Q4>(w, x, m, y, columns) }
+    unsafe {
+        sweep(w, x, m, y, columns, 2, |at, r| match r {
+            2 => tile::<O, 2, false, Q4>(at),
+            _ => tile::<O, 1, false, Q4>(at),
+        })
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
@@ -105,24 +118,52 @@ unsafe fn with_vnni<O: Scalar, const Q4: bool>(
     columns: usize,
 ) {
     // SAFETY: the caller's.
-    unsafe { sweep::<O, true, Q4>(w, x, m, y, columns) }
+    unsafe {
+        sweep(w, x, m, y, columns, 2, |at, r| match r {
+            2 => tile::<O, 2, true, Q4>(at),
+            _ => tile::<O, 1, true, Q4>(at),
+        })
+    }
 }
 
-/// The rows in sweeps of [`SWEEP`], each sweep over every panel, two rows at a time.
-///
-/// # Safety
-/// As for [`panels`], whose checks have passed.
-#[inline(always)]
-unsafe fn sweep<O: Scalar, const VNNI: bool, const Q4: bool>(
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+unsafe fn with_avx512_vnni<O: Scalar, const Q4: bool>(
     w: Panels,
     x: &Activations,
     m: usize,
     y: &Out<O>,
     columns: usize,
 ) {
+    // SAFETY: the caller's.
+    unsafe {
+        sweep(w, x, m, y, columns, 4, |at, r| match r {
+            4 => tile512::<O, 4, Q4>(at),
+            3 => tile512::<O, 3, Q4>(at),
+            2 => tile512::<O, 2, Q4>(at),
+            _ => tile512::<O, 1, Q4>(at),
+        })
+    }
+}
+
+/// The rows in sweeps of [`SWEEP`], each sweep over every panel, `group` rows at a time:
+/// `tile(at, r)` computes one panel for `r` rows.
+///
+/// # Safety
+/// As for [`panels`], whose checks have passed; `tile` must be sound for every [`Tile`] given.
+#[inline(always)]
+unsafe fn sweep<O: Scalar>(
+    w: Panels,
+    x: &Activations,
+    m: usize,
+    y: &Out<O>,
+    columns: usize,
+    group: usize,
+    tile: impl Fn(Tile<O>, usize),
+) {
     let blocks = w.blocks;
     let panel = blocks * ROWS;
-    let panel_bytes = panel * if Q4 { BLOCK / 2 } else { BLOCK };
+    // Bytes per block: 32, or 16 in q4.
+    let panel_bytes = panel * w.quants.len().checked_div(w.scales.len()).unwrap_or(0);
     for first in (0..m).step_by(SWEEP) {
         let rows = (m - first).min(SWEEP);
         for p in 0..w.scales.len() / panel {
@@ -130,32 +171,46 @@ unsafe fn sweep<O: Scalar, const VNNI: bool, const Q4: bool>(
             if width == 0 {
                 break;
             }
-            let weights = (
-                w.quants[p * panel_bytes..].as_ptr(),
-                w.scales[p * panel..].as_ptr(),
-            );
             let mut i = first;
             while i < first + rows {
-                let r = (first + rows - i).min(2);
+                let r = (first + rows - i).min(group);
                 // SAFETY: rows i..i + r of the activations and panel p are in bounds; the caller
                 // vouches for `y`.
                 unsafe {
-                    let rows = Rows {
-                        quants: x.quants.as_ptr().add(i * blocks * BLOCK),
-                        scales: x.scales.as_ptr().add(i * blocks),
-                        corrections: x.corrections.as_ptr().wrapping_add(i * blocks * 8),
+                    let at = Tile {
+                        weights: (
+                            w.quants.as_ptr().add(p * panel_bytes),
+                            w.scales.as_ptr().add(p * panel),
+                        ),
+                        blocks,
+                        x: Rows {
+                            quants: x.quants.as_ptr().add(i * blocks * BLOCK),
+                            scales: x.scales.as_ptr().add(i * blocks),
+                            corrections: x.corrections.as_ptr().wrapping_add(i * blocks * 8),
+                        },
+                        out: y.ptr.add(i * y.stride + p * ROWS),
+                        stride: y.stride,
+                        width,
                     };
-                    let out = y.ptr.add(i * y.stride + p * ROWS);
-                    if r == 2 {
-                        tile::<O, 2, VNNI, Q4>(weights, blocks, rows, out, y.stride, width);
-                    } else {
-                        tile::<O, 1, VNNI, Q4>(weights, blocks, rows, out, y.stride, width);
-                    }
+                    tile(at, r);
                 }
                 i += r;
             }
         }
     }
+}
+
+/// Where one tile (a panel for some rows) reads and writes.
+struct Tile<O> {
+    /// The panel's integers and scales.
+    weights: (*const u8, *const f16),
+    blocks: usize,
+    x: Rows,
+    /// Row 0's first output.
+    out: *mut O,
+    stride: usize,
+    /// Outputs of the panel that are written (the rest are padding).
+    width: usize,
 }
 
 /// Where a tile's rows of activations start.
@@ -177,14 +232,15 @@ struct Rows {
 // `j` and `i` address the panel's weight rows and the activation rows as well as the sums.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool, const Q4: bool>(
-    (wq, ws): (*const u8, *const f16),
-    blocks: usize,
-    x: Rows,
-    out: *mut O,
-    stride: usize,
-    width: usize,
-) {
+unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool, const Q4: bool>(at: Tile<O>) {
+    let Tile {
+        weights: (wq, ws),
+        blocks,
+        x,
+        out,
+        stride,
+        width,
+    } = at;
     let mut acc = [[_mm256_setzero_ps(); ROWS]; R];
     // SAFETY: every offset below is inside the panel or the rows, as the caller vouches.
     unsafe {
@@ -252,6 +308,94 @@ unsafe fn tile<O: Scalar, const R: usize, const VNNI: bool, const Q4: bool>(
         for (i, acc) in acc.iter().enumerate() {
             for (j, &acc) in acc[..width].iter().enumerate() {
                 *out.add(i * stride + j) = O::from_f32(sum(acc));
+            }
+        }
+    }
+}
+
+/// [`tile`] with AVX-512 VNNI for `R` rows (up to four): each 512-bit register holds two weight
+/// rows' eight lanes, int8's rows 0 and 1, then 2 and 3 (adjacent in the panel), q4's 0 and 2,
+/// then 1 and 3 (the low and the high nibbles of the panel block's two halves), and the
+/// activations' block, start and scale are broadcast to both halves. Every lane is computed as
+/// [`tile`] computes it with AVX-VNNI, and summed in the same order.
+///
+/// # Safety
+/// As for [`tile`], with AVX-512F, AVX-512BW and AVX-512 VNNI; the rows' corrections must be
+/// there.
+// `i` addresses the activation rows' registers as well as the sums.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn tile512<O: Scalar, const R: usize, const Q4: bool>(at: Tile<O>) {
+    let Tile {
+        weights: (wq, ws),
+        blocks,
+        x,
+        out,
+        stride,
+        width,
+    } = at;
+    // Which panel rows each register's halves hold.
+    let pairs: [[usize; 2]; 2] = if Q4 {
+        [[0, 2], [1, 3]]
+    } else {
+        [[0, 1], [2, 3]]
+    };
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    // SAFETY: every offset below is inside the panel or the rows, as the caller vouches.
+    unsafe {
+        let nibble = _mm512_set1_epi8(0x0F);
+        // Lanes 0..8 take a pair's first row's scale, lanes 8..16 its second's.
+        let pick = pairs.map(|[a, b]| {
+            _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_set1_epi32(a as i32)),
+                _mm256_set1_epi32(b as i32),
+            )
+        });
+        for b in 0..blocks {
+            let mut xq = [_mm512_setzero_si512(); R];
+            let mut start = [_mm512_setzero_si512(); R];
+            let mut xs = [_mm512_setzero_ps(); R];
+            for i in 0..R {
+                let quants = _mm256_loadu_si256(x.quants.add((i * blocks + b) * BLOCK).cast());
+                xq[i] = _mm512_broadcast_i64x4(quants);
+                xs[i] = _mm512_set1_ps(*x.scales.add(i * blocks + b));
+                let lanes = _mm256_loadu_si256(x.corrections.add((i * blocks + b) * 8).cast());
+                start[i] = _mm512_broadcast_i64x4(lanes);
+            }
+            let four =
+                _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(ws.add(b * ROWS).cast())));
+            let scale = pick.map(|pick| _mm512_permutexvar_ps(pick, four));
+            let weights = if Q4 {
+                let both = _mm512_loadu_si512(wq.add(b * 2 * BLOCK).cast());
+                [
+                    _mm512_and_si512(both, nibble),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(both), nibble),
+                ]
+            } else {
+                [
+                    _mm512_loadu_si512(wq.add(b * ROWS * BLOCK).cast()),
+                    _mm512_loadu_si512(wq.add((b * ROWS + 2) * BLOCK).cast()),
+                ]
+            };
+            for (h, (&w, &scale)) in weights.iter().zip(&scale).enumerate() {
+                for i in 0..R {
+                    let lanes = _mm512_dpbusd_epi32(start[i], w, xq[i]);
+                    let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(lanes), scale);
+                    acc[i][h] = _mm512_fmadd_ps(scaled, xs[i], acc[i][h]);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (&acc, pair) in acc.iter().zip(pairs) {
+                let halves = [
+                    _mm512_castps512_ps256(acc),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc))),
+                ];
+                for (half, j) in halves.into_iter().zip(pair) {
+                    if j < width {
+                        *out.add(i * stride + j) = O::from_f32(sum(half));
+                    }
+                }
             }
         }
     }
