@@ -325,25 +325,35 @@ def quantize(checkpoint_dir, qtype, tools_dir=DEFAULT_TOOLS_DIR):
 
 
 def run_bench(gguf, threads, prompt_tokens=512, gen_tokens=64, repetitions=3,
-              tools_dir=DEFAULT_TOOLS_DIR, timeout=3600):
+              tools_dir=DEFAULT_TOOLS_DIR, timeout=3600, binary=None):
     """Runs llama-bench on a GGUF; returns tokens/s for prefill (ppN) and decode (tgN).
 
     Keys: prefill_tps, prefill_tps_stddev, decode_tps, decode_tps_stddev (None for a test that was
-    not run, e.g. prompt_tokens=0), plus threads, prompt_tokens, gen_tokens, repetitions,
-    model_type (e.g. "llama ?B F16"), model_size, model_n_params, build_commit, build_number,
-    cpu_info, backends, and raw (llama-bench's JSON records, with each repetition's samples).
+    not run, e.g. prompt_tokens=0), prefill_error (why prefill has no figure when llama-bench
+    crashed in it, else None), plus threads, prompt_tokens, gen_tokens, repetitions, model_type
+    (e.g. "llama ?B F16"), model_size, model_n_params, build_commit, build_number, cpu_info,
+    backends, and raw (llama-bench's JSON records, with each repetition's samples).
+
+    llama-bench 0.3.36 segfaults in quantized prefill on some CPUs (exit 139 on Q8_0/Q4_0/Q4_1
+    with -p 512) while its decode runs: a crash with a prompt is recorded in prefill_error and
+    decode is measured again alone (-p 0), so one peer's crash does not end a whole benchmark.
+    Any other failure raises. `binary` replaces the built llama-bench (tests).
     """
-    bench = ensure_built(tools_dir) / "llama-bench"
-    cmd = [bench, "-m", Path(gguf), "-t", threads, "-p", prompt_tokens, "-n", gen_tokens,
-           "-r", repetitions, "-o", "json"]
-    log("$ " + " ".join(str(c) for c in cmd))
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+    bench = Path(binary) if binary else ensure_built(tools_dir) / "llama-bench"
+    proc = _llama_bench(bench, gguf, threads, prompt_tokens, gen_tokens, repetitions, timeout)
+    prefill_error = None
+    if prompt_tokens > 0 and _crashed(proc.returncode):
+        prefill_error = f"llama-bench crashed in pp{prompt_tokens} ({_exit_status(proc.returncode)})"
+        log(f"{prefill_error}; measuring decode alone (-p 0)")
+        prompt_tokens = 0
+        proc = _llama_bench(bench, gguf, threads, prompt_tokens, gen_tokens, repetitions, timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"llama-bench exited {proc.returncode}: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"llama-bench {_exit_status(proc.returncode)}: {proc.stderr[-2000:]}")
     records = json.loads(proc.stdout)
     result = {"threads": threads, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
               "repetitions": repetitions, "prefill_tps": None, "prefill_tps_stddev": None,
-              "decode_tps": None, "decode_tps_stddev": None, "raw": records}
+              "decode_tps": None, "decode_tps_stddev": None, "prefill_error": prefill_error,
+              "raw": records}
     for rec in records:
         if rec.get("n_prompt", 0) > 0 and rec.get("n_gen", 0) == 0:
             key = "prefill"
@@ -358,6 +368,32 @@ def run_bench(gguf, threads, prompt_tokens=512, gen_tokens=64, repetitions=3,
             if k in rec:
                 result.setdefault(k, rec[k])
     return result
+
+
+def _llama_bench(bench, gguf, threads, prompt_tokens, gen_tokens, repetitions, timeout):
+    cmd = [bench, "-m", Path(gguf), "-t", threads, "-p", prompt_tokens, "-n", gen_tokens,
+           "-r", repetitions, "-o", "json"]
+    log("$ " + " ".join(str(c) for c in cmd))
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+
+
+def _crashed(returncode):
+    """Whether a process ended by a signal: negative from subprocess, or a shell's 128 + N."""
+    return returncode < 0 or returncode > 128
+
+
+def _exit_status(returncode):
+    if returncode < 0:
+        return f"killed by signal {-returncode}"
+    return f"exit {returncode}"
+
+
+def prefill_cell(result, digits=0):
+    """A table cell for a peer's prefill: its tok/s, "-" when not measured, or the crash."""
+    if result.get("prefill_error"):
+        return result["prefill_error"]
+    tps = result.get("prefill_tps", result.get("prefill"))
+    return "-" if tps is None else f"{tps:.{digits}f}"
 
 
 def _fmt(mean, std):

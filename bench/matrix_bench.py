@@ -147,7 +147,7 @@ def main():
                      f"| {fmt(r['streams_8'])} | {fmt(r['streams_32'])} |")
     for outtype, r in llama.items():
         d = decode.get(f"llama.cpp {outtype}", {}).get("median")
-        lines.append(f"| llama.cpp | {outtype} | ggml | {fmt(r['prefill'], 0)} | {fmt(d)} | - | - |")
+        lines.append(f"| llama.cpp | {outtype} | ggml | {llama_cpp_peer.prefill_cell(r)} | {fmt(d)} | - | - |")
     if not llama:
         lines.append("| llama.cpp | - | skipped: see the command's output | | | | |")
     lines += ["", "| decode runs | tok/s |", "|---|---|"]

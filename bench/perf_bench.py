@@ -207,7 +207,8 @@ def llama_cpp_peers(ggufs: dict, threads: int):
         log(f"llama.cpp {name}")
         r = llama_cpp_peer.run_bench(paths[name], threads, prompt_tokens=PREFILL_TOKENS,
                                      gen_tokens=DECODE_TOKENS, repetitions=3)
-        llama[name] = {"decode": r["decode_tps"], "prefill": r["prefill_tps"]}
+        llama[name] = {"decode": r["decode_tps"], "prefill": r["prefill_tps"],
+                       "prefill_error": r["prefill_error"]}
     return llama, paths
 
 
@@ -308,7 +309,7 @@ def main():
     for outtype, r in llama.items():
         b = bound["f32" if outtype == "f32" else "bf16"]
         lines.append(f"| llama.cpp | {outtype} | - | {fmt(r['decode'])} | {100 * r['decode'] / b:.0f}% "
-                     f"| - | {fmt(r['prefill'], 0)} | - | - | - | - |")
+                     f"| - | {llama_cpp_peer.prefill_cell(r)} | - | - | - | - |")
     if not llama:
         lines.append("| llama.cpp | - | skipped: see the command's output | | | | | | | | |")
 

@@ -68,7 +68,7 @@ def main():
         lines.append(f"| Caravan TP 1 | {name} | {fmt(med[f'caravan TP 1 {name}'])} | {fmt(e['prefill'], 0)} "
                      f"| {fmt(s['decode'])} | {fmt(s['prefill'], 0)} | {fmt(s['streams_32'])} |")
     for outtype, r in llama.items():
-        lines.append(f"| llama.cpp | {outtype} | {fmt(med[f'llama.cpp {outtype}'])} | {fmt(r['prefill'], 0)} "
+        lines.append(f"| llama.cpp | {outtype} | {fmt(med[f'llama.cpp {outtype}'])} | {llama_cpp_peer.prefill_cell(r)} "
                      "| - | - | - |")
     lines += ["", "Interleaved decode runs (tok/s): " + "; ".join(
         f"{name}: {', '.join(f'{v:.1f}' for v in r['runs'])}" for name, r in interleaved.items())]

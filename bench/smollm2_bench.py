@@ -85,7 +85,7 @@ def main():
         lines.append(f"| transformers | {dtype} | - | {fmt(r['decode'])} | - | {fmt(r['prefill'], 0)} | - "
                      f"| {fmt(r['streams_8'])} | {fmt(r['streams_32'])} |")
     for name, r in llama.items():
-        lines.append(f"| llama.cpp | {name} | - | {fmt(r['decode'])} | - | {fmt(r['prefill'], 0)} | - | - | - |")
+        lines.append(f"| llama.cpp | {name} | - | {fmt(r['decode'])} | - | {llama_cpp_peer.prefill_cell(r)} | - | - | - |")
     if not llama:
         lines.append("| llama.cpp | - | skipped: see the command's output | | | | | | |")
     c32, c16 = rows["f32"], rows["bf16"]

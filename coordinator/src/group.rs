@@ -281,6 +281,8 @@ impl GroupHealth {
 pub struct GroupMember {
     pub worker: RegisteredWorker,
     pub memory: ShardMemory,
+    /// What computes its weight products, as the rank said (empty from older workers).
+    pub kernels: String,
 }
 
 /// What one rank's shard and cache take, and its device's memory once they were in place.
@@ -311,6 +313,8 @@ pub struct WorkerGroup {
     workers: Vec<RegisteredWorker>,
     /// Per rank.
     memory: Vec<ShardMemory>,
+    /// Per rank: what computes its weight products.
+    kernels: Vec<String>,
     kv_cache_blocks: usize,
     cache_bytes_per_token: u64,
     step_timeout: Duration,
@@ -432,6 +436,7 @@ impl WorkerGroup {
         let mut kv_cache_blocks = usize::MAX;
         let mut cache_bytes_per_token = 0;
         let mut memory = Vec::with_capacity(world);
+        let mut kernels = Vec::with_capacity(world);
         for (rank, result) in join_all(loads).await.into_iter().enumerate() {
             let response = result.map_err(|s| anyhow::anyhow!("rank {rank}: {}", s.message()))?;
             let r = response.get_ref();
@@ -443,17 +448,20 @@ impl WorkerGroup {
                 kv_cache_bytes = r.kv_cache_bytes,
                 bytes_per_token = r.cache_bytes_per_token,
                 device_free_bytes = r.memory_free_bytes,
+                kernels = %r.kernels,
                 "shard loaded"
             );
             // Every rank holds a shard of every block: the group has the smallest pool.
             kv_cache_blocks = kv_cache_blocks.min(r.kv_cache_blocks as usize);
             cache_bytes_per_token = cache_bytes_per_token.max(r.cache_bytes_per_token);
             memory.push(ShardMemory::from(r));
+            kernels.push(r.kernels.clone());
         }
         let mut group = WorkerGroup {
             ranks,
             workers,
             memory,
+            kernels,
             kv_cache_blocks,
             cache_bytes_per_token,
             step_timeout: plan.collective_timeout + Duration::from_secs(30),
@@ -515,9 +523,11 @@ impl WorkerGroup {
         self.workers
             .iter()
             .zip(&self.memory)
-            .map(|(worker, &memory)| GroupMember {
+            .zip(&self.kernels)
+            .map(|((worker, &memory), kernels)| GroupMember {
                 worker: worker.clone(),
                 memory,
+                kernels: kernels.clone(),
             })
             .collect()
     }

@@ -518,8 +518,35 @@ fn print_status(s: &admin::Status) {
             w.health,
         );
     }
+    if let Some(kernels) = kernels_line(&s.workers) {
+        println!("\nkernels    {kernels}");
+    }
     if !s.spares.is_empty() {
         println!("\nspares     {}", s.spares.join(", "));
+    }
+}
+
+/// What computes the ranks' weight products: once when every rank says the same, else per rank;
+/// `None` when no rank said (older workers).
+fn kernels_line(workers: &[admin::GroupMember]) -> Option<String> {
+    let first = &workers.first()?.kernels;
+    if workers.iter().all(|w| w.kernels.is_empty()) {
+        None
+    } else if workers.iter().all(|w| &w.kernels == first) {
+        Some(format!("{first} (every rank)"))
+    } else {
+        let ranks: Vec<String> = workers
+            .iter()
+            .map(|w| {
+                let kernels = if w.kernels.is_empty() {
+                    "-"
+                } else {
+                    &w.kernels
+                };
+                format!("rank {}: {kernels}", w.rank)
+            })
+            .collect();
+        Some(ranks.join("; "))
     }
 }
 

@@ -235,6 +235,24 @@ impl Llama {
     }
 
     /// Bytes of weights this shard holds (quantized ones at their width).
+    /// What computes the shard's weight products, in words: each loop once, in the order the
+    /// products first use it (e.g. "AVX-512 BF16", "q4 AVX-512 VNNI, int8 AVX-512 VNNI" with
+    /// q4's LM head at 8 bits, "libtorch" on a GPU or with `--cpu-kernels off`).
+    pub fn kernels(&self) -> String {
+        let mut names: Vec<&'static str> = Vec::new();
+        let all = self
+            .layers
+            .iter()
+            .flat_map(|l| l.self_attn.kernels().into_iter().chain(l.mlp.kernels()))
+            .chain([self.lm_head.kernel()]);
+        for name in all {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names.join(", ")
+    }
+
     pub fn weight_bytes(&self) -> usize {
         self.embed_tokens.bytes()
             + self

@@ -53,6 +53,10 @@ pub struct GroupMember {
     pub device_total_bytes: u64,
     #[serde(default)]
     pub device_free_bytes: u64,
+    /// What computes its weight products: Caravan's CPU loops (e.g. "AVX-512 BF16") or
+    /// "libtorch" (empty from older coordinators and workers).
+    #[serde(default)]
+    pub kernels: String,
     /// "ready", "not ready: ...", "unreachable: ..." or "unknown".
     pub health: String,
 }

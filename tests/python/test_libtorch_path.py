@@ -10,12 +10,13 @@ Prompt log-probabilities on this path are in test_prompt_logprobs.py."""
 import concurrent.futures
 import math
 import os
+import subprocess
 
 import httpx
 import openai
 import pytest
 
-from conftest import Coordinator, greedy_text, metrics
+from conftest import Coordinator, bin_path, ctl_status, greedy_text, metrics
 
 TIMEOUT_S = 120.0
 
@@ -31,12 +32,17 @@ def served_off(checkpoint):
 
 
 def test_the_workers_compute_through_libtorch(served_off):
-    coordinator, _ = served_off
+    coordinator, url = served_off
     with open(coordinator.log.name, encoding="utf-8", errors="replace") as f:
         log = f.read()
     said = [line for line in log.splitlines() if "computing on" in line]
     assert len(said) == 2, log[-6000:]
     assert all("kernels: libtorch (--cpu-kernels off)" in line for line in said), said
+    # caravanctl status says what computes each loaded shard's products.
+    assert [w["kernels"] for w in ctl_status(url)["workers"]] == ["libtorch", "libtorch"]
+    table = subprocess.run([str(bin_path("caravanctl")), "--url", url, "status"], capture_output=True,
+                           text=True, timeout=30, check=True).stdout
+    assert "kernels    libtorch (every rank)" in table, table
 
 
 def test_greedy_completions_equal_transformers_alone_and_batched(served_off, checkpoint, reference):

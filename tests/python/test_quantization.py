@@ -176,6 +176,11 @@ def test_smollm2_quantized_equals_the_same_in_torch_and_keeps_the_perplexity(smo
             f"q4 perplexity {perplexity}, f32 {f32_perplexity}"
     if tp == 1:
         assert status["workers"][0]["weight_bytes"] == expected_weight_bytes(smollm2, 4, quantization), status
+    # Status names each rank's loops: the format's first, then q4's LM head at 8 bits.
+    for member in status["workers"]:
+        loops = member["kernels"].split(", ")
+        assert loops[0].startswith(f"{quantization} AVX"), member
+        assert loops[1:] == ([] if quantization == "int8" else [loops[0].replace("q4", "int8", 1)]), member
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)

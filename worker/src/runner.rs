@@ -242,6 +242,7 @@ impl ModelRunner {
             kv_cache_bytes: blocks as u64 * bytes_per_block,
             memory_total_bytes: memory.total,
             memory_free_bytes: memory.free,
+            kernels: model.kernels(),
         };
         self.loaded = Some(Loaded {
             model,

@@ -183,6 +183,7 @@ async fn admin_status(State(state): State<SharedState>) -> Json<admin::Status> {
             kv_cache_bytes: m.memory.kv_cache_bytes,
             device_total_bytes: m.memory.device_total_bytes,
             device_free_bytes: m.memory.device_free_bytes,
+            kernels: m.kernels.clone(),
             health: health
                 .get(rank)
                 .cloned()

@@ -26,6 +26,17 @@ pub enum Loop {
     Avx512Bf16,
 }
 
+impl Loop {
+    /// The loop in words, for logs and `caravanctl status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Loop::Avx2Fma => "AVX2/FMA",
+            Loop::Avx512Fma => "AVX-512F",
+            Loop::Avx512Bf16 => "AVX-512 BF16",
+        }
+    }
+}
+
 /// A weight in the panel layout; the dense tensor it came from is not kept.
 pub struct PackedWeight {
     values: Values,

@@ -82,6 +82,17 @@ pub enum Dot {
     Avx512Vnni,
 }
 
+impl Dot {
+    /// The way in words, for logs and `caravanctl status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dot::Avx2 => "AVX2",
+            Dot::AvxVnni => "AVX-VNNI",
+            Dot::Avx512Vnni => "AVX-512 VNNI",
+        }
+    }
+}
+
 pub(crate) use imp::best_dot;
 
 /// A `[n, k]` weight quantized to 8 or 4 bits; the dense tensor it came from is not kept.
@@ -202,6 +213,18 @@ impl QuantizedWeight {
     /// activations' dtype.
     pub fn linear(&self, x: &Tensor) -> Result<Tensor> {
         self.linear_with(x, imp::best_dot())
+    }
+
+    /// The loop [`QuantizedWeight::linear`] runs on, in words: its format and block dot.
+    pub fn kernel(&self) -> &'static str {
+        match (self.format, imp::best_dot()) {
+            (Format::Int8, Dot::Avx512Vnni) => "int8 AVX-512 VNNI",
+            (Format::Int8, Dot::AvxVnni) => "int8 AVX-VNNI",
+            (Format::Int8, Dot::Avx2) => "int8 AVX2",
+            (Format::Q4, Dot::Avx512Vnni) => "q4 AVX-512 VNNI",
+            (Format::Q4, Dot::AvxVnni) => "q4 AVX-VNNI",
+            (Format::Q4, Dot::Avx2) => "q4 AVX2",
+        }
     }
 
     /// [`QuantizedWeight::linear`] with the block dots computed as `dot` says (which this CPU

@@ -66,6 +66,16 @@ impl Attention {
         self.q_proj.bytes() + self.k_proj.bytes() + self.v_proj.bytes() + self.o_proj.bytes()
     }
 
+    /// What computes each projection, in words.
+    pub fn kernels(&self) -> [&'static str; 4] {
+        [
+            self.q_proj.kernel(),
+            self.k_proj.kernel(),
+            self.v_proj.kernel(),
+            self.o_proj.kernel(),
+        ]
+    }
+
     pub fn load(
         loader: &WeightLoader,
         weights: &AttentionWeights,

@@ -84,6 +84,11 @@ impl LmHead {
         self.weight.bytes()
     }
 
+    /// What computes its product, in words.
+    pub fn kernel(&self) -> &'static str {
+        self.weight.kernel()
+    }
+
     pub fn load(
         loader: &WeightLoader,
         spec: &WeightSpec,

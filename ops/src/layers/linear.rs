@@ -42,6 +42,11 @@ impl ColumnParallelLinear {
     pub fn bytes(&self) -> usize {
         self.weight.bytes()
     }
+
+    /// What computes its products, in words ([`Weight::kernel`]).
+    pub fn kernel(&self) -> &'static str {
+        self.weight.kernel()
+    }
 }
 
 /// `y = sum_r x_r W_r^T` where rank r holds input columns `W_r`: partial products, all-reduced.
@@ -78,6 +83,11 @@ impl RowParallelLinear {
     pub fn bytes(&self) -> usize {
         self.weight.bytes()
     }
+
+    /// What computes its products, in words ([`Weight::kernel`]).
+    pub fn kernel(&self) -> &'static str {
+        self.weight.kernel()
+    }
 }
 
 /// A `[out, in]` weight as its products need it: quantized when asked (Caravan's CPU kernels
@@ -110,6 +120,15 @@ impl Weight {
             Weight::Quantized(w) => w.linear(x),
             Weight::Packed(w) => w.linear(x),
             Weight::Dense(w) => Ok(x.f_linear::<Tensor>(w, None)?),
+        }
+    }
+
+    /// What computes its products, in words: Caravan's loop, or libtorch (on any device).
+    pub(crate) fn kernel(&self) -> &'static str {
+        match self {
+            Weight::Quantized(w) => w.kernel(),
+            Weight::Packed(w) => w.kernel_loop().name(),
+            Weight::Dense(_) => "libtorch",
         }
     }
 

@@ -54,6 +54,15 @@ impl Mlp {
         self.gate_proj.bytes() + self.up_proj.bytes() + self.down_proj.bytes()
     }
 
+    /// What computes each projection, in words.
+    pub fn kernels(&self) -> [&'static str; 3] {
+        [
+            self.gate_proj.kernel(),
+            self.up_proj.kernel(),
+            self.down_proj.kernel(),
+        ]
+    }
+
     pub fn load(
         loader: &WeightLoader,
         weights: &MlpWeights,
