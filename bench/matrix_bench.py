@@ -30,8 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_cpp_peer  # noqa: E402
 from perf_bench import (DECODE_TOKENS, PREFILL_TOKENS, SHORT_PROMPT, caravan,  # noqa: E402
-                        caravan_engine_run, fmt, llama_cpp_peers, prepare, ratio,
-                        transformers_peer, write_docs_section)
+                        caravan_engine_run, fmt, interleave, llama_cpp_decoders, llama_cpp_peers,
+                        prepare, ratio, transformers_peer, write_docs_section)
 from serving_bench import REPO, log, prompts  # noqa: E402
 
 SETTINGS = ("avx2", "on")
@@ -92,15 +92,7 @@ def interleaved_decode(model_dir: Path, threads: int, ggufs: dict) -> dict:
             systems[f"caravan {dtype} {setting}"] = lambda r, d=dtype, s=setting: with_kernels(
                 s, lambda: caravan_engine_run(model_dir, 1, d, threads,
                                               prompts(1, SHORT_PROMPT, seed=30 + r)[0], DECODE_TOKENS)[1])
-    for outtype, gguf in ggufs.items():
-        systems[f"llama.cpp {outtype}"] = lambda r, gguf=gguf: llama_cpp_peer.run_bench(
-            gguf, threads, prompt_tokens=0, gen_tokens=DECODE_TOKENS, repetitions=1)["decode_tps"]
-    samples = {name: [] for name in systems}
-    for r in range(ROUNDS):
-        log(f"interleaved decode, round {r + 1} of {ROUNDS}")
-        for name, run in systems.items():
-            samples[name].append(run(r))
-    return {name: {"median": statistics.median(v), "runs": v} for name, v in samples.items()}
+    return interleave({**systems, **llama_cpp_decoders(ggufs, threads)}, ROUNDS)
 
 
 def main():

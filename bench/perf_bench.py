@@ -171,20 +171,30 @@ def caravan_engine(model_dir: Path, tp: int, dtype: str, threads: int, quantizat
 def interleaved_decode(model_dir: Path, threads: int, ggufs: dict,
                        caravans=((1, "f32", None), (2, "f32", None), (1, "bf16", None))) -> dict:
     """Single-stream engine decode tok/s of Caravan (`caravans`: TP, dtype, quantization) and
-    llama.cpp (`ggufs`), measured in rounds of one run per system: whatever the machine does
-    meanwhile (its memory bandwidth moves with its neighbours) lands on every system alike.
-    Medians per system."""
+    llama.cpp (`ggufs`), measured in rounds of one run per system ([`interleave`]). Medians per
+    system."""
     systems = {
         f"caravan TP {tp} {quantization or dtype}": lambda r, tp=tp, dtype=dtype, q=quantization: caravan_engine_run(
             model_dir, tp, dtype, threads, prompts(1, SHORT_PROMPT, seed=30 + r)[0], DECODE_TOKENS, q)[1]
         for tp, dtype, quantization in caravans
     }
-    for outtype, gguf in ggufs.items():
-        systems[f"llama.cpp {outtype}"] = lambda r, gguf=gguf: llama_cpp_peer.run_bench(
-            gguf, threads, prompt_tokens=0, gen_tokens=DECODE_TOKENS, repetitions=1)["decode_tps"]
+    return interleave({**systems, **llama_cpp_decoders(ggufs, threads)})
+
+
+def llama_cpp_decoders(ggufs: dict, threads: int) -> dict:
+    """For [`interleave`]: a single-stream llama-bench decode run of each GGUF in `ggufs`."""
+    return {f"llama.cpp {outtype}": lambda r, gguf=gguf: llama_cpp_peer.run_bench(
+        gguf, threads, prompt_tokens=0, gen_tokens=DECODE_TOKENS, repetitions=1)["decode_tps"]
+        for outtype, gguf in ggufs.items()}
+
+
+def interleave(systems: dict, rounds: int = INTERLEAVED_ROUNDS) -> dict:
+    """Runs `systems` (name: a function of the round giving tok/s) in rounds of one run each, so
+    that whatever the machine does meanwhile (its memory bandwidth moves with its neighbours)
+    lands on every system alike; the median and the runs of each."""
     samples = {name: [] for name in systems}
-    for r in range(INTERLEAVED_ROUNDS):
-        log(f"interleaved decode, round {r + 1} of {INTERLEAVED_ROUNDS}")
+    for r in range(rounds):
+        log(f"interleaved decode, round {r + 1} of {rounds}")
         for name, run in systems.items():
             samples[name].append(run(r))
     return {name: {"median": statistics.median(v), "runs": v} for name, v in samples.items()}
