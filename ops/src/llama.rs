@@ -239,7 +239,7 @@ impl Llama {
     /// products first use it (e.g. "AVX-512 BF16", "q4 AVX-512 VNNI, int8 AVX-512 VNNI" with
     /// q4's LM head at 8 bits, "libtorch" on a GPU or with `--cpu-kernels off`).
     pub fn kernels(&self) -> String {
-        let mut names: Vec<&'static str> = Vec::new();
+        let mut names: Vec<String> = Vec::new();
         let all = self
             .layers
             .iter()

@@ -99,14 +99,12 @@ pub fn cpu_kernel_path() -> String {
     if super::avx512_runs_here() {
         loops.push("AVX-512F (f32/f16 batches)");
     }
-    loops.push(match super::quantized::best_dot() {
-        super::quantized::Dot::Avx512Vnni => "AVX-512 VNNI (int8/q4)",
-        super::quantized::Dot::AvxVnni => "AVX-VNNI (int8/q4)",
-        super::quantized::Dot::Avx2 => "AVX2/FMA",
-    });
-    if loops.last() != Some(&"AVX2/FMA") {
-        loops.push("AVX2/FMA");
+    let dot = super::quantized::best_dot();
+    let quantized = format!("{} (int8/q4)", dot.name());
+    if dot != super::quantized::Dot::Avx2 {
+        loops.push(&quantized);
     }
+    loops.push("AVX2/FMA");
     format!("caravan {}", loops.join(", "))
 }
 

@@ -83,22 +83,17 @@ impl PackedWeight {
         }
         let weight = weight.f_contiguous()?;
         let (n, k) = (size[0] as usize, size[1] as usize);
-        let values = match weight.kind() {
-            Kind::BFloat16 if kernel_loop == Loop::Avx512Bf16 => {
-                Values::Bf16Pairs(imp::pack_pairs(&weight, n, k))
+        let values = match (weight.kind(), kernel_loop) {
+            (Kind::BFloat16, Loop::Avx512Bf16) => Values::Bf16Pairs(imp::pack_pairs(&weight, n, k)),
+            (Kind::BFloat16, Loop::Avx2Fma) => Values::Bf16(imp::pack(&weight, n, k)),
+            (Kind::Float, Loop::Avx2Fma | Loop::Avx512Fma) => Values::F32(imp::pack(&weight, n, k)),
+            (Kind::Half, Loop::Avx2Fma | Loop::Avx512Fma) => Values::F16(imp::pack(&weight, n, k)),
+            (kind, kernel_loop) => {
+                return Err(crate::Error::InvalidBatch(format!(
+                    "the {} loop does not take {kind:?} weights",
+                    kernel_loop.name()
+                )))
             }
-            Kind::BFloat16 if kernel_loop == Loop::Avx512Fma => {
-                return Err(crate::Error::InvalidBatch(
-                    "the AVX-512 FMA loop takes f32 and f16 weights, not bf16".into(),
-                ))
-            }
-            Kind::Float => Values::F32(imp::pack(&weight, n, k)),
-            Kind::BFloat16 => Values::Bf16(imp::pack(&weight, n, k)),
-            _ => Values::F16(imp::pack(&weight, n, k)),
-        };
-        let kernel_loop = match &values {
-            Values::Bf16(_) => Loop::Avx2Fma,
-            _ => kernel_loop,
         };
         Ok(Some(PackedWeight {
             values,
@@ -204,36 +199,59 @@ mod imp {
 
     /// The AVX2/FMA loop over every panel of `w` for the rows of `x` into `y`.
     pub fn product<W: Element>(w: &[W], n: usize, k: usize, x: &Tensor, y: &mut Tensor) {
-        let widened = widen::<W>(x);
-        let x = widened.as_deref().unwrap_or_else(|| elements::<f32>(x));
-        let m = x.len() / k;
-        let panel_len = k * PANEL;
-        share_panels(n, m, elements_mut::<W>(y), &|range, out, columns| {
-            let w = &w[range.start * panel_len..range.end * panel_len];
-            // SAFETY: `kernels_run_here()` was checked when packing; `share_panels` hands this
-            // run the columns it alone writes.
-            unsafe { x86::panels(w, k, x, m, out, columns) }
-        });
+        widened_product(w, n, k, x, y, x86::panels::<W, W>)
     }
 
     /// [`product`] with the AVX-512F loop for two rows or more (the same bits).
     pub fn product_wide<W: Wide>(w: &[W], n: usize, k: usize, x: &Tensor, y: &mut Tensor) {
+        widened_product(w, n, k, x, y, wide_panels::<W>)
+    }
+
+    /// One of the f32 loops over a run of panels: `x86::panels`' signature.
+    type Panels<W> = unsafe fn(&[W], usize, &[f32], usize, &Out<W>, usize);
+
+    /// `panels` over every panel of `w` for the rows of `x`, widened to f32, into `y`.
+    fn widened_product<W: Element>(
+        w: &[W],
+        n: usize,
+        k: usize,
+        x: &Tensor,
+        y: &mut Tensor,
+        panels: Panels<W>,
+    ) {
         let widened = widen::<W>(x);
         let x = widened.as_deref().unwrap_or_else(|| elements::<f32>(x));
         let m = x.len() / k;
         let panel_len = k * PANEL;
         share_panels(n, m, elements_mut::<W>(y), &|range, out, columns| {
             let w = &w[range.start * panel_len..range.end * panel_len];
-            // SAFETY: the weight was packed for this loop only where `avx512_runs_here()` (or
-            // a test checked it); `share_panels` hands this run the columns it alone writes.
-            unsafe {
-                if m == 1 {
-                    x86::panels(w, k, x, m, out, columns)
-                } else {
-                    x86_avx512::panels(w, k, x, m, out, columns)
-                }
-            }
+            // SAFETY: the weight was packed for `panels`' loop only where it runs (checked when
+            // packing, or by a test); `share_panels` hands this run the columns it alone writes.
+            unsafe { panels(w, k, x, m, out, columns) }
         });
+    }
+
+    /// The AVX-512F loop, or for one row the AVX2 loop, which is bound by memory there and
+    /// gives the same bits.
+    ///
+    /// # Safety
+    /// As for `x86_avx512::panels`.
+    unsafe fn wide_panels<W: Wide>(
+        w: &[W],
+        k: usize,
+        x: &[f32],
+        m: usize,
+        y: &Out<W>,
+        columns: usize,
+    ) {
+        // SAFETY: the caller's; packed weights exist only where AVX2, FMA and F16C run too.
+        unsafe {
+            if m == 1 {
+                x86::panels(w, k, x, m, y, columns)
+            } else {
+                x86_avx512::panels(w, k, x, m, y, columns)
+            }
+        }
     }
 
     /// 16-bit activations widened to f32 once, not per panel; `None` for f32 ones (read in

@@ -216,15 +216,8 @@ impl QuantizedWeight {
     }
 
     /// The loop [`QuantizedWeight::linear`] runs on, in words: its format and block dot.
-    pub fn kernel(&self) -> &'static str {
-        match (self.format, imp::best_dot()) {
-            (Format::Int8, Dot::Avx512Vnni) => "int8 AVX-512 VNNI",
-            (Format::Int8, Dot::AvxVnni) => "int8 AVX-VNNI",
-            (Format::Int8, Dot::Avx2) => "int8 AVX2",
-            (Format::Q4, Dot::Avx512Vnni) => "q4 AVX-512 VNNI",
-            (Format::Q4, Dot::AvxVnni) => "q4 AVX-VNNI",
-            (Format::Q4, Dot::Avx2) => "q4 AVX2",
-        }
+    pub fn kernel(&self) -> String {
+        format!("{} {}", self.format.name(), imp::best_dot().name())
     }
 
     /// [`QuantizedWeight::linear`] with the block dots computed as `dot` says (which this CPU
@@ -401,36 +394,30 @@ mod imp {
         }
     }
 
-    /// The fastest way this CPU computes a block's dot product (detected once) that
-    /// `--cpu-kernels` allows (512-bit registers only with `on`).
+    /// The fastest way this CPU computes a block's dot product that `--cpu-kernels` allows
+    /// (512-bit registers only with `on`).
     pub fn best_dot() -> Dot {
-        static AVX512_VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        static AVX_VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let avx512_vnni = *AVX512_VNNI.get_or_init(|| {
-            is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
-        });
-        if avx512_vnni && crate::cpu::kernels::wider_than_avx2() {
+        if runs(Dot::Avx512Vnni) && crate::cpu::kernels::wider_than_avx2() {
             Dot::Avx512Vnni
-        } else if *AVX_VNNI.get_or_init(|| is_x86_feature_detected!("avxvnni")) {
+        } else if runs(Dot::AvxVnni) {
             Dot::AvxVnni
         } else {
             Dot::Avx2
         }
     }
 
-    /// Whether this CPU has what `dot` needs.
-    #[cfg(test)]
+    /// Whether this CPU has what `dot` needs (detected once).
     pub fn runs(dot: Dot) -> bool {
+        static AVX512_VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        static AVX_VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         match dot {
             Dot::Avx2 => true,
-            Dot::AvxVnni => is_x86_feature_detected!("avxvnni"),
-            Dot::Avx512Vnni => {
+            Dot::AvxVnni => *AVX_VNNI.get_or_init(|| is_x86_feature_detected!("avxvnni")),
+            Dot::Avx512Vnni => *AVX512_VNNI.get_or_init(|| {
                 is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni")
-            }
+            }),
         }
     }
 

@@ -209,22 +209,34 @@ pub(super) fn panel_width(columns: usize, p: usize) -> usize {
 /// Most activation rows per block of the 512-bit loops (`x86_avx512`, `x86_bf16`): with two
 /// panels, 24 accumulators, two weight vectors and a broadcast in their 32 registers, and twelve
 /// independent chains per panel to hide the multiply-add latency.
-pub(super) const WIDE_GROUP: usize = 12;
+const WIDE_GROUP: usize = 12;
 
-/// How the 512-bit loops walk a product of `m` rows by `count` panels (of which the first
-/// `columns` columns are written): sweeps of 48 rows, whose activations stay in L2 while each
-/// panel is read once from memory per sweep; in each, the panels `step` at a time and the rows
-/// in groups of at most [`WIDE_GROUP`], as even as they can be so that none runs short of
-/// chains. `visit(row, rows, panel, panels)` computes one block.
+/// A 512-bit loop's product: `K`'s blocks over every row of `x` (`m` rows, `depth` steps along
+/// `k` each) and every panel of `w` (`panel_len` values each), of which the first `columns`
+/// columns are written to `y`. The rows go in sweeps of 48, whose activations stay in L2 while
+/// each panel is read once from memory per sweep; in each sweep the panels go two at a time (four
+/// for a single row, which is bound by memory) and the rows in groups of at most
+/// [`WIDE_GROUP`], as even as they can be so that none runs short of chains.
+///
+/// # Safety
+/// The CPU must have `K`'s features; each row of `x` must hold what `K` reads for `depth` steps;
+/// `y` must be valid for writes of rows `0..m`, columns `0..columns`, and no one else may access
+/// them meanwhile.
 #[inline(always)]
-pub(super) fn for_each_block(
+pub(super) unsafe fn wide_blocks<K: WideBlock<W, X, O>, W, X, O>(
+    w: &[W],
+    panel_len: usize,
+    depth: usize,
+    x: &[X],
     m: usize,
-    count: usize,
+    y: &Out<O>,
     columns: usize,
-    step: usize,
-    mut visit: impl FnMut(usize, usize, usize, usize),
 ) {
-    debug_assert!((1..=4).contains(&step));
+    if m == 0 {
+        return;
+    }
+    let (count, x_stride) = (w.len() / panel_len, x.len() / m);
+    let step = if m == 1 { 4 } else { 2 };
     for first in (0..m).step_by(4 * WIDE_GROUP) {
         let rows = (m - first).min(4 * WIDE_GROUP);
         let groups = rows.div_ceil(WIDE_GROUP);
@@ -234,7 +246,21 @@ pub(super) fn for_each_block(
             let mut i = first;
             for g in 0..groups {
                 let group = rows / groups + usize::from(g < rows % groups);
-                visit(i, group, p, wide);
+                // SAFETY: rows i..i + group of `x` and panels p..p + wide are in bounds; the
+                // caller vouches for the rest, and the block writes only columns below `columns`.
+                unsafe {
+                    let at = Block {
+                        w: w.as_ptr().add(p * panel_len),
+                        panel_len,
+                        depth,
+                        x: x.as_ptr().add(i * x_stride),
+                        x_stride,
+                        out: y.ptr.add(i * y.stride + p * PANEL),
+                        stride: y.stride,
+                        columns: columns - p * PANEL,
+                    };
+                    dispatch::<K, W, X, O>(&at, group, wide);
+                }
                 i += group;
             }
             p += wide;
@@ -277,11 +303,7 @@ pub(super) trait WideBlock<W, X, O> {
 /// # Safety
 /// As for [`WideBlock::block`].
 #[inline(always)]
-pub(super) unsafe fn dispatch<K: WideBlock<W, X, O>, W, X, O>(
-    at: &Block<W, X, O>,
-    rows: usize,
-    wide: usize,
-) {
+unsafe fn dispatch<K: WideBlock<W, X, O>, W, X, O>(at: &Block<W, X, O>, rows: usize, wide: usize) {
     macro_rules! by_rows {
         ($p:literal) => {
             match rows {

@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::{
-    x86::{dispatch, for_each_block, store_block, Block, Element, Out, WideBlock, PANEL},
+    x86::{store_block, wide_blocks, Block, Element, Out, WideBlock, PANEL},
     Scalar,
 };
 
@@ -69,23 +69,8 @@ pub unsafe fn panels<W: Wide, O: Scalar>(
         k > 0 && w.len().is_multiple_of(panel_len) && x.len() == m * k && columns <= w.len() / k
     );
     debug_assert!(W::ORDER.iter().enumerate().all(|(j, &c)| j == c));
-    for_each_block(m, w.len() / panel_len, columns, 2, |i, rows, p, wide| {
-        // SAFETY: rows i..i + rows of `x` and panels p..p + wide are in bounds; the caller
-        // vouches for `y`, and the block writes only columns below `columns`.
-        unsafe {
-            let at = Block {
-                w: w.as_ptr().add(p * panel_len),
-                panel_len,
-                depth: k,
-                x: x.as_ptr().add(i * k),
-                x_stride: k,
-                out: y.ptr.add(i * y.stride + p * PANEL),
-                stride: y.stride,
-                columns: columns - p * PANEL,
-            };
-            dispatch::<Fma, _, _, _>(&at, rows, wide);
-        }
-    });
+    // SAFETY: the caller's; every row of `x` holds its `k` values (checked above).
+    unsafe { wide_blocks::<Fma, _, _, _>(w, panel_len, k, x, m, y, columns) }
 }
 
 /// The block: per `k`, one load per panel and one broadcast per row feed `R * P` multiply-adds.

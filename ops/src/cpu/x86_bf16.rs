@@ -14,7 +14,7 @@ use std::arch::x86_64::*;
 use half::bf16;
 
 use super::{
-    x86::{dispatch, for_each_block, store_block, Block, Out, WideBlock, PANEL},
+    x86::{store_block, wide_blocks, Block, Out, WideBlock, PANEL},
     Scalar,
 };
 
@@ -73,26 +73,8 @@ pub unsafe fn panels<O: Scalar>(
             && x.len() == m * 2 * k2
             && columns <= w.len() / panel_len * PANEL
     );
-    // One row (a single-stream decode) is bound by memory: four panels at a time give four
-    // chains. Many rows: two panels at a time, so each broadcast feeds two multiply-adds.
-    let step = if m == 1 { 4 } else { 2 };
-    for_each_block(m, w.len() / panel_len, columns, step, |i, rows, p, wide| {
-        // SAFETY: rows i..i + rows of `x` and panels p..p + wide are in bounds; the caller
-        // vouches for `y`, and the block writes only columns below `columns`.
-        unsafe {
-            let at = Block {
-                w: w.as_ptr().add(p * panel_len),
-                panel_len,
-                depth: k2,
-                x: x.as_ptr().add(i * 2 * k2),
-                x_stride: 2 * k2,
-                out: y.ptr.add(i * y.stride + p * PANEL),
-                stride: y.stride,
-                columns: columns - p * PANEL,
-            };
-            dispatch::<PairDot, _, _, _>(&at, rows, wide);
-        }
-    });
+    // SAFETY: the caller's; every row of `x` holds its `k2` pairs (checked above).
+    unsafe { wide_blocks::<PairDot, _, _, _>(w, panel_len, k2, x, m, y, columns) }
 }
 
 /// The block: per pair of `k`, one load per panel and one broadcast pair per row feed `R * P`

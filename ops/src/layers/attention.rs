@@ -67,7 +67,7 @@ impl Attention {
     }
 
     /// What computes each projection, in words.
-    pub fn kernels(&self) -> [&'static str; 4] {
+    pub fn kernels(&self) -> [String; 4] {
         [
             self.q_proj.kernel(),
             self.k_proj.kernel(),

@@ -85,7 +85,7 @@ impl LmHead {
     }
 
     /// What computes its product, in words.
-    pub fn kernel(&self) -> &'static str {
+    pub fn kernel(&self) -> String {
         self.weight.kernel()
     }
 

@@ -44,7 +44,7 @@ impl ColumnParallelLinear {
     }
 
     /// What computes its products, in words ([`Weight::kernel`]).
-    pub fn kernel(&self) -> &'static str {
+    pub fn kernel(&self) -> String {
         self.weight.kernel()
     }
 }
@@ -85,7 +85,7 @@ impl RowParallelLinear {
     }
 
     /// What computes its products, in words ([`Weight::kernel`]).
-    pub fn kernel(&self) -> &'static str {
+    pub fn kernel(&self) -> String {
         self.weight.kernel()
     }
 }
@@ -124,11 +124,11 @@ impl Weight {
     }
 
     /// What computes its products, in words: Caravan's loop, or libtorch (on any device).
-    pub(crate) fn kernel(&self) -> &'static str {
+    pub(crate) fn kernel(&self) -> String {
         match self {
             Weight::Quantized(w) => w.kernel(),
-            Weight::Packed(w) => w.kernel_loop().name(),
-            Weight::Dense(_) => "libtorch",
+            Weight::Packed(w) => w.kernel_loop().name().into(),
+            Weight::Dense(_) => "libtorch".into(),
         }
     }
 

@@ -55,7 +55,7 @@ impl Mlp {
     }
 
     /// What computes each projection, in words.
-    pub fn kernels(&self) -> [&'static str; 3] {
+    pub fn kernels(&self) -> [String; 3] {
         [
             self.gate_proj.kernel(),
             self.up_proj.kernel(),
