@@ -37,7 +37,7 @@ use crate::{
     executor::{StepError, StepErrorKind, StepExecutor},
     group::SharedHealth,
     model_info::ModelInfo,
-    output::{Event, FinishReason, RequestOutput, StopLimits, Stops},
+    output::{Event, FinishReason, RequestOutput, StopCriteria},
     scheduler::{Scheduler, SchedulerConfig, SequenceId, StepPlan},
     stats::EngineStats,
     structured::Constraint,
@@ -47,13 +47,10 @@ use crate::{
 /// A validated generation request.
 pub struct GenerationRequest {
     pub prompt: Vec<i64>,
-    pub max_tokens: usize,
+    /// Complete, as the workers apply them.
     pub sampling: pb::SamplingParams,
-    pub stop: Vec<String>,
-    /// Tokens that end the request like end-of-sequence (not shown).
-    pub stop_token_ids: Vec<i64>,
-    /// Generate past end-of-sequence until `max_tokens` or a stop string.
-    pub ignore_eos: bool,
+    /// When the completion ends.
+    pub stop: StopCriteria,
     pub events: mpsc::UnboundedSender<Event>,
     /// The request's trace span: queueing and steps become its children.
     pub span: tracing::Span,
@@ -213,8 +210,8 @@ pub struct Engine<E: StepExecutor> {
     group_leaders: HashMap<u64, SequenceId>,
     health: SharedHealth,
     tokenizer: Arc<Tokenizer>,
+    /// End-of-sequence ends a structured output's grammar.
     eos_token_ids: Arc<[i64]>,
-    max_context: usize,
     queued: Arc<AtomicUsize>,
     stats: Arc<EngineStats>,
     /// Turns true when the handle's owner retires this engine.
@@ -265,7 +262,6 @@ impl<E: StepExecutor> Engine<E> {
             health,
             tokenizer,
             eos_token_ids: model.eos_token_ids.into(),
-            max_context: model.max_context,
             queued,
             stats,
             retired,
@@ -451,32 +447,12 @@ impl<E: StepExecutor> Engine<E> {
         }
     }
 
-    fn enqueue(&mut self, mut request: GenerationRequest) {
+    fn enqueue(&mut self, request: GenerationRequest) {
         let queue_span = tracing::info_span!(parent: &request.span, "queue");
-        if request.sampling.min_tokens > 0 {
-            // The workers hold back whatever would end the request early.
-            let eos = (!request.ignore_eos).then_some(&self.eos_token_ids[..]);
-            request.sampling.min_tokens_banned = eos
-                .into_iter()
-                .flatten()
-                .chain(&request.stop_token_ids)
-                .copied()
-                .collect();
-        }
         let output = RequestOutput::new(
             self.tokenizer.clone(),
-            self.eos_token_ids.clone(),
             &request.prompt,
-            Stops {
-                strings: request.stop,
-                token_ids: request.stop_token_ids,
-            },
-            StopLimits {
-                max_tokens: request.max_tokens,
-                max_context: self.max_context,
-                ignore_eos: request.ignore_eos,
-                min_tokens: request.sampling.min_tokens as usize,
-            },
+            request.stop,
             request.events,
             request.sampling.prompt_logprobs.is_some(),
         );

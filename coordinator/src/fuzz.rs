@@ -12,9 +12,9 @@
 use std::{path::PathBuf, sync::OnceLock};
 
 use crate::{
-    api::types::{
-        parse_body, ChatRequest, CompletionRequest, ValidSampling, MAX_LOGPROBS, MAX_STOP_LENGTH,
-        MAX_STOP_SEQUENCES,
+    api::{
+        types::{parse_body, ChatRequest, CompletionRequest},
+        validate::{ValidSampling, MAX_LOGPROBS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES},
     },
     chat_template::{ChatTemplate, RenderOptions, TemplateOrigin, LLAMA2_CHAT_TEMPLATE},
     tokenizer::{Detokenizer, Tokenizer},
@@ -26,7 +26,7 @@ pub fn request(data: &[u8]) -> bool {
     match parse_body::<CompletionRequest>(data) {
         Ok(req) => {
             let top = req.logprobs.unwrap_or(0).min(MAX_LOGPROBS);
-            accepted |= check_sampling(req.sampling.validate(top, 32000));
+            accepted |= check_sampling(req.sampling.validate(top, 32000, &[2]));
         }
         Err(e) => assert!(e.status.is_client_error(), "{e:?}"),
     }
@@ -35,7 +35,7 @@ pub fn request(data: &[u8]) -> bool {
             let top = req.top_logprobs.unwrap_or(0).min(MAX_LOGPROBS);
             let rendered = crate::api::types::chat_messages(&req.messages)
                 .is_ok_and(|m| llama2().render(&m, &RenderOptions::default()).is_ok());
-            accepted |= check_sampling(req.sampling.validate(top, 32000)) && rendered;
+            accepted |= check_sampling(req.sampling.validate(top, 32000, &[2])) && rendered;
         }
         Err(e) => assert!(e.status.is_client_error(), "{e:?}"),
     }

@@ -81,35 +81,28 @@ pub enum Event {
     Error(String),
 }
 
-/// What ends a request when generated, besides end-of-sequence.
+/// When a completion ends, as validated (see `api::validate`): the output processor applies it
+/// as it is.
 #[derive(Debug, Clone, Default)]
-pub struct Stops {
+pub struct StopCriteria {
+    /// Strings that end it (finish reason `stop`); the text ends before them.
     pub strings: Vec<String>,
-    /// Tokens that end it like end-of-sequence (not shown).
+    /// Tokens that end it, not shown: end-of-sequence (unless the client ignores it) and the
+    /// client's stop tokens.
     pub token_ids: Vec<i64>,
-}
-
-/// When a request stops, besides its stop strings.
-#[derive(Debug, Clone, Copy)]
-pub struct StopLimits {
     pub max_tokens: usize,
     /// Longest sequence (prompt plus completion) served.
     pub max_context: usize,
-    /// Generate past end-of-sequence until `max_tokens` or a stop string.
-    pub ignore_eos: bool,
     /// Stop strings count only from this many generated tokens on (the workers do not sample
-    /// end-of-sequence or stop tokens before).
+    /// the stop tokens before).
     pub min_tokens: usize,
 }
 
 /// One request's output state.
 pub struct RequestOutput {
     tokenizer: Arc<Tokenizer>,
-    eos_token_ids: Arc<[i64]>,
     events: mpsc::UnboundedSender<Event>,
-    stop: Vec<String>,
-    stop_token_ids: Vec<i64>,
-    limits: StopLimits,
+    stop: StopCriteria,
     prompt_tokens: usize,
     completion_tokens: usize,
     detokenizer: Detokenizer,
@@ -132,10 +125,8 @@ struct PromptScores {
 impl RequestOutput {
     pub fn new(
         tokenizer: Arc<Tokenizer>,
-        eos_token_ids: Arc<[i64]>,
         prompt: &[i64],
-        stops: Stops,
-        limits: StopLimits,
+        stop: StopCriteria,
         events: mpsc::UnboundedSender<Event>,
         prompt_logprobs: bool,
     ) -> Self {
@@ -145,11 +136,8 @@ impl RequestOutput {
                 positions: vec![None; prompt.len()],
             }),
             tokenizer,
-            eos_token_ids,
             events,
-            stop: stops.strings,
-            stop_token_ids: stops.token_ids,
-            limits,
+            stop,
             prompt_tokens: prompt.len(),
             completion_tokens: 0,
             detokenizer: Detokenizer::new(prompt),
@@ -237,8 +225,7 @@ impl RequestOutput {
             None => {}
         }
         // End-of-sequence and stop tokens end the text without adding to it.
-        let eos = (!self.limits.ignore_eos && self.eos_token_ids.contains(&token.token_id))
-            || self.stop_token_ids.contains(&token.token_id);
+        let eos = self.stop.token_ids.contains(&token.token_id);
         self.completion_tokens += 1;
         let piece = if eos {
             String::new()
@@ -249,14 +236,14 @@ impl RequestOutput {
         let mut reason = None;
         if eos || complete {
             reason = Some(FinishReason::Stop);
-        } else if let Some(at) = (self.completion_tokens >= self.limits.min_tokens)
-            .then(|| find_stop(&self.text, &self.stop, self.emitted))
+        } else if let Some(at) = (self.completion_tokens >= self.stop.min_tokens)
+            .then(|| find_stop(&self.text, &self.stop.strings, self.emitted))
             .flatten()
         {
             self.text.truncate(at);
             reason = Some(FinishReason::Stop);
-        } else if self.completion_tokens >= self.limits.max_tokens
-            || self.prompt_tokens + self.completion_tokens >= self.limits.max_context
+        } else if self.completion_tokens >= self.stop.max_tokens
+            || self.prompt_tokens + self.completion_tokens >= self.stop.max_context
         {
             reason = Some(FinishReason::Length);
         }
@@ -277,7 +264,7 @@ impl RequestOutput {
         let safe = if reason.is_some() {
             self.text.len()
         } else {
-            self.text.len() - held_back(&self.text, &self.stop)
+            self.text.len() - held_back(&self.text, &self.stop.strings)
         };
         let text = self.text[self.emitted.min(safe)..safe].to_string();
         self.emitted = self.emitted.max(safe);

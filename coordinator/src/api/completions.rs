@@ -1,5 +1,6 @@
-//! `POST /v1/completions` and `POST /v1/chat/completions`: validate, submit to the scheduler, and
-//! answer with one JSON body or a server-sent-event stream ending in `[DONE]`.
+//! `POST /v1/completions` and `POST /v1/chat/completions`: validated requests (see
+//! [`validate`]) submitted to the engine, answered with one JSON body or a server-sent-event
+//! stream ending in `[DONE]`.
 
 use std::{
     convert::Infallible,
@@ -21,14 +22,10 @@ use tokio::sync::mpsc;
 
 use super::{
     error::ApiError,
-    types::{
-        chat_messages, parse_body, ChatRequest, CompletionRequest, Prompt, ValidSampling,
-        MAX_CHOICES, MAX_LOGPROBS,
-    },
+    validate::{self, Endpoint, ValidRequest},
     SharedState, MAX_BODY_BYTES,
 };
 use crate::{
-    chat_template::RenderOptions,
     engine::{GenerationRequest, SubmitError},
     output::{Alternative, Event, FinishReason, PromptTokenOut, TokenOut},
 };
@@ -36,313 +33,34 @@ use crate::{
 /// How often an idle stream gets an SSE comment line.
 const SSE_KEEP_ALIVE: Duration = Duration::from_secs(5);
 
-/// Which endpoint is answering: shapes the JSON.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
-    Completions,
-    Chat,
-}
-
-/// One prompt of a validated request.
-struct PromptJob {
-    ids: Vec<i64>,
-    max_tokens: usize,
-    /// `echo`: the prompt's text, sent before each of its completions.
-    echo: Option<String>,
-}
-
-/// A validated request, ready for the scheduler: each prompt is generated `best_of` times, and
-/// the `n` most likely of those are returned.
-struct Prepared {
-    endpoint: Endpoint,
-    prompts: Vec<PromptJob>,
-    /// Choices returned per prompt.
-    n: usize,
-    /// Sequences generated per prompt (`>= n`).
-    best_of: usize,
-    sampling: ValidSampling,
-    /// Log-probabilities wanted: `None`, or `Some(top alternatives)`.
-    logprobs: Option<u32>,
-    stream: bool,
-    include_usage: bool,
-    /// vLLM's `return_tokens_as_token_ids`.
-    token_ids: bool,
-    /// vLLM's `prompt_logprobs`: alternatives per prompt position.
-    prompt_logprobs: Option<u32>,
-}
-
-/// A conversation's prompt ids: the messages checked, rendered with the served chat template,
-/// and tokenized (with the tokenizer's special tokens only if `add_special_tokens`).
-pub(super) fn chat_prompt_ids(
-    state: &SharedState,
-    messages: &[Value],
-    options: &RenderOptions,
-    add_special_tokens: bool,
-) -> Result<Vec<i64>, ApiError> {
-    let messages = chat_messages(messages)?;
-    let text = state
-        .chat_template
-        .render(&messages, options)
-        .map_err(|e| ApiError::invalid_param("messages", e.0))?;
-    state
-        .tokenizer
-        .encode(&text, add_special_tokens)
-        .map_err(|e| ApiError::invalid_param("messages", e.to_string()))
-}
-
 pub(super) async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
     axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|_| ApiError::too_large(MAX_BODY_BYTES))
 }
 
-fn include_usage(bytes: &[u8]) -> bool {
-    serde_json::from_slice::<Value>(bytes)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/stream_options/include_usage")
-                .and_then(Value::as_bool)
-        })
-        .unwrap_or(false)
-}
-
-pub(super) fn check_model(state: &SharedState, model: &str) -> Result<(), ApiError> {
-    if model != state.model.name {
-        return Err(ApiError::model_not_found(model));
-    }
-    Ok(())
-}
-
-/// Checks the token budget: `prompt + max_tokens` must fit the context.
-fn budget(
-    state: &SharedState,
-    prompt: usize,
-    max_tokens: Option<u32>,
-    default: usize,
-) -> Result<usize, ApiError> {
-    let context = state.model.max_context;
-    if prompt == 0 {
-        return Err(ApiError::invalid_param("prompt", "the prompt is empty"));
-    }
-    if prompt >= context {
-        return Err(ApiError::context_length(format!(
-            "This model's maximum context length is {context} tokens; the prompt has {prompt}."
-        )));
-    }
-    let max_tokens = match max_tokens {
-        Some(0) => {
-            return Err(ApiError::invalid_param(
-                "max_tokens",
-                "max_tokens must be at least 1",
-            ))
-        }
-        Some(n) => n as usize,
-        None => default.min(context - prompt),
-    };
-    if prompt + max_tokens > context {
-        return Err(ApiError::context_length(format!(
-            "This model's maximum context length is {context} tokens; the prompt has {prompt} and \
-             {max_tokens} were requested for the completion. Reduce the prompt or max_tokens."
-        )));
-    }
-    Ok(max_tokens)
-}
-
 pub async fn completions(State(state): State<SharedState>, body: Body) -> Response {
-    match prepare_completion(&state, body).await {
-        Ok(prepared) => run(state, prepared).await,
-        Err(e) => e.into_response(),
-    }
+    serve(state, body, validate::completion).await
 }
 
 pub async fn chat_completions(State(state): State<SharedState>, body: Body) -> Response {
-    match prepare_chat(&state, body).await {
-        Ok(prepared) => run(state, prepared).await,
+    serve(state, body, validate::chat).await
+}
+
+/// Reads and validates the body, then runs the request.
+async fn serve(
+    state: SharedState,
+    body: Body,
+    validate: fn(&SharedState, &[u8]) -> Result<ValidRequest, ApiError>,
+) -> Response {
+    let request = match read_body(body).await {
+        Ok(bytes) => validate(&state, &bytes),
+        Err(e) => Err(e),
+    };
+    match request {
+        Ok(request) => run(state, request).await,
         Err(e) => e.into_response(),
     }
-}
-
-/// vLLM's `prompt_logprobs`, checked: at most [`MAX_LOGPROBS`] alternatives, and returned with
-/// whole responses only.
-fn checked_prompt_logprobs(n: Option<u32>, stream: bool) -> Result<Option<u32>, ApiError> {
-    match n {
-        Some(n) if n > MAX_LOGPROBS => Err(ApiError::invalid_param(
-            "prompt_logprobs",
-            format!("prompt_logprobs must be at most {MAX_LOGPROBS}"),
-        )),
-        Some(_) if stream => Err(ApiError::invalid_param(
-            "prompt_logprobs",
-            "prompt_logprobs is returned with non-streamed responses only",
-        )),
-        n => Ok(n),
-    }
-}
-
-/// `min_tokens` cannot exceed the completion's length.
-fn check_min_tokens(sampling: &ValidSampling, max_tokens: usize) -> Result<(), ApiError> {
-    let min = sampling.params.min_tokens as usize;
-    if min > max_tokens {
-        return Err(ApiError::invalid_param(
-            "min_tokens",
-            format!("min_tokens ({min}) must not exceed max_tokens ({max_tokens})"),
-        ));
-    }
-    Ok(())
-}
-
-/// Checks one token-id prompt against the vocabulary.
-fn checked_ids(state: &SharedState, ids: &[i64]) -> Result<Vec<i64>, ApiError> {
-    let vocab = state.model.vocab_size as i64;
-    if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= vocab) {
-        return Err(ApiError::invalid_param(
-            "prompt",
-            format!("token id {bad} is outside the vocabulary (0..{vocab})"),
-        ));
-    }
-    Ok(ids.to_vec())
-}
-
-async fn prepare_completion(state: &SharedState, body: Body) -> Result<Prepared, ApiError> {
-    let bytes = read_body(body).await?;
-    let req: CompletionRequest = parse_body(&bytes)?;
-    check_model(state, &req.model)?;
-    let encode = |text: &str| {
-        state
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| ApiError::invalid_param("prompt", e.to_string()))
-    };
-    // Each prompt's ids, and its text as `echo` repeats it.
-    let prompts: Vec<(Vec<i64>, Option<&str>)> = match &req.prompt {
-        Prompt::Text(text) => vec![(encode(text)?, Some(text))],
-        Prompt::Tokens(ids) => vec![(checked_ids(state, ids)?, None)],
-        Prompt::Texts(texts) => texts
-            .iter()
-            .map(|t| Ok((encode(t)?, Some(t.as_str()))))
-            .collect::<Result<_, ApiError>>()?,
-        Prompt::TokenLists(lists) => lists
-            .iter()
-            .map(|ids| Ok((checked_ids(state, ids)?, None)))
-            .collect::<Result<_, ApiError>>()?,
-    };
-    if prompts.is_empty() {
-        return Err(ApiError::invalid_param(
-            "prompt",
-            "prompt must hold at least one prompt",
-        ));
-    }
-    let logprobs = req.logprobs;
-    if logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
-        return Err(ApiError::invalid_param(
-            "logprobs",
-            format!("logprobs must be at most {MAX_LOGPROBS}"),
-        ));
-    }
-    let mut sampling = req
-        .sampling
-        .validate(logprobs.unwrap_or(0), state.model.vocab_size)?;
-    let n = sampling.n;
-    let best_of = match req.best_of {
-        None => n,
-        Some(b) if b as usize >= n && b <= MAX_CHOICES => b as usize,
-        Some(_) => {
-            return Err(ApiError::invalid_param(
-                "best_of",
-                format!("best_of must be at least n ({n}) and at most {MAX_CHOICES}"),
-            ))
-        }
-    };
-    if best_of > n && req.stream {
-        return Err(ApiError::invalid_param(
-            "best_of",
-            "best_of greater than n cannot be streamed: the best choices are known only at the end",
-        ));
-    }
-    let echo = req.echo == Some(true);
-    let prompt_logprobs = checked_prompt_logprobs(req.prompt_logprobs, req.stream)?;
-    // With `echo`, the prompt's tokens get log-probabilities too, with as many alternatives;
-    // the workers compute the most either field asks for.
-    sampling.params.prompt_logprobs = logprobs.filter(|_| echo).max(prompt_logprobs);
-    let prompts = prompts
-        .into_iter()
-        .map(|(ids, text)| {
-            // OpenAI's default for completions.
-            let max_tokens = budget(state, ids.len(), req.max_tokens, 16)?;
-            check_min_tokens(&sampling, max_tokens)?;
-            let echo = echo.then(|| match text {
-                Some(text) => text.to_owned(),
-                None => state.tokenizer.decode(&ids),
-            });
-            Ok(PromptJob {
-                ids,
-                max_tokens,
-                echo,
-            })
-        })
-        .collect::<Result<_, ApiError>>()?;
-    Ok(Prepared {
-        endpoint: Endpoint::Completions,
-        prompts,
-        n,
-        best_of,
-        sampling,
-        logprobs,
-        stream: req.stream,
-        include_usage: include_usage(&bytes),
-        token_ids: req.return_tokens_as_token_ids == Some(true),
-        prompt_logprobs,
-    })
-}
-
-async fn prepare_chat(state: &SharedState, body: Body) -> Result<Prepared, ApiError> {
-    let bytes = read_body(body).await?;
-    let req: ChatRequest = parse_body(&bytes)?;
-    check_model(state, &req.model)?;
-    let options = RenderOptions {
-        add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
-        continue_final_message: req.continue_final_message.unwrap_or(false),
-        kwargs: req.chat_template_kwargs.as_ref(),
-    };
-    let prompt = chat_prompt_ids(
-        state,
-        &req.messages,
-        &options,
-        req.add_special_tokens.unwrap_or(false),
-    )?;
-    let top = req.top_logprobs.unwrap_or(0);
-    if top > MAX_LOGPROBS {
-        return Err(ApiError::invalid_param(
-            "top_logprobs",
-            format!("top_logprobs must be at most {MAX_LOGPROBS}"),
-        ));
-    }
-    let logprobs = (req.logprobs == Some(true)).then_some(top);
-    let max_tokens = budget(
-        state,
-        prompt.len(),
-        req.max_completion_tokens.or(req.max_tokens),
-        usize::MAX,
-    )?;
-    let mut sampling = req.sampling.validate(top, state.model.vocab_size)?;
-    check_min_tokens(&sampling, max_tokens)?;
-    let prompt_logprobs = checked_prompt_logprobs(req.prompt_logprobs, req.stream)?;
-    sampling.params.prompt_logprobs = prompt_logprobs;
-    Ok(Prepared {
-        endpoint: Endpoint::Chat,
-        prompts: vec![PromptJob {
-            ids: prompt,
-            max_tokens,
-            echo: None,
-        }],
-        n: sampling.n,
-        best_of: sampling.n,
-        sampling,
-        logprobs,
-        stream: req.stream,
-        include_usage: include_usage(&bytes),
-        token_ids: req.return_tokens_as_token_ids == Some(true),
-        prompt_logprobs,
-    })
 }
 
 /// One generated sequence of a request: which prompt, and where its events arrive.
@@ -351,7 +69,7 @@ struct Submitted {
     receiver: mpsc::UnboundedReceiver<Event>,
 }
 
-async fn run(state: SharedState, p: Prepared) -> Response {
+async fn run(state: SharedState, p: ValidRequest) -> Response {
     if state
         .control
         .draining
@@ -380,10 +98,11 @@ async fn run(state: SharedState, p: Prepared) -> Response {
         Endpoint::Chat => "chat",
     };
     // One constraint per sequence, compiled before anything is submitted.
-    let sequences = p.prompts.len() * p.best_of;
+    let best_of = p.best_of();
+    let sequences = p.prompts.len() * best_of;
     let mut constraints = Vec::with_capacity(sequences);
     for _ in 0..sequences {
-        constraints.push(match &p.sampling.constraint {
+        constraints.push(match &p.constraint {
             None => None,
             Some((field, spec)) => match state.grammars.constrain(spec) {
                 Ok(constraint) => Some(constraint),
@@ -393,34 +112,23 @@ async fn run(state: SharedState, p: Prepared) -> Response {
     }
     let mut constraints = constraints.into_iter();
     // If a submission fails, dropping the receivers of those already made cancels them.
-    let mut submitted = Vec::with_capacity(p.prompts.len() * p.best_of);
+    let mut submitted = Vec::with_capacity(sequences);
     for (index, job) in p.prompts.iter().enumerate() {
         // The sequences of one prompt share its KV blocks: the first computes them.
-        let prompt_group = (p.best_of > 1).then(rand::random::<u64>);
-        for j in 0..p.best_of {
-            let mut sampling = p.sampling.params.clone();
-            if j > 0 {
-                sampling.seed = if p.sampling.user_seed {
-                    sampling.seed.wrapping_add(j as u64)
-                } else {
-                    rand::random()
-                };
-            }
+        let prompt_group = (best_of > 1).then(rand::random::<u64>);
+        for (j, sampling) in p.choices.iter().enumerate() {
             let (events, receiver) = mpsc::unbounded_channel();
             let request = GenerationRequest {
                 prompt: job.ids.clone(),
-                max_tokens: job.max_tokens,
-                sampling,
-                stop: p.sampling.stop.clone(),
-                stop_token_ids: p.sampling.stop_token_ids.clone(),
-                ignore_eos: p.sampling.ignore_eos,
+                sampling: sampling.clone(),
+                stop: job.stop.clone(),
                 events,
                 // The root of this sequence's trace; it ends when the scheduler is done with it.
                 span: tracing::info_span!(
                     "request",
                     endpoint,
                     prompt_tokens = job.ids.len(),
-                    max_tokens = job.max_tokens,
+                    max_tokens = job.stop.max_tokens,
                     stream = p.stream,
                     prompt = index,
                     sequence = j,
@@ -468,7 +176,7 @@ struct ResponseMeta {
 }
 
 impl ResponseMeta {
-    fn new(state: &SharedState, p: &Prepared) -> Self {
+    fn new(state: &SharedState, p: &ValidRequest) -> Self {
         let prefix = match p.endpoint {
             Endpoint::Completions => "cmpl",
             Endpoint::Chat => "chatcmpl",

@@ -6,6 +6,7 @@ pub mod completions;
 pub mod error;
 pub mod tokenize;
 pub mod types;
+pub mod validate;
 
 use std::sync::{
     atomic::{AtomicBool, Ordering},

@@ -12,8 +12,9 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::{
-    completions::{chat_prompt_ids, check_model, read_body},
+    completions::read_body,
     error::ApiError,
+    validate::{chat_prompt_ids, check_model},
     SharedState,
 };
 use crate::chat_template::RenderOptions;
