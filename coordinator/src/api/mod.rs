@@ -2,8 +2,11 @@
 //! models, vLLM's tokenize and detokenize, health, and Prometheus metrics.
 
 pub mod auth;
+mod collect;
 pub mod completions;
 pub mod error;
+mod render;
+mod stream;
 pub mod tokenize;
 pub mod types;
 pub mod validate;
