@@ -553,6 +553,7 @@ impl WorkerGroup {
                     sample: p.sample,
                     next_token: p.next_token,
                     allowed_tokens: p.allowed_tokens.clone().unwrap_or_default(),
+                    feeds_sampled: false,
                 })
                 .collect(),
             finished,

@@ -11,8 +11,9 @@
 /// `top_p` and `repetition_penalty` 0 are refused, no longer read as 1; v1.5: `LoadShard`'s
 /// `memory_utilization`, the KV cache sized by the rank from its device's memory after the weights
 /// load, and the memory figures of its answer; v1.6: `LoadShard`'s quantization q4, which a v1.5
-/// worker would read as none).
-pub const PROTOCOL_VERSION: &str = "caravan.v1.6";
+/// worker would read as none; v1.7: steps may arrive before their predecessor has run, and a
+/// sequence's input may be the token the rank sampled last, `SequenceStep.feeds_sampled`).
+pub const PROTOCOL_VERSION: &str = "caravan.v1.7";
 
 /// The exit status of a `caravan-worker` that refuses to start because of how it was asked to
 /// run (a device it cannot use; clap's usage errors exit with the same status). Restarting it

@@ -26,5 +26,6 @@ pub mod runner;
 pub mod sampling;
 pub mod sequences;
 pub mod service;
+pub mod step_order;
 pub mod step_sampling;
 pub mod telemetry;

@@ -83,6 +83,12 @@ impl ModelRunner {
         }
     }
 
+    /// The step this runner runs next (`u64::MAX` without a shard: a step waiting for its turn
+    /// goes on to be refused).
+    pub fn next_step(&self) -> u64 {
+        self.loaded.as_ref().map_or(u64::MAX, |l| l.next_step)
+    }
+
     /// Runs step `req` under `span`; a failure other than a refusal leaves the group unusable
     /// (a collective failed, or the rank's state is lost), and `Health` says so from then on.
     pub fn serve_step(

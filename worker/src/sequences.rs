@@ -16,6 +16,9 @@ pub struct SequenceState {
     pub params: SamplingParams,
     pub sampler: SequenceSampler,
     pub blocks: Vec<u32>,
+    /// The token this rank answered for the sequence in its last sampling step since its
+    /// admission: the input of a step that `feeds_sampled` (asynchronous scheduling).
+    pub last_sampled: Option<i64>,
 }
 
 /// Every sequence this rank knows, by id.
@@ -66,6 +69,25 @@ impl Sequences {
             if let Some(sampling) = &s.admitted {
                 to_params(sampling).map_err(|e| format!("sequence {}: {e}", s.sequence_id))?;
             }
+            if s.feeds_sampled {
+                let id = s.sequence_id;
+                if !s.tokens.is_empty() {
+                    return Err(format!(
+                        "sequence {id} feeds its sampled token and sends tokens too"
+                    ));
+                }
+                let sampled = match s.admitted {
+                    // Admission starts it afresh: nothing sampled yet.
+                    Some(_) => None,
+                    None => self.by_id.get(&id).and_then(|state| state.last_sampled),
+                };
+                if sampled.is_none() {
+                    return Err(format!(
+                        "sequence {id} feeds its sampled token, but this rank has sampled none \
+                         for it since its admission"
+                    ));
+                }
+            }
         }
         let mut batch = Vec::with_capacity(req.sequences.len());
         for s in &req.sequences {
@@ -79,17 +101,23 @@ impl Sequences {
                             sampler: SequenceSampler::new(params.seed, s.prompt_len as usize),
                             params: params.clone(),
                             blocks: Vec::new(),
+                            last_sampled: None,
                         });
                     // Back after a preemption: the same random stream, a new table.
                     state.params = params;
                     state.blocks.clear();
+                    state.last_sampled = None;
                     state
                 }
                 None => self.by_id.get_mut(&s.sequence_id).expect("checked above"),
             };
             state.blocks.extend_from_slice(&s.new_blocks);
+            let tokens = match (s.feeds_sampled, state.last_sampled) {
+                (true, Some(token)) => vec![token],
+                _ => s.tokens.clone(),
+            };
             batch.push(SequenceStep {
-                tokens: s.tokens.clone(),
+                tokens,
                 start_position: s.start_position as usize,
                 block_table: state.blocks.clone(),
                 // Rows beyond the sampled one score known tokens: the step's own after the
@@ -168,6 +196,7 @@ mod tests {
             next_token: None,
             allowed_tokens: Vec::new(),
             prompt_len: if admit { tokens_len } else { 0 },
+            feeds_sampled: false,
         }
     }
 
@@ -291,6 +320,49 @@ mod tests {
             assert_eq!(s.get_mut(1).unwrap().blocks, vec![3], "nothing applied");
             assert!(s.get_mut(2).is_none());
         }
+    }
+
+    /// A step that feeds sequence 1's sampled token.
+    fn feeding(id: u64, start: u32, blocks: Vec<u32>) -> pb::SequenceStep {
+        pb::SequenceStep {
+            feeds_sampled: true,
+            ..seq(id, vec![], start, blocks, false)
+        }
+    }
+
+    #[test]
+    fn a_fed_step_takes_the_token_the_rank_sampled_last() {
+        let mut s = Sequences::default();
+        s.prepare(&step(vec![seq(1, vec![5, 6], 0, vec![3], true)], vec![]))
+            .unwrap();
+        let err = s
+            .prepare(&step(vec![feeding(1, 2, vec![])], vec![]))
+            .unwrap_err();
+        assert!(err.contains("has sampled none"), "{err}");
+        s.get_mut(1).unwrap().last_sampled = Some(42);
+        let batch = s
+            .prepare(&step(vec![feeding(1, 2, vec![4])], vec![]))
+            .unwrap();
+        assert_eq!(batch[0].tokens, vec![42]);
+        assert_eq!(batch[0].start_position, 2);
+        assert_eq!(batch[0].block_table, vec![3, 4]);
+        // Tokens beside the fed one, or a feed on admission, are refused before anything changes.
+        let mut both = feeding(1, 3, vec![9]);
+        both.tokens = vec![7];
+        let err = s.prepare(&step(vec![both], vec![])).unwrap_err();
+        assert!(err.contains("sends tokens too"), "{err}");
+        let mut admitted = feeding(1, 0, vec![9]);
+        admitted.admitted = seq(1, vec![], 0, vec![], true).admitted;
+        let err = s.prepare(&step(vec![admitted], vec![])).unwrap_err();
+        assert!(err.contains("has sampled none"), "{err}");
+        assert_eq!(s.get_mut(1).unwrap().blocks, vec![3, 4], "nothing applied");
+        // Admitted again (a preemption): the coordinator sends every token, nothing is fed.
+        s.prepare(&step(
+            vec![seq(1, vec![5, 6, 42], 0, vec![8], true)],
+            vec![],
+        ))
+        .unwrap();
+        assert_eq!(s.get_mut(1).unwrap().last_sampled, None);
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! The worker's gRPC service (`caravan.v1.Worker`): steps run on the handler's thread (its queue
-//! moved aside), loads on a blocking thread, health and identity from shared status without the
-//! runner.
+//! moved aside) in `step_id` order, loads on a blocking thread, health and identity from shared
+//! status without the runner.
 
-use std::sync::TryLockError;
+use std::sync::{Arc, TryLockError};
 
 use caravan_proto::{self as pb, worker_server::Worker};
 use tonic::{Request, Response, Status};
 
-use crate::runner::{SharedRunner, SharedStatus};
+use crate::{
+    runner::{SharedRunner, SharedStatus},
+    step_order::StepOrder,
+};
 
 /// What the service reports about this worker in `Info`.
 #[derive(Debug, Clone)]
@@ -28,6 +31,7 @@ pub struct WorkerService {
     runner: SharedRunner,
     status: SharedStatus,
     identity: WorkerIdentity,
+    order: Arc<StepOrder>,
 }
 
 impl WorkerService {
@@ -36,7 +40,13 @@ impl WorkerService {
             runner,
             status,
             identity,
+            order: Arc::default(),
         }
+    }
+
+    /// The order its steps run in (to see which wait).
+    pub fn step_order(&self) -> Arc<StepOrder> {
+        self.order.clone()
     }
 
     /// This worker's rank in its group (-1 before it joins one), for trace attributes.
@@ -72,6 +82,8 @@ impl Worker for WorkerService {
     ) -> Result<Response<pb::LoadShardResponse>, Status> {
         let req = request.into_inner();
         let runner = self.runner.clone();
+        // The steps waiting belonged to the group this load replaces.
+        self.order.restart();
         // A step waits for no load (it is refused meanwhile), so the lock is the load's alone.
         tokio::task::spawn_blocking(move || {
             let result = runner.lock().unwrap_or_else(|e| e.into_inner()).load(req);
@@ -95,6 +107,11 @@ impl Worker for WorkerService {
         );
         caravan_common::telemetry::set_parent_from(&span, request.metadata());
         let req = request.into_inner();
+        // A step sent while its predecessor ran may arrive first.
+        self.order
+            .wait_for_turn(req.step_id)
+            .await
+            .map_err(Status::failed_precondition)?;
         // On this thread, blocking it for the step (see `runner`). Never wait for the lock: it
         // is held only by a load, which a step must not queue behind.
         let mut runner = match self.runner.try_lock() {
@@ -112,7 +129,11 @@ impl Worker for WorkerService {
         // thread may steal) to a fresh thread first: without it, a task parked behind a long
         // step, such as the connection that carries `Health`, waits for the step to end, and a
         // prefill of seconds reads as a dead rank.
-        tokio::task::block_in_place(|| runner.serve_step(req, &span)).map(Response::new)
+        let answer = tokio::task::block_in_place(|| runner.serve_step(req, &span));
+        let next = runner.next_step();
+        drop(runner);
+        self.order.advance(next);
+        answer.map(Response::new)
     }
 
     async fn new_nccl_id(

@@ -231,6 +231,8 @@ pub fn choose(
         } else {
             sampled.token
         };
+        // What this rank answered is what a step that feeds it computes next.
+        state.last_sampled = Some(token_id);
         choices.tokens.push(pb::SampledToken {
             sequence_id: s.sequence_id,
             token_id,
