@@ -8,6 +8,13 @@
 //! requests that are done. The policy lives in the scheduler and the text in the output
 //! processor; this loop only moves data between them and the executor.
 //!
+//! With asynchronous scheduling (`--async-scheduling`, as vLLM v1's), the step after the one in
+//! flight is planned and sent before its answer arrives, whenever every running sequence simply
+//! decodes on ([`Scheduler::schedule_ahead`]): the ranks run steps in the order sent and feed each
+//! sequence the token they sampled for it, so the coordinator's round trip overlaps the workers'
+//! compute. A sequence found finished from the earlier answer has its extra token dropped, never
+//! shown; admissions, prefill, preemption and structured outputs wait for the answer, as before.
+//!
 //! The engine outlives its worker groups. A step every rank refused ([`StepErrorKind::Rejected`])
 //! ends that step's requests with an explicit error and leaves the group serving. Any other
 //! failure, or the owner's word that the group is gone ([`EngineControl::detach`]), loses the
@@ -21,7 +28,7 @@
 //! silently.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -34,7 +41,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     blocks::BlockManager,
-    executor::{StepError, StepErrorKind, StepExecutor},
+    executor::{StepAnswer, StepError, StepErrorKind, StepExecutor},
     group::SharedHealth,
     model_info::ModelInfo,
     output::{Event, FinishReason, RequestOutput, StopCriteria},
@@ -68,6 +75,8 @@ pub struct EngineConfig {
     /// How long a request waits for a failed group's successor before it ends with an error;
     /// zero ends the requests in flight as soon as their group fails.
     pub recovery_timeout: Duration,
+    /// Plan and send the next decode step while the one before it runs (see [`Engine`]).
+    pub async_scheduling: bool,
 }
 
 /// A request that was in this many steps that failed their group is not recomputed again: it
@@ -187,6 +196,16 @@ struct Active {
     failed_steps: u32,
 }
 
+/// A step sent to the executor whose answer the engine has not taken yet.
+struct InFlight {
+    plan: StepPlan,
+    span: tracing::Span,
+    sent: Instant,
+    /// Sequences whose structured-output mask failed: their tokens are not taken.
+    broken: Vec<(SequenceId, String)>,
+    answer: StepAnswer,
+}
+
 /// How a step in flight ended.
 enum Interrupted<E, T> {
     /// It did not: its result.
@@ -219,6 +238,12 @@ pub struct Engine<E: StepExecutor> {
     /// The owner is gone (its control dropped): nothing will be attached again.
     orphaned: bool,
     failed: Arc<watch::Sender<Option<StepError>>>,
+    async_scheduling: bool,
+    /// Steps sent whose answers are still to be taken, oldest first: at most two, the second
+    /// planned ahead of the first's answer.
+    in_flight: VecDeque<InFlight>,
+    /// When the last step's answer arrived (a step sent ahead starts running then).
+    last_answer: Option<Instant>,
 }
 
 impl<E: StepExecutor> Engine<E> {
@@ -256,6 +281,9 @@ impl<E: StepExecutor> Engine<E> {
             changes: changes_rx,
             lost_at: None,
             recovery_timeout: config.recovery_timeout,
+            async_scheduling: config.async_scheduling,
+            in_flight: VecDeque::new(),
+            last_answer: None,
             scheduler: Scheduler::new(config.scheduler, blocks),
             requests: HashMap::new(),
             group_leaders: HashMap::new(),
@@ -289,7 +317,7 @@ impl<E: StepExecutor> Engine<E> {
                 }
                 continue;
             }
-            if self.scheduler.is_idle() {
+            if self.scheduler.is_idle() && self.in_flight.is_empty() {
                 self.publish_stats();
                 let mut retired = self.retired.clone();
                 tokio::select! {
@@ -309,19 +337,54 @@ impl<E: StepExecutor> Engine<E> {
                 self.enqueue(r);
             }
             self.drop_cancelled();
-            let plan = self.scheduler.schedule();
-            self.account_plan(&plan);
-            self.publish_stats();
-            if plan.is_empty() {
-                if self.scheduler.running() == 0 && self.scheduler.waiting() > 0 {
-                    // Cannot happen while the pool holds a full context (checked at start-up);
-                    // never spin on it.
-                    self.fail_all("the KV cache cannot hold the waiting request");
+            if self.in_flight.is_empty() {
+                let plan = self.scheduler.schedule();
+                self.account_plan(&plan);
+                self.publish_stats();
+                if plan.is_empty() {
+                    if self.scheduler.running() == 0 && self.scheduler.waiting() > 0 {
+                        // Cannot happen while the pool holds a full context (checked at
+                        // start-up); never spin on it.
+                        self.fail_all("the KV cache cannot hold the waiting request");
+                    }
+                    continue;
                 }
-                continue;
+                self.launch(plan);
             }
-            self.step(plan).await;
+            if self.in_flight.len() == 1 {
+                if let Some(plan) = self.plan_ahead() {
+                    EngineStats::add(&self.stats.steps_planned_ahead, 1);
+                    self.launch(plan);
+                }
+                // Requests that arrived while steps ran ahead are counted as waiting.
+                self.publish_stats();
+            }
+            self.take_answer().await;
         }
+    }
+
+    /// Asynchronous scheduling: the step after the one in flight, planned before its answer
+    /// arrives, when every running sequence simply decodes on (see
+    /// [`Scheduler::schedule_ahead`]). Sequences that cannot run ahead keep the whole batch
+    /// waiting for the answer: a structured output (its next mask needs the token) and a
+    /// sequence that may end with the token in flight by its length.
+    fn plan_ahead(&mut self) -> Option<StepPlan> {
+        if !self.async_scheduling || self.in_flight.len() != 1 {
+            return None;
+        }
+        let can_run_ahead = self.scheduler.running_ids().into_iter().all(|id| {
+            self.requests.get(&id).is_some_and(|active| {
+                active.constraint.is_none()
+                    && active
+                        .output
+                        .has_room_after(self.scheduler.generated(id) + 1)
+            })
+        });
+        if !can_run_ahead {
+            return None;
+        }
+        let in_flight = &self.in_flight.back()?.plan;
+        self.scheduler.schedule_ahead(in_flight)
     }
 
     /// Without a group: queues what arrives and ends requests whose client went away or whose
@@ -362,6 +425,7 @@ impl<E: StepExecutor> Engine<E> {
             None => {
                 self.orphaned = true;
                 self.executor = None;
+                self.in_flight.clear();
             }
         }
     }
@@ -397,6 +461,8 @@ impl<E: StepExecutor> Engine<E> {
     /// until the recovery timeout.
     fn lose_group(&mut self, error: StepError, failed_plan: &[SequenceId]) {
         self.executor = None;
+        // Steps sent after the failed one are abandoned with the group.
+        self.in_flight.clear();
         let reason = format!("step failed: {error}");
         let now = Instant::now();
         self.lost_at = Some(now);
@@ -617,32 +683,61 @@ impl<E: StepExecutor> Engine<E> {
         failed
     }
 
-    async fn step(&mut self, mut plan: StepPlan) {
-        let mut broken = self.attach_masks(&mut plan);
+    /// Sends `plan` to the executor.
+    fn launch(&mut self, mut plan: StepPlan) {
+        let broken = self.attach_masks(&mut plan);
         let span = self.step_span(&plan);
-        let started = Instant::now();
-        let mut retired = self.retired.clone();
         let Some(executor) = self.executor.as_mut() else {
             return;
         };
+        let answer = executor.launch(&plan, &span);
+        self.in_flight.push_back(InFlight {
+            plan,
+            span,
+            sent: Instant::now(),
+            broken,
+            answer,
+        });
+    }
+
+    /// Waits for the oldest step's answer and takes it: the sampled tokens go to the scheduler
+    /// and to each request's output, and the requests that are done end.
+    async fn take_answer(&mut self) {
+        let Some(mut step) = self.in_flight.pop_front() else {
+            return;
+        };
+        let mut retired = self.retired.clone();
         let result = tokio::select! {
             biased;
             _ = retired.wait_for(|r| *r) => Interrupted::Retired,
             change = self.changes.recv() => Interrupted::Changed(change),
-            result = executor.step(&plan, &span) => Interrupted::No(result),
+            result = &mut step.answer => Interrupted::No(result),
         };
         // Abandoned steps' answers would no longer mean anything.
         let result = match result {
             Interrupted::No(result) => result,
-            Interrupted::Retired => return self.fail_all(&self.retired_reason()),
-            Interrupted::Changed(change) => return self.change_group(change),
+            Interrupted::Retired => {
+                self.in_flight.clear();
+                return self.fail_all(&self.retired_reason());
+            }
+            Interrupted::Changed(change) => {
+                self.in_flight.clear();
+                return self.change_group(change);
+            }
         };
+        let answered = Instant::now();
+        // A step sent ahead started running when the one before it answered.
+        let started = self
+            .last_answer
+            .map_or(step.sent, |last| last.max(step.sent));
+        self.last_answer = Some(answered);
+        let (plan, mut broken, _span) = (step.plan, step.broken, step.span);
         let output = match result {
             Ok(output) => output,
             Err(e) => return self.step_failed(&plan, e),
         };
         let s = &self.stats;
-        let wall = started.elapsed();
+        let wall = answered - started;
         EngineStats::add(&s.step_micros, wall.as_micros() as usize);
         EngineStats::add(
             &s.outside_worker_micros,
@@ -658,7 +753,13 @@ impl<E: StepExecutor> Engine<E> {
         );
         EngineStats::add(&s.steps, 1);
         EngineStats::add(&s.step_tokens, plan.tokens());
-        EngineStats::add(&s.generation_tokens, output.tokens.len());
+        // Tokens of sequences that ended meanwhile (sampled in a step sent ahead) are dropped.
+        let taken = output
+            .tokens
+            .iter()
+            .filter(|t| self.requests.contains_key(&t.sequence_id))
+            .count();
+        EngineStats::add(&s.generation_tokens, taken);
         let sampled: Vec<(SequenceId, i64)> = output
             .tokens
             .iter()

@@ -1,8 +1,13 @@
-//! What runs a step: the [`StepExecutor`] trait the engine drives, what a step returns, and how
-//! a step fails. The worker group over gRPC ([`crate::group::WorkerGroup`]) is the executor in
+//! What runs a step: the [`StepExecutor`] trait the engine drives, the answer to a step sent
+//! ([`StepAnswer`]), what a step returns, and how a step fails. The worker group over gRPC ([`crate::group::WorkerGroup`]) is the executor in
 //! production; the kind of a failure decides what happens to the group ([`StepErrorKind`]).
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use caravan_proto as pb;
 
@@ -78,12 +83,44 @@ impl StepError {
     }
 }
 
-/// Runs planned steps. One step at a time: the engine awaits each before planning the next.
+/// Runs planned steps, in the order they are sent.
 pub trait StepExecutor: Send + 'static {
-    /// Computes `plan` (its context traced under `span`) and samples what it asks for.
-    fn step(
-        &mut self,
-        plan: &StepPlan,
-        span: &tracing::Span,
-    ) -> impl Future<Output = Result<StepOutput, StepError>> + Send;
+    /// Sends `plan` to be computed (its context traced under `span`) and sampled. The answer
+    /// borrows nothing: the engine may send the next step before it arrives (asynchronous
+    /// scheduling), and the steps must run in the order sent.
+    fn launch(&mut self, plan: &StepPlan, span: &tracing::Span) -> StepAnswer;
+}
+
+/// The answer to a sent step. The step runs on a task of its own from the moment it is sent,
+/// whether or not anyone waits for the answer yet; dropping the answer abandons the step.
+pub struct StepAnswer(tokio::task::JoinHandle<Result<StepOutput, StepError>>);
+
+impl StepAnswer {
+    /// Starts `step` now.
+    pub fn spawn(
+        step: impl Future<Output = Result<StepOutput, StepError>> + Send + 'static,
+    ) -> Self {
+        StepAnswer(tokio::spawn(step))
+    }
+}
+
+impl Future for StepAnswer {
+    type Output = Result<StepOutput, StepError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|joined| {
+            joined.unwrap_or_else(|e| {
+                Err(StepError::new(
+                    StepErrorKind::Unreachable,
+                    format!("the step's task ended without an answer: {e}"),
+                ))
+            })
+        })
+    }
+}
+
+impl Drop for StepAnswer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

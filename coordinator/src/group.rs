@@ -3,6 +3,7 @@
 //! [`StepExecutor`] in production), with each failure sorted into a [`StepErrorKind`].
 
 use std::{
+    future::Future,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -16,7 +17,7 @@ use futures::{future::join_all, stream::FuturesUnordered, StreamExt};
 use tonic::transport::Channel;
 
 use crate::{
-    executor::{StepError, StepErrorKind, StepExecutor, StepOutput, StepTimings},
+    executor::{StepAnswer, StepError, StepErrorKind, StepExecutor, StepOutput, StepTimings},
     registry::RegisteredWorker,
     scheduler::{PlannedSequence, StepPlan},
 };
@@ -491,11 +492,12 @@ impl WorkerGroup {
                 sample: true,
                 next_token: None,
                 allowed_tokens: None,
+                feeds_sampled: false,
             }],
             ..StepPlan::default()
         };
         let output = self
-            .run_step(&plan, &tracing::info_span!("warm_up"))
+            .send_step(&plan, &tracing::info_span!("warm_up"))
             .await?;
         if output.tokens.len() != 1 {
             bail!("warm-up returned {} tokens", output.tokens.len());
@@ -553,25 +555,75 @@ impl WorkerGroup {
                     sample: p.sample,
                     next_token: p.next_token,
                     allowed_tokens: p.allowed_tokens.clone().unwrap_or_default(),
-                    feeds_sampled: false,
+                    feeds_sampled: p.feeds_sampled,
                 })
                 .collect(),
             finished,
         }
     }
 
-    /// Runs one step on every rank in lockstep; fails if any rank fails or the ranks disagree.
-    /// `span`'s context travels to the workers in the requests' metadata.
-    async fn run_step(
+    /// Sends `plan` to every rank as the group's next step; the future answers once every rank
+    /// has (see [`Lockstep::run`]) and borrows nothing, so the next step may be sent before it
+    /// does. `span`'s context travels to the workers in the requests' metadata.
+    fn send_step(
         &mut self,
         plan: &StepPlan,
         span: &tracing::Span,
-    ) -> Result<StepOutput, StepError> {
+    ) -> impl Future<Output = Result<StepOutput, StepError>> + Send + 'static {
         let mut finished = std::mem::take(&mut self.pending_finished);
         finished.extend_from_slice(&plan.finished);
         let request = Self::step_request(plan, self.next_step, finished);
         self.next_step += 1;
-        let (timeout, lag) = (self.step_timeout, self.straggler_timeout);
+        let lockstep = Lockstep {
+            ranks: self.ranks.clone(),
+            names: (0..self.ranks.len()).map(|r| self.describe(r)).collect(),
+            timeout: self.step_timeout,
+            lag: self.straggler_timeout,
+            asked: plan
+                .sequences
+                .iter()
+                .filter(|p| p.sample)
+                .map(|p| p.id)
+                .collect(),
+        };
+        lockstep.run(request, span.clone())
+    }
+
+    /// "rank R (ID at ADDR)", for messages.
+    fn describe(&self, rank: usize) -> String {
+        let worker = &self.workers[rank];
+        format!("rank {rank} ({} at {})", worker.id, worker.worker_addr)
+    }
+
+    /// A handle that checks the ranks' health without borrowing the group.
+    pub fn health_probe(&self) -> HealthProbe {
+        HealthProbe {
+            ranks: self.ranks.clone(),
+        }
+    }
+}
+
+/// One step's calls to every rank of a group. It owns what it needs, so a step may be sent
+/// while the one before it runs.
+struct Lockstep {
+    ranks: Vec<WorkerClient<Channel>>,
+    /// Per rank, "rank R (ID at ADDR)", for messages.
+    names: Vec<String>,
+    timeout: Duration,
+    /// How long the other ranks may lag the first to answer.
+    lag: Duration,
+    /// The sequences that sample in the step, in plan order.
+    asked: Vec<u64>,
+}
+
+impl Lockstep {
+    /// Runs the step on every rank in lockstep; fails if any rank fails or the ranks disagree.
+    async fn run(
+        self,
+        request: pb::StepRequest,
+        span: tracing::Span,
+    ) -> Result<StepOutput, StepError> {
+        let (timeout, lag) = (self.timeout, self.lag);
         let mut calls: FuturesUnordered<_> = self
             .ranks
             .iter()
@@ -579,7 +631,7 @@ impl WorkerGroup {
             .map(|(rank, client)| {
                 let mut client = client.clone();
                 let mut request = tonic::Request::new(request.clone());
-                caravan_common::telemetry::inject(span, request.metadata_mut());
+                caravan_common::telemetry::inject(&span, request.metadata_mut());
                 async move {
                     let answer = tokio::time::timeout(timeout, client.step(request)).await;
                     (rank, answer.map(|a| a.map(tonic::Response::into_inner)))
@@ -611,7 +663,7 @@ impl WorkerGroup {
                             format!(
                                 "a rank refused the step the others ran ({} did not refuse it \
                                  within {wait:?} of rank {first}'s refusal)",
-                                self.describe(missing)
+                                self.names[missing]
                             ),
                         ));
                     }
@@ -622,14 +674,14 @@ impl WorkerGroup {
                             format!(
                                 "{} timed out: no answer to the step within {lag:?} of rank \
                                  {first}'s (cut off from the coordinator?)",
-                                self.describe(missing)
+                                self.names[missing]
                             ),
                         ));
                     }
                 },
             };
             let Some((rank, answer)) = next else { break };
-            let who = self.describe(rank);
+            let who = &self.names[rank];
             let fail =
                 |kind, message: String| Err(after_refusal(refused, StepError::new(kind, message)));
             let answer = match answer {
@@ -689,14 +741,9 @@ impl WorkerGroup {
             .next()
             .ok_or_else(|| StepError::new(StepErrorKind::Unreachable, "the group has no rank"))?;
         let ids = |r: &pb::StepResponse| r.tokens.iter().map(|t| t.token_id).collect::<Vec<_>>();
-        let asked: Vec<u64> = plan
-            .sequences
-            .iter()
-            .filter(|p| p.sample)
-            .map(|p| p.id)
-            .collect();
+        let asked = &self.asked;
         let answered: Vec<u64> = first.tokens.iter().map(|t| t.sequence_id).collect();
-        if answered != asked {
+        if answered != *asked {
             return Err(StepError::new(
                 StepErrorKind::Diverged,
                 format!("rank 0 sampled for sequences {answered:?}, the plan asked for {asked:?}"),
@@ -721,19 +768,6 @@ impl WorkerGroup {
             tokens: first.tokens,
             prompt_logprobs: first.prompt_logprobs,
         })
-    }
-
-    /// "rank R (ID at ADDR)", for messages.
-    fn describe(&self, rank: usize) -> String {
-        let worker = &self.workers[rank];
-        format!("rank {rank} ({} at {})", worker.id, worker.worker_addr)
-    }
-
-    /// A handle that checks the ranks' health without borrowing the group.
-    pub fn health_probe(&self) -> HealthProbe {
-        HealthProbe {
-            ranks: self.ranks.clone(),
-        }
     }
 }
 
@@ -797,12 +831,8 @@ fn check_members(infos: &[pb::InfoResponse]) -> Result<()> {
 }
 
 impl StepExecutor for WorkerGroup {
-    async fn step(
-        &mut self,
-        plan: &StepPlan,
-        span: &tracing::Span,
-    ) -> Result<StepOutput, StepError> {
-        self.run_step(plan, span).await
+    fn launch(&mut self, plan: &StepPlan, span: &tracing::Span) -> StepAnswer {
+        StepAnswer::spawn(self.send_step(plan, span))
     }
 }
 

@@ -146,6 +146,12 @@ impl RequestOutput {
         }
     }
 
+    /// Whether the completion may go on once it has `tokens` tokens: under `max_tokens` and the
+    /// context (stop strings and tokens aside, which only its text tells).
+    pub fn has_room_after(&self, tokens: usize) -> bool {
+        tokens < self.stop.max_tokens && self.prompt_tokens + tokens < self.stop.max_context
+    }
+
     /// Whether the client went away.
     pub fn is_cancelled(&self) -> bool {
         self.events.is_closed()

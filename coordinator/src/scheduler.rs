@@ -58,6 +58,24 @@ pub struct PlannedSequence {
     pub next_token: Option<i64>,
     /// Structured outputs: the tokens the sampled one may be (a bitmask); the engine fills it in.
     pub allowed_tokens: Option<Vec<u8>>,
+    /// Planned before the step that samples its input had answered (asynchronous scheduling):
+    /// `tokens` is empty, and the workers feed the one token they sampled for it last.
+    pub feeds_sampled: bool,
+}
+
+impl PlannedSequence {
+    /// Tokens it computes in the step.
+    pub fn len(&self) -> usize {
+        if self.feeds_sampled {
+            1
+        } else {
+            self.tokens.len()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What the next step computes.
@@ -83,7 +101,7 @@ impl StepPlan {
 
     /// Tokens computed by the step.
     pub fn tokens(&self) -> usize {
-        self.sequences.iter().map(|s| s.tokens.len()).sum()
+        self.sequences.iter().map(PlannedSequence::len).sum()
     }
 }
 
@@ -209,6 +227,11 @@ impl Scheduler {
 
     pub fn blocks(&self) -> &BlockManager {
         &self.blocks
+    }
+
+    /// Ids of the running sequences, in admission order.
+    pub fn running_ids(&self) -> Vec<SequenceId> {
+        self.running.iter().map(|s| s.id).collect()
     }
 
     /// Ids of every sequence, running first (admission order), then waiting (queue order).
@@ -403,6 +426,7 @@ impl Scheduler {
                 sample: end == seq.tokens.len(),
                 next_token: seq.tokens.get(end).copied(),
                 allowed_tokens: None,
+                feeds_sampled: false,
             });
             seq.blocks_sent = Some(seq.blocks.len());
         }
@@ -411,6 +435,66 @@ impl Scheduler {
             plan.finished = std::mem::take(&mut self.finished);
         }
         plan
+    }
+
+    /// Plans the step after `in_flight` before its answer arrives (asynchronous scheduling):
+    /// every running sequence decodes one more token, its input the token the ranks sample for it
+    /// in `in_flight`, which they feed themselves. Nothing is admitted, preempted or prefilled, so
+    /// `None` unless every running sequence samples in `in_flight`, the budget takes them all, no
+    /// request waits for a free batch slot and the pool has the blocks they need; the engine then
+    /// waits for the answer and plans as usual.
+    pub fn schedule_ahead(&mut self, in_flight: &StepPlan) -> Option<StepPlan> {
+        if self.running.is_empty() || self.running.len() > self.config.max_batched_tokens.max(1) {
+            return None;
+        }
+        // Requests waiting for a free batch slot are admitted by a plan made with the answer in.
+        if self.running.len() < self.config.max_batch_size.max(1)
+            && self.waiting.iter().any(|s| self.admissible(s))
+        {
+            return None;
+        }
+        // Each sequence's length once `in_flight` has run and the fed token is computed too.
+        let lengths: Vec<usize> = self
+            .running
+            .iter()
+            .map(|seq| {
+                in_flight
+                    .sequences
+                    .iter()
+                    .find(|p| p.id == seq.id && p.sample)
+                    .map(|p| p.start_position + p.len() + 1)
+            })
+            .collect::<Option<_>>()?;
+        let new_blocks: usize = self
+            .running
+            .iter()
+            .zip(&lengths)
+            .map(|(seq, &len)| self.blocks.blocks_for(len).saturating_sub(seq.blocks.len()))
+            .sum();
+        if new_blocks > self.blocks.available_blocks() {
+            return None;
+        }
+        let mut plan = StepPlan::default();
+        for (seq, len) in self.running.iter_mut().zip(lengths) {
+            let grown = self.blocks.grow(&mut seq.blocks, len);
+            debug_assert!(grown, "blocks counted above");
+            let sent = seq.blocks_sent.unwrap_or(0);
+            plan.sequences.push(PlannedSequence {
+                id: seq.id,
+                tokens: Vec::new(),
+                feeds_sampled: true,
+                start_position: len - 1,
+                admitted: None,
+                prompt_len: seq.prompt_len,
+                new_blocks: seq.blocks[sent..].to_vec(),
+                sample: true,
+                next_token: None,
+                allowed_tokens: None,
+            });
+            seq.blocks_sent = Some(seq.blocks.len());
+        }
+        plan.finished = std::mem::take(&mut self.finished);
+        Some(plan)
     }
 
     /// Frees running sequence `index`'s blocks and puts it back at the head of the queue.
@@ -440,7 +524,7 @@ impl Scheduler {
     pub fn apply(&mut self, plan: &StepPlan, sampled: &[(SequenceId, i64)]) {
         for item in &plan.sequences {
             if let Some(seq) = self.running.iter_mut().find(|s| s.id == item.id) {
-                seq.computed = item.start_position + item.tokens.len();
+                seq.computed = item.start_position + item.len();
                 self.blocks.register_full_blocks(
                     &seq.blocks,
                     &seq.tokens[..seq.computed],
@@ -492,7 +576,7 @@ mod tests {
     fn shape(plan: &StepPlan) -> Vec<(SequenceId, usize, usize, bool)> {
         plan.sequences
             .iter()
-            .map(|p| (p.id, p.start_position, p.tokens.len(), p.sample))
+            .map(|p| (p.id, p.start_position, p.len(), p.sample))
             .collect()
     }
 
@@ -748,5 +832,126 @@ mod tests {
         assert_eq!(s.finish_all(), vec![a, b]);
         assert!(s.is_idle());
         assert_eq!(s.blocks().used_blocks(), 0);
+    }
+
+    /// Runs `plan` as the workers would, sampling `token` for every sequence that asks.
+    fn answer(s: &mut Scheduler, plan: &StepPlan, token: i64) {
+        let sampled: Vec<_> = plan
+            .sequences
+            .iter()
+            .filter(|p| p.sample)
+            .map(|p| (p.id, token))
+            .collect();
+        s.apply(plan, &sampled);
+    }
+
+    #[test]
+    fn steps_planned_ahead_equal_the_steps_planned_with_the_answers() {
+        // Block size 2, so the runs cross block boundaries.
+        let (mut sync, mut ahead) = (scheduler(64, 2, 4, 100), scheduler(64, 2, 4, 100));
+        for s in [&mut sync, &mut ahead] {
+            s.add(vec![1, 2, 3], Default::default());
+            s.add(vec![4, 5], Default::default());
+        }
+        let mut synced = Vec::new();
+        for token in 10..16 {
+            synced.push(step(&mut sync, token));
+        }
+        // The first plan with nothing in flight, then each planned before the last answered.
+        let mut in_flight = ahead.schedule();
+        let mut planned = vec![in_flight.clone()];
+        for token in 10..15 {
+            let next = ahead
+                .schedule_ahead(&in_flight)
+                .expect("every sequence decodes on");
+            assert!(next
+                .sequences
+                .iter()
+                .all(|p| p.feeds_sampled && p.tokens.is_empty()));
+            answer(&mut ahead, &in_flight, token);
+            planned.push(next.clone());
+            in_flight = next;
+        }
+        answer(&mut ahead, &in_flight, 15);
+        let layout = |plans: &[StepPlan]| {
+            plans
+                .iter()
+                .map(|p| {
+                    p.sequences
+                        .iter()
+                        .map(|q| (q.id, q.start_position, q.len(), q.new_blocks.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(layout(&planned), layout(&synced));
+        for id in [1, 2] {
+            assert_eq!(ahead.tokens(id), sync.tokens(id));
+        }
+        assert_eq!(ahead.blocks().used_blocks(), sync.blocks().used_blocks());
+    }
+
+    #[test]
+    fn nothing_is_planned_ahead_that_needs_the_answer_or_an_admission() {
+        // A prompt still prefilling (a budget of 4 tokens per step) does not sample.
+        let mut s = scheduler(64, 4, 2, 4);
+        s.add(vec![1; 6], Default::default());
+        let chunk = s.schedule();
+        assert!(!chunk.sequences[0].sample);
+        assert!(s.schedule_ahead(&chunk).is_none());
+        answer(&mut s, &chunk, 9);
+        let last_chunk = s.schedule();
+        let ahead = s
+            .schedule_ahead(&last_chunk)
+            .expect("the last chunk samples");
+        answer(&mut s, &last_chunk, 9);
+        // A request waiting for a free batch slot is admitted by a plan made with the answer.
+        s.add(vec![7], Default::default());
+        assert!(s.schedule_ahead(&ahead).is_none());
+        answer(&mut s, &ahead, 9);
+        let both = s.schedule();
+        assert_eq!(both.sequences.len(), 2);
+        // With the batch full, the next one waits anyway: the running decode on ahead.
+        s.add(vec![8], Default::default());
+        assert!(s.schedule_ahead(&both).is_some());
+    }
+
+    #[test]
+    fn a_step_planned_ahead_needs_its_blocks_free_and_tells_the_finished() {
+        // Two blocks of 2 tokens.
+        let mut s = scheduler(2, 2, 4, 100);
+        let a = s.add(vec![1, 2], Default::default());
+        let first = s.schedule();
+        let second = s
+            .schedule_ahead(&first)
+            .expect("position 2 takes the second block");
+        assert_eq!(second.sequences[0].new_blocks.len(), 1);
+        answer(&mut s, &first, 9);
+        let third = s
+            .schedule_ahead(&second)
+            .expect("position 3 fits the second block");
+        answer(&mut s, &second, 9);
+        // Position 4 needs a third block: the engine waits for the answer (and the scheduler
+        // preempts).
+        assert!(s.schedule_ahead(&third).is_none());
+        answer(&mut s, &third, 9);
+        assert!(s.finish(a));
+        let b = s.add(vec![3], Default::default());
+        let plan = s.schedule();
+        assert_eq!(plan.finished, vec![a]);
+        answer(&mut s, &plan, 9);
+        let c = s.add(vec![4], Default::default());
+        let both = s.schedule();
+        assert_eq!(both.sequences.len(), 2);
+        // `b` ends by the answer before `both`'s.
+        assert!(s.finish(b));
+        let ahead = s.schedule_ahead(&both).expect("c decodes on");
+        let ids: Vec<SequenceId> = ahead.sequences.iter().map(|p| p.id).collect();
+        assert_eq!(ids, vec![c]);
+        assert_eq!(
+            ahead.finished,
+            vec![b],
+            "the ids that ended ride on the plan"
+        );
     }
 }

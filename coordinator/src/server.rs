@@ -154,6 +154,13 @@ pub struct ServeArgs {
     /// recomputed on the new group and go on); 0 ends them at once.
     #[arg(long, env = "CARAVAN_RECOVERY_TIMEOUT", default_value = "60s", value_parser = parse_duration_or_zero)]
     pub recovery_timeout: Duration,
+    /// Plan and send each decode step while the step before it still runs, so the coordinator's
+    /// round trip leaves the critical path (vLLM's async scheduling): each rank feeds the token
+    /// it sampled into the next step, and a sequence found finished one step late costs one
+    /// wasted token slot, never shown. Off by default while it is proven equal to the synchronous
+    /// path.
+    #[arg(long, env = "CARAVAN_ASYNC_SCHEDULING")]
+    pub async_scheduling: bool,
     /// libtorch threads per worker (0: cores / tp for local workers, libtorch's default otherwise).
     #[arg(long, env = "CARAVAN_THREADS_PER_WORKER", default_value_t = 0)]
     pub threads_per_worker: u32,
@@ -345,6 +352,7 @@ impl ServedModel {
                 max_waiting: args.max_waiting.max(1),
             },
             recovery_timeout: args.recovery_timeout,
+            async_scheduling: args.async_scheduling,
         };
         Ok(ServedModel {
             model_dir,

@@ -72,6 +72,8 @@ pub struct EngineStats {
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
     pub steps: AtomicU64,
+    /// Steps planned and sent before the answer of the step before them (async scheduling).
+    pub steps_planned_ahead: AtomicU64,
     /// Tokens the workers computed (prefill chunks plus decodes), over all steps.
     pub step_tokens: AtomicU64,
     /// Wall time of steps as the coordinator sees them (plan sent to answers back).
@@ -139,7 +141,7 @@ impl EngineStats {
 
     /// The Prometheus text exposition of every value.
     pub fn render(&self) -> String {
-        let plain: [(&str, &str, &str, &AtomicU64); 16] = [
+        let plain: [(&str, &str, &str, &AtomicU64); 17] = [
             (
                 "caravan_requests_in_flight",
                 "gauge",
@@ -217,6 +219,12 @@ impl EngineStats {
                 "counter",
                 "Steps run on the worker group.",
                 &self.steps,
+            ),
+            (
+                "caravan_steps_planned_ahead_total",
+                "counter",
+                "Steps planned and sent while the step before them ran (asynchronous scheduling).",
+                &self.steps_planned_ahead,
             ),
             (
                 "caravan_step_tokens_total",
