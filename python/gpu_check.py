@@ -10,7 +10,9 @@ Checks (each a row of the table; the run fails if any check fails):
            and the streamed text equals the whole one;
   bench    single-stream bf16 decode tok/s against transformers' `generate` on the same device
            and against the bandwidth bound (weight bytes over a device copy's bandwidth, measured
-           in the same run), 32-stream throughput, and the prefill time of a 512-token prompt.
+           in the same run), 32-stream throughput, the prefill time of a 512-token prompt, and
+           served single-stream decode through the API against caravan-generate's, without and
+           with --async-scheduling.
 
 Sizes: `small` (a 4-layer model, for CI on CPUs) or `7b` (Llama-2-7B's shape, random bf16
 weights written tensor by tensor). On CPUs the workers run with CARAVAN_CPU_KERNELS=off, the
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -172,12 +175,12 @@ def check_golden(args, model_dir: Path) -> list:
 class Coordinator:
     """caravan-coordinator --local-workers on the device; the URL from its ready line."""
 
-    def __init__(self, args, model: Path, log_path: Path, tp: int, collective: str):
+    def __init__(self, args, model: Path, log_path: Path, tp: int, collective: str, dtype="f32", extra=()):
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [str(args.bin_dir / "caravan-coordinator"), "--model", str(model), "--tp", str(tp), "--local-workers",
-             "--device", args.device_arg, "--collective", collective, "--dtype", "f32", "--port", "0",
-             "--host", "127.0.0.1"],
+             "--device", args.device_arg, "--collective", collective, "--dtype", dtype, "--port", "0",
+             "--host", "127.0.0.1", *extra],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=args.env, start_new_session=True)
         self.url = None
         deadline = time.monotonic() + 300
@@ -288,6 +291,32 @@ def copy_bandwidth(device: str) -> float:
     return 2 * n * reps / (time.perf_counter() - t)
 
 
+def served_decode(args, model_dir: Path, prompt, new: int, extra=()) -> float:
+    """Single-stream bf16 greedy decode tok/s through the API at TP 1: (n - 1) tokens over the time
+    from the first streamed token to the last (`logprobs` makes each token its own event), median
+    of three after a warm-up."""
+    import openai
+    name = "-".join(["served"] + [flag.strip("-") for flag in extra])
+    coordinator = Coordinator(args, model_dir, args.out / f"bench-{name}.log", 1, "auto", dtype="bf16",
+                              extra=extra)
+    try:
+        client = openai.OpenAI(base_url=coordinator.url + "/v1", api_key="unused", timeout=600, max_retries=0)
+
+        def once():
+            times = []
+            for chunk in client.completions.create(model=model_dir.name, prompt=prompt, max_tokens=new,
+                                                   temperature=0, stream=True, logprobs=1,
+                                                   extra_body={"ignore_eos": True}):
+                if chunk.choices and chunk.choices[0].finish_reason is None:
+                    times.append(time.perf_counter())
+            return (len(times) - 1) / (times[-1] - times[0])
+
+        once()
+        return statistics.median(once() for _ in range(3))
+    finally:
+        coordinator.stop()
+
+
 def check_bench(args, model_dir: Path) -> list:
     """bf16 decode against transformers and the bandwidth bound; 32 streams; a 512-token prefill."""
     gen = torch.Generator().manual_seed(9)
@@ -320,6 +349,9 @@ def check_bench(args, model_dir: Path) -> list:
     del model
     bandwidth = copy_bandwidth(args.device)
     bound = bandwidth / weight_bytes
+    log("bench: served bf16 decode through the API, synchronous and with --async-scheduling")
+    served_sync = served_decode(args, model_dir, prompt, new)
+    served_async = served_decode(args, model_dir, prompt, new, ("--async-scheduling",))
     return [
         ("bench", "single-stream bf16 decode, tok/s (caravan-generate)", f"{ours:.1f}", "", True),
         ("bench", "  against transformers bf16 generate on the same device",
@@ -330,6 +362,10 @@ def check_bench(args, model_dir: Path) -> list:
          True),
         ("bench", "512-token prompt, prefill ms (TTFT less the first decode)", f"{prefill['prefill_ms']:.1f}", "",
          True),
+        ("bench", "served single-stream bf16 decode through the API, tok/s",
+         f"{served_sync:.1f} ({served_sync / ours:.2f}x caravan-generate)", ">= 0.97x on a GPU", True),
+        ("bench", "  the same with --async-scheduling",
+         f"{served_async:.1f} ({served_async / ours:.2f}x caravan-generate)", ">= 0.97x on a GPU", True),
     ]
 
 
