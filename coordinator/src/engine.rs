@@ -199,7 +199,6 @@ struct Active {
 /// A step sent to the executor whose answer the engine has not taken yet.
 struct InFlight {
     plan: StepPlan,
-    span: tracing::Span,
     sent: Instant,
     /// Sequences whose structured-output mask failed: their tokens are not taken.
     broken: Vec<(SequenceId, String)>,
@@ -367,9 +366,10 @@ impl<E: StepExecutor> Engine<E> {
     /// arrives, when every running sequence simply decodes on (see
     /// [`Scheduler::schedule_ahead`]). Sequences that cannot run ahead keep the whole batch
     /// waiting for the answer: a structured output (its next mask needs the token) and a
-    /// sequence that may end with the token in flight by its length.
+    /// sequence that may end with the token in flight by its length. Asked with one step in
+    /// flight.
     fn plan_ahead(&mut self) -> Option<StepPlan> {
-        if !self.async_scheduling || self.in_flight.len() != 1 {
+        if !self.async_scheduling {
             return None;
         }
         let can_run_ahead = self.scheduler.running_ids().into_iter().all(|id| {
@@ -693,7 +693,6 @@ impl<E: StepExecutor> Engine<E> {
         let answer = executor.launch(&plan, &span);
         self.in_flight.push_back(InFlight {
             plan,
-            span,
             sent: Instant::now(),
             broken,
             answer,
@@ -731,7 +730,7 @@ impl<E: StepExecutor> Engine<E> {
             .last_answer
             .map_or(step.sent, |last| last.max(step.sent));
         self.last_answer = Some(answered);
-        let (plan, mut broken, _span) = (step.plan, step.broken, step.span);
+        let (plan, mut broken) = (step.plan, step.broken);
         let output = match result {
             Ok(output) => output,
             Err(e) => return self.step_failed(&plan, e),

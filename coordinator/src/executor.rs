@@ -1,6 +1,7 @@
 //! What runs a step: the [`StepExecutor`] trait the engine drives, the answer to a step sent
-//! ([`StepAnswer`]), what a step returns, and how a step fails. The worker group over gRPC ([`crate::group::WorkerGroup`]) is the executor in
-//! production; the kind of a failure decides what happens to the group ([`StepErrorKind`]).
+//! ([`StepAnswer`]), what a step returns, and how a step fails. The worker group over gRPC
+//! ([`crate::group::WorkerGroup`]) is the executor in production; the kind of a failure decides
+//! what happens to the group ([`StepErrorKind`]).
 
 use std::{
     future::Future,

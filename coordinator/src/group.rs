@@ -324,6 +324,8 @@ pub struct WorkerGroup {
     next_step: u64,
     /// Sequences to forget with the next step besides the plan's own (the warm-up's).
     pending_finished: Vec<u64>,
+    /// Per rank, "rank R (ID at ADDR)", for messages; shared with every step sent.
+    rank_names: Arc<[String]>,
 }
 
 /// How long the other ranks get to refuse a step one rank refused (refusals come before any
@@ -458,7 +460,13 @@ impl WorkerGroup {
             memory.push(ShardMemory::from(r));
             kernels.push(r.kernels.clone());
         }
+        let rank_names = workers
+            .iter()
+            .enumerate()
+            .map(|(rank, w)| format!("rank {rank} ({} at {})", w.id, w.worker_addr))
+            .collect();
         let mut group = WorkerGroup {
+            rank_names,
             ranks,
             workers,
             memory,
@@ -576,7 +584,7 @@ impl WorkerGroup {
         self.next_step += 1;
         let lockstep = Lockstep {
             ranks: self.ranks.clone(),
-            names: (0..self.ranks.len()).map(|r| self.describe(r)).collect(),
+            names: self.rank_names.clone(),
             timeout: self.step_timeout,
             lag: self.straggler_timeout,
             asked: plan
@@ -587,12 +595,6 @@ impl WorkerGroup {
                 .collect(),
         };
         lockstep.run(request, span.clone())
-    }
-
-    /// "rank R (ID at ADDR)", for messages.
-    fn describe(&self, rank: usize) -> String {
-        let worker = &self.workers[rank];
-        format!("rank {rank} ({} at {})", worker.id, worker.worker_addr)
     }
 
     /// A handle that checks the ranks' health without borrowing the group.
@@ -608,7 +610,7 @@ impl WorkerGroup {
 struct Lockstep {
     ranks: Vec<WorkerClient<Channel>>,
     /// Per rank, "rank R (ID at ADDR)", for messages.
-    names: Vec<String>,
+    names: Arc<[String]>,
     timeout: Duration,
     /// How long the other ranks may lag the first to answer.
     lag: Duration,

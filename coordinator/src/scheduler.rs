@@ -560,16 +560,10 @@ mod tests {
         )
     }
 
-    /// Runs a plan as the workers would, sampling `token` for every sequence that asks.
+    /// Plans a step and runs it as the workers would ([`answer`]).
     fn step(s: &mut Scheduler, token: i64) -> StepPlan {
         let plan = s.schedule();
-        let sampled: Vec<_> = plan
-            .sequences
-            .iter()
-            .filter(|p| p.sample)
-            .map(|p| (p.id, token))
-            .collect();
-        s.apply(&plan, &sampled);
+        answer(s, &plan, token);
         plan
     }
 

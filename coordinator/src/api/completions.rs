@@ -48,11 +48,10 @@ async fn serve(
     body: Body,
     validate: fn(&SharedState, &[u8]) -> Result<ValidRequest, ApiError>,
 ) -> Response {
-    let request = match read_body(body).await {
-        Ok(bytes) => validate(&state, &bytes),
-        Err(e) => Err(e),
-    };
-    match request {
+    match read_body(body)
+        .await
+        .and_then(|bytes| validate(&state, &bytes))
+    {
         Ok(request) => run(state, request).await,
         Err(e) => e.into_response(),
     }
