@@ -78,7 +78,13 @@ enum Online {
         timeout: u64,
     },
     /// Exit 0 if the coordinator answers /health with 200, else 1 with the reason.
-    Health,
+    Health {
+        /// Wait up to SECONDS for /health to answer 200 (the group formed, loaded and warmed
+        /// up), printing each new reason on the way; a coordinator not reachable yet counts as
+        /// not ready. Exits 1 with the last reason when the time is up.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -248,28 +254,20 @@ fn run(url: &str, api_key: Option<String>, json: bool, command: Online) -> Resul
             max_tokens,
             temperature,
         } => generate(&base, &prompt, max_tokens, temperature, json),
-        Online::Health => {
+        Online::Health { wait: None } => {
             let (code, body) = base.request("GET", "/health", None)?;
             if json {
                 println!("{body}");
+            } else if code == 200 {
+                println!("ok");
             } else {
-                let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-                if code == 200 {
-                    println!("ok");
-                } else {
-                    let reason = v["reason"]
-                        .as_str()
-                        .or(v["error"]["message"].as_str())
-                        .unwrap_or(body.trim());
-                    println!("unavailable (HTTP {code}): {reason}");
-                }
+                println!("unavailable (HTTP {code}): {}", health_reason(&body));
             }
-            Ok(if code == 200 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(exit_code(code == 200))
         }
+        Online::Health {
+            wait: Some(seconds),
+        } => wait_healthy(&base, seconds, json),
         Online::Drain { timeout } => {
             let (code, body) = base.request("POST", "/admin/drain", None)?;
             if code != 202 {
@@ -556,6 +554,63 @@ struct Base {
     agent: ureq::Agent,
     /// Sent as `Authorization: Bearer` when the coordinator requires a key.
     api_key: Option<String>,
+}
+
+/// How often `caravanctl health --wait` asks again.
+const HEALTH_POLL: Duration = Duration::from_secs(2);
+
+/// Why /health is not 200, from its JSON body.
+fn health_reason(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    v["reason"]
+        .as_str()
+        .or(v["error"]["message"].as_str())
+        .unwrap_or(body.trim())
+        .to_string()
+}
+
+fn exit_code(success: bool) -> ExitCode {
+    if success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Polls /health until it answers 200 or `seconds` pass; each new reason goes to stderr as the
+/// wait's progress.
+fn wait_healthy(base: &Base, seconds: u64, json: bool) -> Result<ExitCode> {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let mut last_reason = String::new();
+    loop {
+        let (code, body, reason) = match base.request("GET", "/health", None) {
+            Ok((200, body)) => (200, body, String::new()),
+            Ok((code, body)) => {
+                let reason = format!("HTTP {code}: {}", health_reason(&body));
+                (code, body, reason)
+            }
+            Err(e) => (0, String::new(), format!("not reachable: {e:#}")),
+        };
+        if code == 200 {
+            if json {
+                println!("{body}");
+            } else {
+                println!("ok after {} s", start.elapsed().as_secs());
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        if reason != last_reason {
+            eprintln!("[{:>4} s] waiting: {reason}", start.elapsed().as_secs());
+            last_reason = reason;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            println!("unavailable after {seconds} s: {last_reason}");
+            return Ok(ExitCode::FAILURE);
+        }
+        std::thread::sleep(HEALTH_POLL.min(deadline - now));
+    }
 }
 
 impl Base {

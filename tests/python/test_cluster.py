@@ -1,7 +1,9 @@
 """End-to-end tests of how the coordinator forms and watches its worker group, with real processes.
 
 - Remote workers: a coordinator without `--local-workers` answers 503 until the workers it waits for
-  register over gRPC, then serves the transformers reference outputs.
+  register over gRPC, then serves the transformers reference outputs. `caravanctl health --wait`
+  (the Helm chart's serving gate) waits through the 503s and returns once the group serves; it
+  gives up with the reason when nothing answers in time.
 - A worker in a memory-limited cgroup (a pod's `limits.memory`) reports the cgroup's headroom,
   not the host's available memory, so the KV cache it is given fits the limit.
 - Worker death, with the default --recovery-timeout: the requests in flight wait for the group
@@ -43,7 +45,7 @@ def test_remote_workers_register_then_serve(checkpoint, reference):
     grpc_port, http_port = free_port(), free_port()
     coordinator = Coordinator(["--model", checkpoint, "--tp", 2, "--host", "127.0.0.1", "--port", http_port,
                                "--grpc-addr", f"127.0.0.1:{grpc_port}"])
-    workers = []
+    workers, gate = [], None
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=TIMEOUT_S) as http:
             # HTTP is up before any worker: health and requests say why they cannot be served.
@@ -54,12 +56,25 @@ def test_remote_workers_register_then_serve(checkpoint, reference):
                                                       "max_tokens": 4})
             assert resp.status_code == 503 and "error" in resp.json(), resp.text
 
+            # Nothing listening: the wait gives up after its time with the reason.
+            gone = subprocess.run([str(bin_path("caravanctl")), "--url", f"http://127.0.0.1:{free_port()}",
+                                   "health", "--wait", "1"], capture_output=True, text=True, timeout=30)
+            assert gone.returncode == 1 and "unavailable after 1 s: not reachable" in gone.stdout, gone
+            # The serving gate waits through the 503s: it has said why before any worker exists.
+            gate = subprocess.Popen([str(bin_path("caravanctl")), "--url", f"http://127.0.0.1:{http_port}",
+                                     "health", "--wait", "300"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            first = gate.stderr.readline()
+            assert "waiting: HTTP 503: " in first and gate.poll() is None, first
+
             for _ in range(2):
                 workers.append(subprocess.Popen(
                     [str(bin_path("caravan-worker")), "--coordinator", f"http://127.0.0.1:{grpc_port}",
                      "--listen", "127.0.0.1:0"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
             url = coordinator.wait_ready()
             assert url == f"http://127.0.0.1:{http_port}"
+            gate_out, gate_err = gate.communicate(timeout=60)
+            assert gate.returncode == 0 and gate_out.startswith("ok after "), (gate_out, gate_err)
             assert http.get("/health").status_code == 200
             status = ctl_status(url)
             assert status["ready"] and [w["health"] for w in status["workers"]] == ["ready", "ready"], status
@@ -67,6 +82,9 @@ def test_remote_workers_register_then_serve(checkpoint, reference):
             client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
             assert greedy_text(client, checkpoint.name, ref) == ref["text"]
     finally:
+        if gate is not None and gate.poll() is None:
+            gate.kill()
+            gate.communicate()
         coordinator.stop()
         for w in workers:
             w.kill()

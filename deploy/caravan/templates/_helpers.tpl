@@ -126,10 +126,11 @@ floats, which would print 1048576 as 1.048576e+06). */}}
 {{- end }}
 {{- end }}
 
-{{/* The model volume (named "model"). */}}
+{{/* The model volume (named "model"); none when the checkpoint is baked into the image. */}}
 {{- define "caravan.modelVolume" -}}
-- name: model
 {{- $v := .Values.model.volume }}
+{{- if ne $v.type "image" }}
+- name: model
 {{- if eq $v.type "pvc" }}
   persistentVolumeClaim:
     claimName: {{ $v.pvc.claimName | quote }}
@@ -148,6 +149,31 @@ floats, which would print 1048576 as 1.048576e+06). */}}
     {{- end }}
 {{- else }}
 {{- toYaml $v.custom | nindent 2 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The model volume's mount at /models (read-only); none for a checkpoint in the image, which
+lies at /models/<model.path> there. */}}
+{{- define "caravan.modelMount" -}}
+{{- if ne .Values.model.volume.type "image" }}
+- name: model
+  mountPath: /models
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* A Kubernetes quantity ("1Gi", "1024Mi", "2G", "1.5Gi", 1073741824) in bytes; the text
+itself when it is not one of these forms, so that two can still be compared. */}}
+{{- define "caravan.quantityBytes" -}}
+{{- $q := toString . }}
+{{- $number := regexFind "^[0-9]+([.][0-9]+)?" $q }}
+{{- $suffix := trimPrefix $number $q }}
+{{- $units := dict "" 1.0 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 }}
+{{- if and $number (hasKey $units $suffix) }}
+{{- mulf (float64 $number) (get $units $suffix) }}
+{{- else }}
+{{- $q }}
 {{- end }}
 {{- end }}
 
@@ -314,13 +340,89 @@ workers, read from the Secrets that caravan.tlsVolumes mounts. */}}
 {{- if and (eq $v.model.volume.type "custom") (empty $v.model.volume.custom) }}
 {{- fail "model.volume.type custom needs model.volume.custom (a volume source such as {nfs: {...}})" }}
 {{- end }}
-{{- if and (eq $v.model.volume.type "pvc") (empty $v.model.volume.pvc.claimName) }}
-{{- fail "model.volume.type pvc needs model.volume.pvc.claimName" }}
+{{- if not $v.model.volume.type }}
+{{- fail "model.volume.type is not set: say where the checkpoint lives (it is mounted read-only at /models, and model.path is the folder under it): pvc (an existing PersistentVolumeClaim that holds it, model.volume.pvc.claimName), hostPath (model.volume.hostPath.path, the same folder on every node), image (baked into the image at /models/<model.path>), emptyDir (filled by workers.extraInitContainers) or custom (model.volume.custom)" }}
 {{- end }}
+{{- if and (eq $v.model.volume.type "pvc") (empty $v.model.volume.pvc.claimName) }}
+{{- fail "model.volume.type pvc needs model.volume.pvc.claimName: the name of an existing PersistentVolumeClaim in the release's namespace that holds the checkpoint" }}
+{{- end }}
+{{- include "caravan.validateCluster" . }}
 {{- $engine := $v.engine }}
 {{- if and (not (kindIs "invalid" $engine.maxBatchSize)) (not (kindIs "invalid" $engine.maxNumBatchedTokens)) }}
 {{- if lt (int $engine.maxNumBatchedTokens) (int $engine.maxBatchSize) }}
 {{- fail (printf "engine.maxNumBatchedTokens (%d) must be at least engine.maxBatchSize (%d): every running sequence decodes one token per step" (int $engine.maxNumBatchedTokens) (int $engine.maxBatchSize)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+
+{{/* Checks against what the cluster holds and serves, where Helm can see it (install, upgrade,
+`helm template --dry-run=server`; plain `helm template` sees no cluster: lookups return nothing
+and only the API versions given with --api-versions exist). */}}
+{{- define "caravan.validateCluster" -}}
+{{- $v := .Values }}
+{{- if and $v.metrics.serviceMonitor.enabled (not (or (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1"))) }}
+{{- fail "metrics.serviceMonitor.enabled needs the Prometheus Operator's ServiceMonitor (monitoring.coreos.com/v1), which this cluster does not serve: install the Prometheus Operator or its CRDs first (e.g. the kube-prometheus-stack chart), or leave metrics.serviceMonitor.enabled false and scrape the pods by their prometheus.io annotations (metrics.podAnnotations). With helm template, pass --api-versions monitoring.coreos.com/v1/ServiceMonitor" }}
+{{- end }}
+{{- if and $v.workers.leaderWorkerSet.enabled (not (or (.Capabilities.APIVersions.Has "leaderworkerset.x-k8s.io/v1/LeaderWorkerSet") (.Capabilities.APIVersions.Has "leaderworkerset.x-k8s.io/v1"))) }}
+{{- fail "workers.leaderWorkerSet.enabled needs the LeaderWorkerSet API (leaderworkerset.x-k8s.io/v1), which this cluster does not serve: install the LWS controller first (https://lws.sigs.k8s.io/docs/installation/), or leave workers.leaderWorkerSet.enabled false for a StatefulSet of workers. With helm template, pass --api-versions leaderworkerset.x-k8s.io/v1/LeaderWorkerSet" }}
+{{- end }}
+{{- /* The model's claim must exist: without it every pod stays Pending. Listed rather than
+fetched by name, because a claim that is not found and a cluster that is not there look alike
+to a lookup by name. */}}
+{{- if eq $v.model.volume.type "pvc" }}
+{{- $claims := lookup "v1" "PersistentVolumeClaim" .Release.Namespace "" }}
+{{- if hasKey $claims "items" }}
+{{- $found := false }}
+{{- range $claims.items }}
+{{- if eq .metadata.name $v.model.volume.pvc.claimName }}
+{{- $found = true }}
+{{- end }}
+{{- end }}
+{{- if not $found }}
+{{- fail (printf "model.volume.pvc.claimName %s: no PersistentVolumeClaim of that name in namespace %s; create it and copy the checkpoint onto it first (docs/KUBERNETES.md, \"The model volume\"), or choose another model.volume.type" $v.model.volume.pvc.claimName .Release.Namespace) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- include "caravan.validateEtcdClaims" . }}
+{{- end }}
+
+{{/* Kubernetes refuses any change to an existing StatefulSet's volumeClaimTemplates, and Helm
+would then leave the release failed half-way; refuse such an upgrade before it starts. */}}
+{{- define "caravan.validateEtcdClaims" -}}
+{{- $p := .Values.etcd.persistence }}
+{{- $name := include "caravan.etcd.fullname" . }}
+{{- $sts := dict }}
+{{- if .Values.etcd.enabled }}
+{{- $sts = lookup "apps/v1" "StatefulSet" .Release.Namespace $name }}
+{{- end }}
+{{- if $sts }}
+{{- $claim := dict }}
+{{- range (default list $sts.spec.volumeClaimTemplates) }}
+{{- if eq .metadata.name "data" }}
+{{- $claim = . }}
+{{- end }}
+{{- end }}
+{{- $changes := list }}
+{{- if and $claim (not $p.enabled) }}
+{{- $changes = append $changes "etcd.persistence.enabled false (the members keep their data on claims)" }}
+{{- else if and (not $claim) $p.enabled }}
+{{- $changes = append $changes "etcd.persistence.enabled true (the members keep their data in emptyDir volumes)" }}
+{{- else if $claim }}
+{{- $size := $claim.spec.resources.requests.storage }}
+{{- if ne (include "caravan.quantityBytes" $size) (include "caravan.quantityBytes" $p.size) }}
+{{- $changes = append $changes (printf "etcd.persistence.size %v (the claims ask for %v)" $p.size $size) }}
+{{- end }}
+{{- $class := default "" $claim.spec.storageClassName }}
+{{- if ne $class $p.storageClass }}
+{{- $changes = append $changes (printf "etcd.persistence.storageClass %q (the claims use %q)" $p.storageClass $class) }}
+{{- end }}
+{{- if ne (toJson $claim.spec.accessModes) (toJson $p.accessModes) }}
+{{- $changes = append $changes (printf "etcd.persistence.accessModes %s (the claims have %s)" (toJson $p.accessModes) (toJson $claim.spec.accessModes)) }}
+{{- end }}
+{{- end }}
+{{- if $changes }}
+{{- fail (printf "%s: Kubernetes forbids changing the volume claims of the existing StatefulSet %s, so this upgrade would fail half-way and leave the release failed. Keep the installed values, or follow \"Changing etcd's volumes\" in docs/KUBERNETES.md" (join "; " $changes) $name) }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -144,9 +144,9 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       volumeMounts:
-        - name: model
-          mountPath: /models
-          readOnly: true
+        {{- with include "caravan.modelMount" . | trim }}
+        {{- . | nindent 8 }}
+        {{- end }}
         - name: dshm
           mountPath: /dev/shm
         - name: tmp
@@ -155,7 +155,9 @@ spec:
         {{- . | nindent 8 }}
         {{- end }}
   volumes:
-    {{- include "caravan.modelVolume" . | nindent 4 }}
+    {{- with include "caravan.modelVolume" . | trim }}
+    {{- . | nindent 4 }}
+    {{- end }}
     - name: dshm
       emptyDir:
         medium: Memory
