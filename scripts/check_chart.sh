@@ -112,6 +112,8 @@ def check_pod(owner, spec):
             if ready != "/health" or live != want_live:
                 fail(f"{owner}: coordinator probes are {ready} (readiness) and {live} (liveness), "
                      f"want /health and {want_live}")
+            if any(a.startswith("--etcd-endpoints=") for a in args) and "--forward-to-leader" not in args:
+                fail(f"{owner}: standby coordinators do not forward to the leader (never Ready: --wait would hang)")
             if keyed and "--public-health-and-metrics" not in args:
                 fail(f"{owner}: API keys without --public-health-and-metrics would fail the probes")
             stop = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])

@@ -18,7 +18,7 @@ use clap::{Args, ValueEnum};
 use tokio::sync::{oneshot, watch};
 
 use crate::{
-    api::{self, AppState, Control},
+    api::{self, forward::Forwarder, AppState, Control},
     blocks::BlockManager,
     engine::{Engine, EngineConfig, EngineControl},
     etcd::{Etcd, Leadership},
@@ -178,6 +178,11 @@ pub struct ServeArgs {
     /// http://HOST:PORT from --host and the bound port).
     #[arg(long, env = "CARAVAN_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
+    /// While another coordinator leads, send completions, chat completions, /health and the
+    /// status pages on to it (the URL it announced) and stream its answers back, instead of
+    /// answering 503 "standby": every coordinator then serves, and is ready, once the leader is.
+    #[arg(long, env = "CARAVAN_FORWARD_TO_LEADER", requires = "etcd_endpoints")]
+    pub forward_to_leader: bool,
     /// Log format on stderr (local workers get the same).
     #[arg(long, env = "CARAVAN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -397,6 +402,17 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         // From the first answer on, until the election is won.
         health.fail("standby: not leading yet");
     }
+    let http = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding HTTP on {}:{}", args.host, args.port))?;
+    let http_addr = http.local_addr()?;
+    let advertise_url = args
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{http_addr}"));
+    let forward = args
+        .forward_to_leader
+        .then(|| Arc::new(Forwarder::new(advertise_url.clone())));
     let state = Arc::new(AppState {
         model: model.clone(),
         tokenizer: tokenizer.clone(),
@@ -413,11 +429,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        forward: forward.clone(),
     });
-    let http = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-        .await
-        .with_context(|| format!("binding HTTP on {}:{}", args.host, args.port))?;
-    let http_addr = http.local_addr()?;
     // Streamed tokens are small writes: with Nagle's algorithm on, one can wait for the client's
     // delayed ACK (up to 40 ms) behind the one before it.
     let http = http.tap_io(|stream| {
@@ -525,10 +538,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             Some(etcd.await?)
         }
     };
-    let advertise_url = args
-        .advertise_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{http_addr}"));
+    // A forwarding standby follows who leads.
+    let _leader_watch = match (&etcd, &forward) {
+        (Some(etcd), Some(forward)) => Some(AbortOnDrop(tokio::spawn(follow_leader(
+            etcd.clone(),
+            forward.clone(),
+        )))),
+        _ => None,
+    };
     // Workers registered directly heartbeat; those in etcd live as long as their lease.
     let stale_after = etcd.is_none().then_some(STALE_AFTER);
 
@@ -568,6 +585,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                 }
             }
             eprintln!("leading {} as {advertise_url}", args.etcd_prefix);
+            if let Some(forward) = &forward {
+                forward.set_leading(true);
+            }
             mirror = Some(AbortOnDrop(tokio::spawn(
                 etcd.clone().mirror_workers(registry.clone()),
             )));
@@ -719,6 +739,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             .take();
         mirror = None;
         leadership = None;
+        if let Some(forward) = &forward {
+            forward.set_leading(false);
+        }
     }
 
     drain(&state, args.drain_timeout).await;
@@ -747,7 +770,14 @@ async fn drain(state: &AppState, timeout: Duration) {
     let (control, health, stats) = (&state.control, &state.health, &state.stats);
     control.draining.store(true, Ordering::Release);
     let deadline = tokio::time::Instant::now() + timeout;
-    let in_flight = || EngineStats::get(&stats.in_flight);
+    // A standby's forwarded requests finish too.
+    let in_flight = || {
+        EngineStats::get(&stats.in_flight)
+            + state
+                .forward
+                .as_ref()
+                .map_or(0, |f| f.in_flight.load(Ordering::Acquire))
+    };
     if in_flight() > 0 {
         eprintln!("draining: {} requests in flight", in_flight());
     }
@@ -763,6 +793,17 @@ async fn drain(state: &AppState, timeout: Duration) {
         while in_flight() > 0 && tokio::time::Instant::now() < grace {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// How often a forwarding standby asks etcd who leads.
+const LEADER_POLL: Duration = Duration::from_secs(1);
+
+/// Keeps `forward` told of the leader's URL.
+async fn follow_leader(etcd: Etcd, forward: Arc<Forwarder>) {
+    loop {
+        forward.set_leader(etcd.leader().await);
+        tokio::time::sleep(LEADER_POLL).await;
     }
 }
 

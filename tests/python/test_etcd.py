@@ -393,3 +393,74 @@ def test_a_draining_leader_keeps_the_lead_until_drained_then_hands_it_over(own_e
         for w in workers:
             w.kill()
             w.wait()
+
+
+def test_forwarding_standbys_serve_through_the_leader(etcd_url, checkpoint, reference):
+    """--forward-to-leader: a standby answers completions (streamed or not), /health and the status
+    pages through the leader, so it is ready exactly when the leader is; models and metrics stay
+    its own; a request already forwarded once is never forwarded again. Once the leader dies the
+    standby leads and serves itself; a new standby forwards to it, and a drain lets the forwarded
+    stream in flight finish."""
+    prefix = f"/caravan-test-{uuid.uuid4().hex[:8]}"
+    common = ["--model", checkpoint, "--tp", 2, "--etcd-endpoints", etcd_url, "--etcd-prefix", prefix,
+              "--etcd-lease-ttl", LEASE_TTL_S, "--grpc-addr", "127.0.0.1:0", "--forward-to-leader"]
+    port_a, port_b, port_c = free_port(), free_port(), free_port()
+    leader = Coordinator([*common, "--port", port_a])
+    workers = [start_worker(etcd_url, prefix) for _ in range(2)]
+    standby = third = None
+    ref = reference["completions"][0]
+    try:
+        url_a = leader.wait_ready()
+        standby = Coordinator([*common, "--port", port_b])
+        url_b = f"http://127.0.0.1:{port_b}"
+        with httpx.Client(base_url=url_b, timeout=TIMEOUT_S) as http_b:
+            # Ready through the leader: /health is the leader's 200, and so is the status.
+            wait_for_status(http_b, "/health", 200, READY_TIMEOUT_S)
+            status = ctl_status(url_b)
+            assert status["ready"] and [w["health"] for w in status["workers"]] == ["ready", "ready"], status
+            assert greedy_matches(url_b, checkpoint.name, ref)
+            client = openai.OpenAI(base_url=url_b + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+            streamed = "".join(c.choices[0].text for c in client.completions.create(
+                model=checkpoint.name, prompt=ref["prompt"], max_tokens=len(ref["gen_ids"]), temperature=0,
+                stream=True))
+            assert streamed == ref["text"]
+            assert http_b.get("/v1/models").json()["data"][0]["id"] == checkpoint.name
+            # Its own metrics: not leading (caravan_ready 0), the forwarded requests counted.
+            mine = metrics(http_b)
+            assert mine["caravan_ready"] == 0 and mine["caravan_forwarded_requests_total"] >= 4, mine
+            assert mine["caravan_forwarded_requests_in_flight"] == 0, mine
+            # Forwarded once already: answered here, not sent on again.
+            looped = http_b.get("/health", headers={"x-caravan-forwarded-by": "http://elsewhere"})
+            assert looped.status_code == 503 and looped.json()["reason"].startswith("standby"), looped.text
+
+            # The leader dies: the standby leads and serves itself.
+            leader.proc.send_signal(signal.SIGKILL)
+            leader.proc.wait()
+            wait_for_status(http_b, "/health", 200, TAKEOVER_DEADLINE_S + READY_TIMEOUT_S)
+            assert metrics(http_b)["caravan_ready"] == 1
+            assert greedy_matches(url_b, checkpoint.name, ref)
+
+        # A new standby forwards to the new leader; drained mid-stream, it lets the stream finish.
+        third = Coordinator([*common, "--port", port_c, "--drain-timeout", 60])
+        url_c = f"http://127.0.0.1:{port_c}"
+        with httpx.Client(base_url=url_c, timeout=TIMEOUT_S) as http_c:
+            wait_for_status(http_c, "/health", 200, READY_TIMEOUT_S)
+            client = openai.OpenAI(base_url=url_c + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+            chunks = client.completions.create(model=checkpoint.name, prompt="Once upon a time", max_tokens=200,
+                                               temperature=0, stream=True, extra_body={"ignore_eos": True})
+            first = next(iter(chunks))
+            assert metrics(http_c)["caravan_forwarded_requests_in_flight"] == 1
+            third.proc.send_signal(signal.SIGTERM)
+            finish = first.choices[0].finish_reason
+            for chunk in chunks:
+                finish = chunk.choices[0].finish_reason or finish
+            assert finish == "length"
+            assert third.proc.wait(TIMEOUT_S) == 0
+    finally:
+        for c in (leader, standby, third):
+            if c is not None:
+                c.stop()
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+            w.wait()

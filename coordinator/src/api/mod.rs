@@ -5,6 +5,7 @@ pub mod auth;
 mod collect;
 pub mod completions;
 pub mod error;
+pub mod forward;
 mod render;
 mod stream;
 pub mod tokenize;
@@ -63,6 +64,8 @@ pub struct AppState {
     pub stats: Arc<EngineStats>,
     pub control: Arc<Control>,
     pub created: u64,
+    /// With `--forward-to-leader`: a standby's way to the leader.
+    pub forward: Option<Arc<forward::Forwarder>>,
 }
 
 /// Operator controls: draining.
@@ -118,6 +121,10 @@ pub fn router(state: SharedState, keys: Option<Arc<auth::ApiKeys>>) -> Router {
         .route("/admin/workers", get(admin_workers))
         .route("/admin/drain", post(admin_drain))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            forward::to_leader,
+        ))
         .with_state(state);
     match keys {
         Some(keys) => router.layer(axum::middleware::from_fn_with_state(
@@ -295,6 +302,16 @@ async fn metrics(State(state): State<SharedState>) -> Response {
         registered.len(),
         if ready == 1 { members.len() } else { 0 },
     );
+    if let Some(forward) = &state.forward {
+        body += &format!(
+            "# HELP caravan_forwarded_requests_total Requests this standby sent on to the leader.\n\
+             # TYPE caravan_forwarded_requests_total counter\ncaravan_forwarded_requests_total {}\n\
+             # HELP caravan_forwarded_requests_in_flight Forwarded requests whose answers are still streaming back.\n\
+             # TYPE caravan_forwarded_requests_in_flight gauge\ncaravan_forwarded_requests_in_flight {}\n",
+            forward.forwarded.load(Ordering::Relaxed),
+            forward.in_flight.load(Ordering::Relaxed),
+        );
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
