@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     blocks::BlockManager,
     executor::{StepAnswer, StepError, StepErrorKind, StepExecutor},
-    group::SharedHealth,
+    health::SharedHealth,
     model_info::ModelInfo,
     output::{Event, FinishReason, RequestOutput, StopCriteria},
     scheduler::{Scheduler, SchedulerConfig, SequenceId, StepPlan},

@@ -25,6 +25,7 @@ pub mod executor;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod group;
+pub mod health;
 pub mod local_workers;
 pub mod model_info;
 pub mod output;

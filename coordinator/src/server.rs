@@ -23,9 +23,10 @@ use crate::{
     engine::{Engine, EngineConfig, EngineControl},
     etcd::{Etcd, Leadership},
     group::{
-        Collective, ComputeDtype, GroupHealth, HealthProbe, KvCacheSize, Quantization, ShardPlan,
-        StepLimits, WorkerGroup,
+        Collective, ComputeDtype, HealthProbe, KvCacheSize, Quantization, ShardPlan, StepLimits,
+        WorkerGroup,
     },
+    health::GroupHealth,
     local_workers::LocalWorkers,
     model_info::ModelInfo,
     registry::{CoordinatorService, Registry, HEARTBEAT_INTERVAL, STALE_AFTER},

@@ -32,7 +32,8 @@ use tokio::sync::Notify;
 use crate::{
     chat_template::ChatTemplate,
     engine::EngineHandle,
-    group::{GroupMember, HealthProbe, SharedHealth},
+    group::{GroupMember, HealthProbe},
+    health::SharedHealth,
     model_info::ModelInfo,
     registry::Registry,
     stats::EngineStats,
