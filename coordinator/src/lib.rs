@@ -34,6 +34,7 @@ pub mod scheduler;
 pub mod server;
 pub mod stats;
 pub mod structured;
+pub mod supervisor;
 pub mod tokenizer;
 
 pub use caravan_proto::PROTOCOL_VERSION;
