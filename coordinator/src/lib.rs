@@ -17,6 +17,7 @@
 pub mod api;
 pub mod blocks;
 pub mod chat_template;
+pub mod config;
 pub mod engine;
 pub mod etcd;
 pub mod executor;
