@@ -233,11 +233,7 @@ fn run_offline(command: Command, json: bool) -> Result<ExitCode> {
             } else {
                 print!("{}", plan::render(&plan));
             }
-            Ok(if plan.recommended.is_some() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(exit_code(plan.recommended.is_some()))
         }
         Command::Online(_) => bail!("not an offline command"),
     }
@@ -584,22 +580,18 @@ fn wait_healthy(base: &Base, seconds: u64, json: bool) -> Result<ExitCode> {
     let deadline = start + Duration::from_secs(seconds);
     let mut last_reason = String::new();
     loop {
-        let (code, body, reason) = match base.request("GET", "/health", None) {
-            Ok((200, body)) => (200, body, String::new()),
-            Ok((code, body)) => {
-                let reason = format!("HTTP {code}: {}", health_reason(&body));
-                (code, body, reason)
+        let reason = match base.request("GET", "/health", None) {
+            Ok((200, body)) => {
+                if json {
+                    println!("{body}");
+                } else {
+                    println!("ok after {} s", start.elapsed().as_secs());
+                }
+                return Ok(ExitCode::SUCCESS);
             }
-            Err(e) => (0, String::new(), format!("not reachable: {e:#}")),
+            Ok((code, body)) => format!("HTTP {code}: {}", health_reason(&body)),
+            Err(e) => format!("not reachable: {e:#}"),
         };
-        if code == 200 {
-            if json {
-                println!("{body}");
-            } else {
-                println!("ok after {} s", start.elapsed().as_secs());
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
         if reason != last_reason {
             eprintln!("[{:>4} s] waiting: {reason}", start.elapsed().as_secs());
             last_reason = reason;

@@ -121,12 +121,16 @@ pub fn router(state: SharedState, keys: Option<Arc<auth::ApiKeys>>) -> Router {
         .route("/admin/status", get(admin_status))
         .route("/admin/workers", get(admin_workers))
         .route("/admin/drain", post(admin_drain))
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(
+        .fallback(not_found);
+    // Only a coordinator started with --forward-to-leader looks at who leads.
+    let router = match state.forward {
+        Some(_) => router.layer(axum::middleware::from_fn_with_state(
             state.clone(),
             forward::to_leader,
-        ))
-        .with_state(state);
+        )),
+        None => router,
+    }
+    .with_state(state);
     match keys {
         Some(keys) => router.layer(axum::middleware::from_fn_with_state(
             keys,
